@@ -1,0 +1,25 @@
+# Two entry points (README quick start): `make demo` and `make test`. Both set up .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: setup demo test test-all
+
+setup: $(VENV)/.installed
+
+# torch/torchvision pinned to the releases this machine class serves from its local disk.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -e ".[test]"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/fxcompress demo
+
+test: setup
+	$(PY) -m pytest -m "not slow" -q
+
+test-all: setup
+	$(PY) -m pytest -q

@@ -1,0 +1,34 @@
+"""fxcompress: graph-level compiler passes for PyTorch models.
+
+Capture a model as a torch.fx graph, run fusion, pruning, quantization and sparsity passes, and
+export verified ONNX:
+
+    import fxcompress
+    result = fxcompress.compile(model, (example,), recipe="default")
+    result.export_onnx("model.onnx")
+    fxcompress.validate("model.onnx", model, (example,)).passed
+    fxcompress.benchmark("model.onnx", (example,), provider="cpu").p50_ms
+"""
+
+__version__ = "0.1.0"
+
+from fxcompress.api import CompileReport, CompileResult, benchmark, compile, validate  # noqa: E402
+from fxcompress.errors import (  # noqa: E402
+    CaptureError,
+    DriftError,
+    ExportError,
+    FxCompressError,
+    InputError,
+    ModelFileError,
+    PassError,
+    RecipeError,
+    RuntimeProviderError,
+    UntrustedFileError,
+)
+from fxcompress.infra.recipe import Recipe  # noqa: E402
+
+__all__ = [
+    "CaptureError", "CompileReport", "CompileResult", "DriftError", "ExportError", "FxCompressError",
+    "InputError", "ModelFileError", "PassError", "Recipe", "RecipeError", "RuntimeProviderError",
+    "UntrustedFileError", "benchmark", "compile", "validate",
+]

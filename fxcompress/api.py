@@ -1,0 +1,228 @@
+"""The public Python API: compile(), CompileResult, validate(), benchmark().
+
+    result = fxcompress.compile(model, example_inputs, recipe="default")
+    result.module              # torch.fx.GraphModule, callable like the model, trainable
+    result.report              # per pass: name, modified, nodes/params before/after, seconds, drift
+    result.export_onnx(path)   # checked ONNX file (parity-verified against result.module)
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import fx, nn
+
+from fxcompress.capture import capture, normalize_inputs, run_eager
+from fxcompress.errors import DriftError, ExportError
+from fxcompress.export.onnx_export import export_model_proto, save_model, set_metadata
+from fxcompress.infra.context import CompileContext, calibration_source
+from fxcompress.infra.instrument import Instrument
+from fxcompress.infra.instruments import DumpIR, RecordDiff, Timing, VerifyNumerics
+from fxcompress.infra.manager import PassRecord
+from fxcompress.infra.pass_base import Pass
+from fxcompress.infra.recipe import Recipe, resolve_recipe
+from fxcompress.analysis.graph_stats import count_compute_nodes, count_parameters
+from fxcompress.numerics import LOSSLESS_TOLERANCE, compare_outputs, flatten_outputs, worst_drift
+from fxcompress.runtime.parity import ParityReport, validate
+from fxcompress.runtime.timing import benchmark
+
+
+@dataclass
+class CompileReport:
+    """What a compile run did: one record per pass run, plus whole-model figures."""
+
+    recipe: str
+    records: list[PassRecord]
+    drift: float
+    tolerance: float
+    seconds: float
+    nodes_before: int
+    nodes_after: int
+    params_before: int
+    params_after: int
+    converged: bool = True
+    parity: ParityReport | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rolled_back(self) -> list[PassRecord]:
+        """Records of passes an instrument undid (e.g. a lossless pass that drifted)."""
+        return [r for r in self.records if r.rolled_back]
+
+    def table(self) -> str:
+        """The per-pass table printed by the CLI."""
+        header = f"{'pass':<34} {'changed':>7} {'nodes':>13} {'params':>21} {'ms':>8} {'drift':>9}  stats"
+        lines = [header, "-" * len(header)]
+        for r in self.records:
+            nodes = f"{r.nodes_before}->{r.nodes_after}" if r.nodes_before is not None else "-"
+            params = f"{r.params_before:,}->{r.params_after:,}" if r.params_before is not None else "-"
+            ms = f"{r.seconds * 1000:.1f}" if r.seconds is not None else "-"
+            drift = f"{r.drift:.1e}" if r.drift is not None else "-"
+            stats = ", ".join(f"{k}={v}" for k, v in r.stats.items() if v not in (0, None, False, {}, []))
+            if r.rolled_back:
+                stats = f"ROLLED BACK: {r.rolled_back}"
+            lines.append(f"{r.name:<34} {'yes' if r.modified else 'no':>7} {nodes:>13} {params:>21} {ms:>8} {drift:>9}  {stats}")
+        lines.append("-" * len(header))
+        lines.append(
+            f"{'total':<34} {'':>7} {f'{self.nodes_before}->{self.nodes_after}':>13} "
+            f"{f'{self.params_before:,}->{self.params_after:,}':>21} {self.seconds * 1000:>8.1f} {self.drift:>9.1e}"
+        )
+        return "\n".join(lines)
+
+
+class CompileResult:
+    """The outcome of :func:`compile`.
+
+    Attributes:
+        module: the compiled ``torch.fx.GraphModule``; call it like the model, or fine-tune it.
+        report: a :class:`CompileReport`.
+        recipe: the resolved Recipe that ran.
+        example_inputs: the inputs the model was captured with.
+        snapshots: the RecordDiff instrument (graph snapshot after every changed pass).
+    """
+
+    def __init__(self, module: fx.GraphModule, report: CompileReport, recipe: Recipe,
+                 example_inputs: tuple[torch.Tensor, ...], snapshots: RecordDiff, dynamic_batch: bool) -> None:
+        self.module = module
+        self.report = report
+        self.recipe = recipe
+        self.example_inputs = example_inputs
+        self.snapshots = snapshots
+        self.dynamic_batch = dynamic_batch
+
+    def __repr__(self) -> str:
+        return (f"CompileResult(recipe={self.recipe.name!r}, nodes {self.report.nodes_before}->{self.report.nodes_after}, "
+                f"drift {self.report.drift:.2e})")
+
+    def export_onnx(
+        self,
+        path: str | os.PathLike,
+        *,
+        simplify: bool = False,
+        dynamic_batch: bool | None = None,
+        validate: bool = True,
+        tolerance: float | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Path:
+        """Export ``module`` to a checked ONNX file at ``path`` and return the path.
+
+        Before anything is written, the ONNX model is run in ORT (optimizations off) on the
+        example inputs and random inputs of the same shapes and compared with ``module``; a
+        mismatch raises ExportError and writes nothing. The parity figures, recipe and version
+        are stored as metadata props. The write is atomic.
+        """
+        dynamic = self.dynamic_batch if dynamic_batch is None else dynamic_batch
+        model, notes = export_model_proto(self.module, self.example_inputs, dynamic_batch=dynamic, simplify=simplify)
+        stamp: dict[str, Any] = {
+            "fxcompress_recipe": self.recipe.name,
+            "fxcompress_passes": ",".join(r.name for r in self.report.records if r.modified),
+            "fxcompress_drift_vs_original": f"{self.report.drift:.3e}",
+            "simplified": notes.get("simplified", False),
+        }
+        if validate:
+            allowed = tolerance if tolerance is not None else max(LOSSLESS_TOLERANCE, self.recipe.tolerance)
+            parity = _validate_proto(model, self.module, self.example_inputs, allowed)
+            self.report.parity = parity
+            if not parity.passed:
+                raise ExportError(
+                    f"The exported ONNX model does not match the compiled module in ONNX Runtime: {parity.summary()}.",
+                    "nothing was written; report the model, or export with simplify=False / a recipe without the last pass.",
+                )
+            stamp.update({"fxcompress_parity_drift": f"{parity.drift:.3e}", "fxcompress_parity_cosine": f"{parity.cosine:.8f}"})
+        from fxcompress import __version__
+
+        set_metadata(model, {"fxcompress_version": __version__, **stamp, **(metadata or {})})
+        return save_model(model, path)
+
+
+def _validate_proto(model, module: fx.GraphModule, inputs, tolerance: float) -> ParityReport:
+    return validate(model, module, inputs, tolerance=tolerance)
+
+
+def _final_drift(module: fx.GraphModule, inputs: Sequence[torch.Tensor], reference: Any) -> float:
+    with torch.no_grad():
+        outputs = flatten_outputs(module(*inputs))
+    return worst_drift(compare_outputs(flatten_outputs(reference), outputs))
+
+
+def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torch.compile
+    model: nn.Module,
+    example_inputs: Any,
+    recipe: str | os.PathLike | Recipe | Sequence[str | Pass] = "default",
+    calibration: Any = None,
+    *,
+    tolerance: float | None = None,
+    dynamic_batch: bool = False,
+    instruments: Sequence[Instrument] = (),
+    dump_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> CompileResult:
+    """Capture ``model`` and run a recipe of passes over it.
+
+    Args:
+        model: the PyTorch model; never modified (work happens on a deep copy in eval mode).
+        example_inputs: a tensor or tuple of tensors, one per positional argument of forward().
+        recipe: a preset name ("default", see ``fxcompress passes``), a path to a TOML recipe,
+            a Recipe, or a list of pass names / Pass objects.
+        calibration: input tuples for data-driven passes (quantization): a list, a DataLoader,
+            any re-iterable, or a callable returning an iterator. Streamed, not copied.
+        tolerance: largest whole-model drift accepted (default: the recipe's); a result beyond
+            it raises DriftError instead of being returned.
+        dynamic_batch: capture with a symbolic batch dimension so the ONNX batch axis is dynamic
+            (needs an example batch of at least 2).
+        instruments: extra instruments run around every pass.
+        dump_dir: if set, the graph after every changed pass is written there (DumpIR).
+        progress: show progress bars in long passes (calibration).
+
+    Raises:
+        InputError, CaptureError, RecipeError, PassError, DriftError: each with a one-paragraph
+        explanation and the fix.
+    """
+    start = time.perf_counter()
+    inputs = normalize_inputs(example_inputs)
+    resolved = resolve_recipe(recipe)  # unknown passes/options fail before any work
+    allowed = resolved.tolerance if tolerance is None else tolerance
+    reference_model = copy.deepcopy(model).eval()
+    reference = run_eager(reference_model, inputs)
+    graph_module = capture(reference_model, inputs, dynamic_batch=dynamic_batch)
+    nodes_before, params_before = count_compute_nodes(graph_module), count_parameters(graph_module)
+    recorder = RecordDiff()
+    all_instruments: list[Instrument] = [Timing(), recorder, VerifyNumerics(inputs, reference), *instruments]
+    if dump_dir is not None:
+        all_instruments.append(DumpIR(dump_dir))
+    manager = resolved.build(all_instruments)
+    manager.bind(CompileContext(inputs, calibration_source(calibration), reference, progress))
+    result = manager(graph_module)
+    compiled = result.graph_module
+    drift = _final_drift(compiled, inputs, reference)
+    report = CompileReport(
+        recipe=resolved.name,
+        records=manager.records,
+        drift=drift,
+        tolerance=allowed,
+        seconds=time.perf_counter() - start,
+        nodes_before=nodes_before,
+        nodes_after=count_compute_nodes(compiled),
+        params_before=params_before,
+        params_after=count_parameters(compiled),
+        converged=manager.converged,
+    )
+    if not drift <= allowed:
+        worst = max((r for r in report.records if r.drift is not None), key=lambda r: r.drift, default=None)
+        culprit = f" The largest drift was measured after pass '{worst.name}' ({worst.drift:.2e})." if worst else ""
+        raise DriftError(
+            f"The compiled model's outputs drift {drift:.2e} from the original, beyond the tolerance {allowed:.1e} "
+            f"of recipe '{resolved.name}'.{culprit}",
+            "raise the tolerance (tolerance=... or `tolerance` in the recipe) if that accuracy is acceptable, "
+            "or use a less aggressive recipe (e.g. keep sensitive layers in float).",
+        )
+    return CompileResult(compiled, report, resolved, inputs, recorder, dynamic_batch)
+
+
+__all__ = ["CompileReport", "CompileResult", "benchmark", "compile", "validate"]

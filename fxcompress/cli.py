@@ -1,0 +1,168 @@
+"""Command line: ``fxcompress compile | bench | passes | demo``.
+
+Errors the user can fix are printed as one paragraph (no stack trace) with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+from fxcompress.errors import FxCompressError
+
+
+def _add_compile(sub) -> None:
+    p = sub.add_parser("compile", help="compile a model with a recipe and export ONNX")
+    p.add_argument("spec", help="torchvision:NAME, package.module:function, file.pt2, or file.pt (with --trust-pickle)")
+    p.add_argument("--recipe", default="default", help="preset name or path to a TOML recipe (default: default)")
+    p.add_argument("--out", required=True, help="where to write the ONNX file")
+    p.add_argument("--input-shape", action="append", default=None, help="input shape like 1,3,224,224 (repeat per input)")
+    p.add_argument("--calibration", default=None, help="random:N, a .pt file of input tensors, or package.module:function")
+    p.add_argument("--tolerance", type=float, default=None, help="largest accepted drift vs the original (default: recipe's)")
+    p.add_argument("--simplify", action="store_true", help="run onnxsim on the exported model (kept only if it checks)")
+    p.add_argument("--dynamic-batch", action="store_true", help="export with a dynamic batch axis")
+    p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="ORT provider for the latency table")
+    p.add_argument("--no-baseline", action="store_true", help="skip timing a plain torch.onnx.export beside the result")
+    p.add_argument("--iters", type=int, default=50, help="timed runs per variant (default 50)")
+    p.add_argument("--dump-dir", default=None, help="write the graph after every changed pass into this folder")
+    p.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled module (runs code from the file)")
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="time an ONNX model in ONNX Runtime")
+    p.add_argument("model", help="path to an .onnx file")
+    p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--input-shape", action="append", default=None, help="override input shapes (default: from the file)")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--iters", type=int, default=100)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fxcompress", description="Graph-level compiler passes for PyTorch models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_compile(sub)
+    _add_bench(sub)
+    sub.add_parser("passes", help="list registered passes, their options and the presets")
+    demo = sub.add_parser("demo", help="train a digits CNN, compile it with every preset, compare accuracy/size/latency")
+    demo.add_argument("--out-dir", default="out", help="where the ONNX files go (default: out/)")
+    demo.add_argument("--epochs", type=int, default=8)
+    return parser
+
+
+def _shapes(values: Sequence[str] | None):
+    from fxcompress.loading import parse_shape
+
+    return [parse_shape(v) for v in values] if values else None
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    import fxcompress
+    from fxcompress.api import compile as compile_model
+    from fxcompress.loading import load_calibration, load_model
+    from fxcompress.runtime.session import create_session
+    from fxcompress.runtime.timing import make_runner, time_interleaved
+    from fxcompress.export.atomic import check_output_path
+
+    check_output_path(args.out)
+    loaded = load_model(args.spec, _shapes(args.input_shape), trust_pickle=args.trust_pickle)
+    calibration = load_calibration(args.calibration, loaded.example_inputs)
+    print(f"Compiling {loaded.description} with recipe '{args.recipe}' "
+          f"on inputs {[tuple(t.shape) for t in loaded.example_inputs]}")
+    result = compile_model(loaded.model, loaded.example_inputs, args.recipe, calibration,
+                           tolerance=args.tolerance, dynamic_batch=args.dynamic_batch, dump_dir=args.dump_dir)
+    print(result.report.table())
+    path = result.export_onnx(args.out, simplify=args.simplify)
+    print(f"\nParity (ONNX in ORT vs compiled module): {result.report.parity.summary()}")
+    parity_orig = fxcompress.validate(path, loaded.model, loaded.example_inputs, tolerance=max(result.recipe.tolerance, 1e-4))
+    print(f"Parity (ONNX in ORT vs original model):  {parity_orig.summary()}")
+    runners = {}
+    sessions = {}
+    if not args.no_baseline:
+        baseline = compile_model(loaded.model, loaded.example_inputs, [], dynamic_batch=args.dynamic_batch)
+        from fxcompress.export.onnx_export import export_model_proto
+
+        proto, _ = export_model_proto(baseline.module, loaded.example_inputs, dynamic_batch=args.dynamic_batch)
+        sessions["plain torch.onnx.export"] = (create_session(proto, args.provider), proto.ByteSize())
+    sessions[f"fxcompress {args.recipe}"] = (create_session(path, args.provider), os.path.getsize(path))
+    for label, (session, _) in sessions.items():
+        runners[label] = make_runner(session, loaded.example_inputs)
+    rounds = max(1, args.iters // 8)
+    stats = time_interleaved(runners, rounds=rounds, block=8)
+    provider = next(iter(sessions.values()))[0]
+    print(f"\nLatency on ONNX Runtime ({provider.provider} provider{', FELL BACK from ' + args.provider if provider.fell_back else ''}; "
+          f"{rounds * 8} runs each, interleaved):")
+    print(f"{'variant':<28} {'p50 ms':>9} {'p90 ms':>9} {'size MB':>9}")
+    for label, s in stats.items():
+        print(f"{label:<28} {s['p50_ms']:>9.3f} {s['p90_ms']:>9.3f} {sessions[label][1] / 1e6:>9.2f}")
+    print(f"\nWrote {path}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from fxcompress.export.onnx_export import load_onnx
+    from fxcompress.runtime.timing import benchmark
+
+    model = load_onnx(args.model)
+    shapes = _shapes(args.input_shape)
+    inputs = []
+    for i, value in enumerate(model.graph.input):
+        tensor_type = value.type.tensor_type
+        dims = shapes[i] if shapes else tuple(d.dim_value if d.dim_value > 0 else 1 for d in tensor_type.shape.dim)
+        import onnx
+
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        array = np.random.default_rng(i).standard_normal(dims).astype(dtype) if np.issubdtype(dtype, np.floating) else np.zeros(dims, dtype)
+        inputs.append(torch.from_numpy(array))
+    report = benchmark(model, tuple(inputs), provider=args.provider, warmup=args.warmup, iters=args.iters)
+    print(f"{args.model}: {report.summary()}")
+    return 0
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    from fxcompress.infra.pass_base import option_help
+    from fxcompress.infra.registry import available_passes
+    from fxcompress.passes.presets import PRESETS
+
+    for name, cls in available_passes().items():
+        kind = "lossless" if cls.lossless else "lossy"
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        print(f"{name}  [{kind}]  {doc}")
+        for opt, type_name, default, help_text in option_help(cls.Options):
+            print(f"    {opt} ({type_name}, default {default!r}): {help_text}")
+    print("\nPresets:")
+    for name, factory in PRESETS.items():
+        recipe = factory()
+        print(f"  {name}: {' -> '.join(s.name for s in recipe.steps)}  ({recipe.description})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fxcompress.examples.digits import run_demo
+
+    return run_demo(Path(args.out_dir), epochs=args.epochs)
+
+
+COMMANDS = {"compile": cmd_compile, "bench": cmd_bench, "passes": cmd_passes, "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fxcompress`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            return COMMANDS[args.command](args)
+    except FxCompressError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

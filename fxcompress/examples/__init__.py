@@ -1,0 +1,1 @@
+"""Built-in examples (the README's quick start runs ``fxcompress demo``)."""

@@ -1,0 +1,187 @@
+"""GraphModule -> ONNX through ``torch.onnx.export(..., dynamo=True)`` (DESIGN.md, decision 2).
+
+The exported model is checked (``onnx.checker`` full check, strict shape inference), optionally
+simplified with onnxsim (kept only when it still checks), stamped with metadata, and written
+atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import onnx
+import torch
+from torch import fx
+
+from fxcompress.errors import ExportError, ModelFileError
+from fxcompress.export.atomic import check_output_path, write_atomically
+
+#: Protobuf cannot serialise a single message over 2 GiB.
+_PROTOBUF_LIMIT = 2 * 1024**3
+
+
+def _dynamic_shapes(inputs: Sequence[torch.Tensor]) -> tuple[dict[int, Any], ...]:
+    batch = torch.export.Dim("batch")
+    return tuple({0: batch} if t.dim() > 0 else {} for t in inputs)
+
+
+def export_model_proto(
+    graph_module: fx.GraphModule,
+    example_inputs: Sequence[torch.Tensor],
+    *,
+    dynamic_batch: bool = False,
+    simplify: bool = False,
+) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Export to an in-memory, checked ModelProto.
+
+    Returns the model and notes (``simplified``: whether onnxsim's result was kept, node counts).
+    Raises ExportError with the exporter's first line and a hint when export fails.
+    """
+    graph_module.eval()
+    notes: dict[str, Any] = {}
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                graph_module,
+                tuple(example_inputs),
+                dynamo=True,
+                verbose=False,
+                external_data=False,
+                dynamic_shapes=_dynamic_shapes(example_inputs) if dynamic_batch else None,
+            )
+    except Exception as exc:  # noqa: BLE001 - the exporter raises many types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ExportError(
+            f"torch.onnx.export failed: {type(exc).__name__}: {first}.",
+            "an op in the graph may have no ONNX translation: run `fxcompress inspect` on the compiled "
+            "module to find it, or drop the pass that introduced it from the recipe.",
+        ) from None
+    model = program.model_proto
+    if dynamic_batch and model.graph.input and not model.graph.input[0].type.tensor_type.shape.dim[0].dim_param:
+        raise ExportError(
+            "The graph has its batch size baked in, so the ONNX batch axis cannot be dynamic.",
+            "compile with dynamic_batch=True (the graph is then captured with a symbolic batch) and an example batch of at least 2.",
+        )
+    check_model(model)
+    notes["nodes_exported"] = len(model.graph.node)
+    if simplify:
+        model, notes["simplified"] = _simplify(model)
+    notes["nodes"] = len(model.graph.node)
+    return model, notes
+
+
+def _simplify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+    """onnxsim's result when it succeeds and still checks; otherwise the input unchanged."""
+    import onnxsim
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            simplified, ok = onnxsim.simplify(model)
+        if ok:
+            check_model(simplified)
+            return simplified, True
+    except Exception:  # noqa: BLE001 - simplification is optional; the exported model stands
+        pass
+    return model, False
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    """Full onnx.checker check plus strict shape inference; ExportError on failure."""
+    if model.ByteSize() >= _PROTOBUF_LIMIT:
+        raise ExportError("The model is over 2 GiB, the protobuf limit for one ONNX file.",
+                          "compress it further (int8, pruning) before export.")
+    try:
+        onnx.checker.check_model(model, full_check=True)
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(f"The exported ONNX model does not pass onnx.checker: {exc}",
+                          "report this model; export without onnxsim (simplify=False) to narrow it down.") from None
+
+
+def set_metadata(model: onnx.ModelProto, metadata: Mapping[str, Any]) -> None:
+    """Set (replace) string metadata props on ``model``."""
+    existing = {p.key: p for p in model.metadata_props}
+    for key, value in metadata.items():
+        prop = existing.get(key) or model.metadata_props.add()
+        prop.key = key
+        prop.value = str(value)
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
+    """Write ``model`` to ``path`` atomically (no partial file on failure)."""
+    return write_atomically(path, lambda tmp: onnx.save_model(model, str(tmp)))
+
+
+def export_onnx(
+    graph_module: fx.GraphModule,
+    example_inputs: Sequence[torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    dynamic_batch: bool = False,
+    simplify: bool = False,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Export, check, stamp metadata and atomically write ``graph_module`` as ONNX; returns the path."""
+    check_output_path(path)
+    model, notes = export_model_proto(graph_module, example_inputs, dynamic_batch=dynamic_batch, simplify=simplify)
+    from fxcompress import __version__
+
+    set_metadata(model, {"fxcompress_version": __version__, "simplified": notes.get("simplified", False), **(metadata or {})})
+    return save_model(model, path)
+
+
+#: Files larger than this are refused by default: a model this big is almost surely not what the user meant.
+MAX_ONNX_BYTES = 4 * 1024**3
+
+
+def load_onnx(path: str | os.PathLike, *, max_bytes: int = MAX_ONNX_BYTES) -> onnx.ModelProto:
+    """Load and check an ONNX file; clear errors for missing, oversized, corrupt or unsafe files.
+
+    External data must live inside the model's folder: a location with ``..`` or an absolute
+    path would make us read arbitrary files, so it is refused.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileError(f"ONNX file {path} does not exist.", "check the path (fxcompress compile ... --out writes one).")
+    if not path.is_file():
+        raise ModelFileError(f"{path} is not a file.", "give the path of a .onnx file.")
+    size = path.stat().st_size
+    if size == 0:
+        raise ModelFileError(f"ONNX file {path} is empty.", "re-export the model; the file was probably truncated.")
+    if size > max_bytes:
+        raise ModelFileError(f"ONNX file {path} is {size / 1e9:.1f} GB, over the {max_bytes / 1e9:.1f} GB limit.",
+                             "raise max_bytes if this is really the model you meant.")
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError and others
+        raise ModelFileError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {str(exc)[:120]}).",
+                             "the file is corrupt or truncated, or not ONNX: export it again.") from None
+    _check_external_data(model, path.parent)
+    if any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer):
+        onnx.load_external_data_for_model(model, str(path.parent))
+    if not model.graph.node:
+        raise ModelFileError(f"{path} parses but holds an empty graph.", "the file is corrupt or truncated: export it again.")
+    return model
+
+
+def _check_external_data(model: onnx.ModelProto, base: Path) -> None:
+    base = base.resolve()
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (base / location).resolve()
+        if os.path.isabs(location) or not target.is_relative_to(base):
+            raise ModelFileError(
+                f"Initializer '{tensor.name}' points its external data at {location!r}, outside the model's folder.",
+                "refusing to read it (path traversal); re-export the model with its data beside it.",
+            )
+        if not target.is_file():
+            raise ModelFileError(f"External data file {location!r} for '{tensor.name}' is missing.",
+                                 "copy the .data file next to the .onnx file.")

@@ -1,0 +1,1 @@
+"""Seeing what passes did: graph snapshots, diffs and their renderings."""

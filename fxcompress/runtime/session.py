@@ -1,0 +1,153 @@
+"""ORT session factory that asks for providers explicitly and reports what it actually got.
+
+ORT silently falls back to the CPU provider when the CUDA libraries cannot be loaded; a timing
+labelled "cuda" that ran on CPU is a lie (DESIGN.md, decision 6). Every session therefore records
+the providers requested and those ``session.get_providers()`` reports, and a fallback is warned
+about loudly and shown in every report.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from fxcompress.errors import InputError, RuntimeProviderError
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+_SHORT = {v: k for k, v in PROVIDERS.items()}
+
+
+class ProviderFallbackWarning(UserWarning):
+    """The requested execution provider is not the one the session runs on."""
+
+
+@dataclass
+class RuntimeSession:
+    """An ORT InferenceSession with the truth about its providers."""
+
+    session: ort.InferenceSession
+    requested: list[str]
+    providers: list[str] = field(default_factory=list)
+
+    @property
+    def provider(self) -> str:
+        """Short name ("cuda"/"cpu") of the provider that runs first in the session."""
+        return _SHORT.get(self.providers[0], self.providers[0]) if self.providers else "none"
+
+    @property
+    def fell_back(self) -> bool:
+        """True if the first requested provider is not active."""
+        return bool(self.requested) and self.requested[0] not in self.providers
+
+    def feeds(self, inputs: Sequence[Any]) -> dict[str, np.ndarray]:
+        """Inputs as a feed dict, checked against the model's declared inputs."""
+        return make_feeds(self.session, inputs)
+
+    def run(self, inputs: Sequence[Any]) -> list[np.ndarray]:
+        return self.session.run(None, self.feeds(inputs))
+
+
+_ORT_TO_NUMPY = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def make_feeds(session: ort.InferenceSession, inputs: Sequence[Any]) -> dict[str, np.ndarray]:
+    """Map positional inputs to the session's input names; InputError on count/shape/dtype mismatch."""
+    declared = session.get_inputs()
+    if len(inputs) != len(declared):
+        raise InputError(
+            f"The ONNX model takes {len(declared)} input(s) ({', '.join(d.name for d in declared)}) but {len(inputs)} were given.",
+            "pass one tensor per model input, in order.",
+        )
+    feeds = {}
+    for i, (spec, value) in enumerate(zip(declared, inputs)):
+        array = to_numpy(value)
+        want = _ORT_TO_NUMPY.get(spec.type)
+        if want is not None and array.dtype != want:
+            raise InputError(
+                f"Input {i} ('{spec.name}') has dtype {array.dtype} but the model expects {np.dtype(want)}.",
+                f"convert it first, e.g. tensor.to(torch.{np.dtype(want).name}).",
+            )
+        if len(spec.shape) != array.ndim or any(
+            isinstance(d, int) and d != s for d, s in zip(spec.shape, array.shape)
+        ):
+            raise InputError(
+                f"Input {i} ('{spec.name}') has shape {list(array.shape)} but the model expects {list(spec.shape)}.",
+                "pass inputs of the exported shape (named dimensions may vary; fixed ones may not).",
+            )
+        feeds[spec.name] = array
+    return feeds
+
+
+def create_session(
+    model: str | os.PathLike | bytes | onnx.ModelProto,
+    provider: str = "cpu",
+    *,
+    optimize: bool = True,
+    optimized_model_path: str | os.PathLike | None = None,
+    threads: int | None = None,
+) -> RuntimeSession:
+    """Create an ORT session asking for ``provider`` ("cpu" or "cuda") explicitly.
+
+    Args:
+        model: a path, serialized bytes or a ModelProto.
+        provider: "cuda" requests CUDA then CPU; "cpu" requests CPU only.
+        optimize: ORT graph optimizations (off for parity checks, on for timing).
+        optimized_model_path: where ORT writes the graph it actually runs (to check fusions).
+        threads: intra-op threads (None: ORT's default).
+    """
+    if provider not in PROVIDERS:
+        raise RuntimeProviderError(f"Unknown provider {provider!r}.", f"use one of {', '.join(PROVIDERS)}.")
+    requested = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    # ORT logs CUDA library load failures as errors before falling back; we report it ourselves.
+    options.log_severity_level = 4 if provider != "cpu" else 3
+    if optimized_model_path is not None:
+        options.optimized_model_filepath = str(optimized_model_path)
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    if isinstance(source, Path):
+        source = str(source)
+    # The failure to load CUDA libraries is logged through ORT's process-wide logger, not the
+    # session's; silence it while creating the session, since we warn about fallback ourselves.
+    if provider != "cpu":
+        ort.set_default_logger_severity(4)
+    try:
+        session = ort.InferenceSession(source, sess_options=options, providers=requested)
+    except Exception as exc:  # noqa: BLE001
+        raise RuntimeProviderError(
+            f"ONNX Runtime could not load the model on {requested}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}.",
+            "check the file with `fxcompress inspect`; for CUDA, check that the CUDA libraries onnxruntime-gpu needs are installed.",
+        ) from None
+    finally:
+        ort.set_default_logger_severity(2)
+    result = RuntimeSession(session, requested, list(session.get_providers()))
+    if result.fell_back:
+        warnings.warn(
+            f"Requested {requested[0]} but ONNX Runtime runs this session on {result.providers}: "
+            "the CUDA provider is unavailable here (missing GPU or CUDA libraries). Results are CPU results.",
+            ProviderFallbackWarning,
+            stacklevel=2,
+        )
+    return result

@@ -1,0 +1,145 @@
+"""Latency measurement on ONNX Runtime, and interleaved timing for side-by-side comparisons.
+
+On 2-core machines back-to-back runs drift by 30%, so comparisons are timed interleaved in one
+process: blocks of runs of each variant in turn, a warm-up before each block and a short pause
+between blocks, the median over all timed runs (DESIGN.md, "How to time").
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from fxcompress.capture import normalize_inputs
+from fxcompress.runtime.session import RuntimeSession, create_session, to_numpy
+
+
+@dataclass
+class LatencyReport:
+    """Latency percentiles in milliseconds, throughput, and the provider that really ran."""
+
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    throughput: float
+    iters: int
+    batch_size: int
+    provider: str
+    requested_provider: str
+    fell_back: bool
+
+    def summary(self) -> str:
+        fallback = f" (requested {self.requested_provider}, FELL BACK)" if self.fell_back else ""
+        return (f"p50 {self.p50_ms:.3f} ms, p90 {self.p90_ms:.3f} ms, p99 {self.p99_ms:.3f} ms, "
+                f"{self.throughput:.1f} samples/s on {self.provider}{fallback}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def latency_stats(samples_ms: Sequence[float], batch_size: int) -> dict[str, float]:
+    """Percentiles and throughput of a list of per-run latencies."""
+    arr = np.asarray(samples_ms, dtype=np.float64)
+    return {
+        "p50_ms": float(np.percentile(arr, 50)),
+        "p90_ms": float(np.percentile(arr, 90)),
+        "p99_ms": float(np.percentile(arr, 99)),
+        "mean_ms": float(arr.mean()),
+        "throughput": float(batch_size * 1000.0 / arr.mean()) if arr.mean() > 0 else float("inf"),
+    }
+
+
+def make_runner(runtime: RuntimeSession, inputs: Sequence[Any]) -> Callable[[], Any]:
+    """A zero-argument callable running one inference.
+
+    On CUDA, inputs and outputs are bound to device memory with IO binding so the timing measures
+    the model rather than host<->device copies, and each run synchronizes before returning.
+    """
+    feeds = runtime.feeds(inputs)
+    session = runtime.session
+    if runtime.provider != "cuda":
+        return lambda: session.run(None, feeds)
+    import onnxruntime as ort
+
+    binding = session.io_binding()
+    for name, array in feeds.items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0))
+    for output in session.get_outputs():
+        binding.bind_output(output.name, "cuda", 0)
+
+    def run_bound() -> None:
+        binding.synchronize_inputs()
+        session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+
+    return run_bound
+
+
+def benchmark(
+    onnx_model: str | os.PathLike | bytes | onnx.ModelProto,
+    example_inputs: Any,
+    *,
+    provider: str = "cpu",
+    warmup: int = 10,
+    iters: int = 100,
+) -> LatencyReport:
+    """Time ``iters`` runs after ``warmup`` runs, with ORT graph optimizations on.
+
+    The report names the provider that actually ran; if CUDA was requested but unavailable,
+    ``fell_back`` is True and a ProviderFallbackWarning was issued.
+    """
+    inputs = normalize_inputs(example_inputs)
+    if isinstance(onnx_model, (str, os.PathLike)):
+        from fxcompress.export.onnx_export import load_onnx
+
+        onnx_model = load_onnx(onnx_model)
+    runtime = create_session(onnx_model, provider, optimize=True)
+    run = make_runner(runtime, inputs)
+    for _ in range(warmup):
+        run()
+    samples = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        run()
+        samples.append((time.perf_counter() - start) * 1000.0)
+    batch = int(to_numpy(inputs[0]).shape[0]) if to_numpy(inputs[0]).ndim else 1
+    return LatencyReport(
+        **latency_stats(samples, batch),
+        iters=iters,
+        batch_size=batch,
+        provider=runtime.provider,
+        requested_provider=provider,
+        fell_back=runtime.fell_back,
+    )
+
+
+def time_interleaved(
+    runners: Mapping[str, Callable[[], Any]],
+    *,
+    rounds: int = 10,
+    block: int = 8,
+    warmup: int = 2,
+    pause_s: float = 0.05,
+    batch_size: int = 1,
+) -> dict[str, dict[str, float]]:
+    """Time several variants side by side: ``rounds`` x (each variant: warm-up, ``block`` timed runs).
+
+    Returns per label the stats of :func:`latency_stats` over all ``rounds * block`` timed runs.
+    """
+    samples: dict[str, list[float]] = {label: [] for label in runners}
+    for _ in range(rounds):
+        for label, run in runners.items():
+            for _ in range(warmup):
+                run()
+            for _ in range(block):
+                start = time.perf_counter()
+                run()
+                samples[label].append((time.perf_counter() - start) * 1000.0)
+            time.sleep(pause_s)
+    return {label: latency_stats(s, batch_size) for label, s in samples.items()}
