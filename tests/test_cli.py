@@ -1,0 +1,75 @@
+"""The command line: compile, bench, passes, and clear errors with exit status 2."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+
+from fxcompress.cli import main
+
+
+def test_compile_factory_spec(tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    assert main(["compile", "tests.models:conv_bn_relu", "--out", str(out), "--iters", "8"]) == 0
+    text = capsys.readouterr().out
+    assert "Compiling tests.models:conv_bn_relu" in text
+    assert "Parity (ONNX in ORT vs original model):  PASS" in text
+    assert "plain torch.onnx.export" in text and "fxcompress default" in text
+    assert f"Wrote {out}" in text
+    onnx.checker.check_model(onnx.load(str(out)))
+
+
+def test_bench_prints_provider(tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    main(["compile", "tests.models:conv_bn_relu", "--out", str(out), "--no-baseline", "--iters", "8"])
+    capsys.readouterr()
+    assert main(["bench", str(out), "--iters", "5", "--warmup", "1"]) == 0
+    assert "on cpu" in capsys.readouterr().out
+
+
+def test_passes_lists_registry(capsys):
+    assert main(["passes"]) == 0
+    text = capsys.readouterr().out
+    assert "eliminate-dead-code" in text and "drop_unused_state" in text and "Presets:" in text
+
+
+def test_pickle_needs_trust_flag(tmp_path, capsys):
+    path = tmp_path / "model.pt"
+    torch.save(torch.nn.Linear(2, 2), path)
+    code = main(["compile", str(path), "--out", str(tmp_path / "o.onnx"), "--input-shape", "1,2"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "pickled file" in err and "--trust-pickle" in err
+    assert not (tmp_path / "o.onnx").exists()
+    assert main(["compile", str(path), "--out", str(tmp_path / "o.onnx"), "--input-shape", "1,2",
+                 "--trust-pickle", "--no-baseline", "--iters", "8"]) == 0
+
+
+def test_pt2_archive(tmp_path, capsys):
+    from tests.models import conv_bn_relu
+
+    model, inputs = conv_bn_relu()
+    archive = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(model, inputs), str(archive))
+    assert main(["compile", str(archive), "--out", str(tmp_path / "a.onnx"), "--no-baseline", "--iters", "8"]) == 0
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["compile", "torchvision:resnet181", "--out", "{tmp}/x.onnx"], "did you mean resnet18"),
+        (["compile", "tests.models:conv_bn_relu", "--recipe", "nope", "--out", "{tmp}/x.onnx"], "Unknown recipe 'nope'"),
+        (["compile", "tests.models:conv_bn_relu", "--out", "{tmp}/missing/x.onnx"], "does not exist"),
+        (["compile", "{tmp}/none.pt2", "--out", "{tmp}/x.onnx"], "does not exist"),
+        (["bench", "{tmp}/none.onnx"], "does not exist"),
+        (["compile", "nomodule_xyz:make", "--out", "{tmp}/x.onnx"], "Cannot import 'nomodule_xyz'"),
+    ],
+)
+def test_bad_input_exits_2_with_one_paragraph(tmp_path, capsys, argv, fragment):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert fragment in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "x.onnx").exists()
