@@ -12,7 +12,7 @@ export verified ONNX:
 
 __version__ = "0.1.0"
 
-from fxcompress.api import CompileReport, CompileResult, benchmark, compile, validate  # noqa: E402
+from fxcompress.api import CompileReport, CompileResult, benchmark, compile, diff, validate  # noqa: E402
 from fxcompress.errors import (  # noqa: E402
     CaptureError,
     DriftError,
@@ -30,5 +30,5 @@ from fxcompress.infra.recipe import Recipe  # noqa: E402
 __all__ = [
     "CaptureError", "CompileReport", "CompileResult", "DriftError", "ExportError", "FxCompressError",
     "InputError", "ModelFileError", "PassError", "Recipe", "RecipeError", "RuntimeProviderError",
-    "UntrustedFileError", "benchmark", "compile", "validate",
+    "UntrustedFileError", "benchmark", "compile", "diff", "validate",
 ]

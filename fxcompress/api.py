@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import time
 from dataclasses import dataclass, field
@@ -18,9 +17,10 @@ from typing import Any, Sequence
 import torch
 from torch import fx, nn
 
-from fxcompress.capture import capture, normalize_inputs, run_eager
+from fxcompress.capture import capture, normalize_inputs, private_copy, run_eager
 from fxcompress.errors import DriftError, ExportError
 from fxcompress.export.onnx_export import export_model_proto, save_model, set_metadata
+from fxcompress.export.sparse import bake_weight_masks, compress_initializers
 from fxcompress.infra.context import CompileContext, calibration_source
 from fxcompress.infra.instrument import Instrument
 from fxcompress.infra.instruments import DumpIR, RecordDiff, Timing, VerifyNumerics
@@ -109,8 +109,12 @@ class CompileResult:
         validate: bool = True,
         tolerance: float | None = None,
         metadata: dict[str, Any] | None = None,
+        sparse: bool = False,
     ) -> Path:
         """Export ``module`` to a checked ONNX file at ``path`` and return the path.
+
+        Sparsity masks are baked into their weights; ``sparse=True`` also stores weights with
+        enough zeros in a smaller encoding (fxcompress.export.sparse.compress_initializers).
 
         Before anything is written, the ONNX model is run in ORT (optimizations off) on the
         example inputs and random inputs of the same shapes and compared with ``module``; a
@@ -118,7 +122,9 @@ class CompileResult:
         are stored as metadata props. The write is atomic.
         """
         dynamic = self.dynamic_batch if dynamic_batch is None else dynamic_batch
-        model, notes = export_model_proto(self.module, self.example_inputs, dynamic_batch=dynamic, simplify=simplify)
+        model, notes = export_model_proto(bake_weight_masks(self.module), self.example_inputs, dynamic_batch=dynamic, simplify=simplify)
+        if sparse:  # lossless: ORT rebuilds the dense weights when the session is created
+            model = compress_initializers(model)[0]
         stamp: dict[str, Any] = {
             "fxcompress_recipe": self.recipe.name,
             "fxcompress_passes": ",".join(r.name for r in self.report.records if r.modified),
@@ -126,7 +132,7 @@ class CompileResult:
             "simplified": notes.get("simplified", False),
         }
         if validate:
-            allowed = tolerance if tolerance is not None else max(LOSSLESS_TOLERANCE, self.recipe.tolerance)
+            allowed = tolerance if tolerance is not None else self._export_tolerance()
             parity = _validate_proto(model, self.module, self.example_inputs, allowed)
             self.report.parity = parity
             if not parity.passed:
@@ -141,13 +147,25 @@ class CompileResult:
         return save_model(model, path)
 
 
+    def _export_tolerance(self) -> float:
+        """Lossless unless a kept pass exports inexactly (quantization, fp16): then the recipe's.
+
+        Pruning and sparsity are lossy against the original model (their recipes allow any
+        drift) but exact against the compiled module, which is what export parity compares.
+        """
+        if all(r.exports_exactly for r in self.report.records if r.modified):
+            return LOSSLESS_TOLERANCE
+        return max(LOSSLESS_TOLERANCE, self.recipe.tolerance)
+
+
 def _validate_proto(model, module: fx.GraphModule, inputs, tolerance: float) -> ParityReport:
     return validate(model, module, inputs, tolerance=tolerance)
 
 
 def _final_drift(module: fx.GraphModule, inputs: Sequence[torch.Tensor], reference: Any) -> float:
     with torch.no_grad():
-        outputs = flatten_outputs(module(*inputs))
+        # Clones: a graph that writes into its input must not change the caller's tensors.
+        outputs = flatten_outputs(module(*(t.clone() for t in inputs)))
     return worst_drift(compare_outputs(flatten_outputs(reference), outputs))
 
 
@@ -188,7 +206,7 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
     inputs = normalize_inputs(example_inputs)
     resolved = resolve_recipe(recipe)  # unknown passes/options fail before any work
     allowed = resolved.tolerance if tolerance is None else tolerance
-    reference_model = copy.deepcopy(model).eval()
+    reference_model = private_copy(model)
     reference = run_eager(reference_model, inputs)
     graph_module = capture(reference_model, inputs, dynamic_batch=dynamic_batch)
     nodes_before, params_before = count_compute_nodes(graph_module), count_parameters(graph_module)
@@ -225,4 +243,18 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
     return CompileResult(compiled, report, resolved, inputs, recorder, dynamic_batch)
 
 
-__all__ = ["CompileReport", "CompileResult", "benchmark", "compile", "validate"]
+def diff(a: Any, b: Any) -> Any:
+    """What changed from ``a`` to ``b``: two ONNX models, two GraphModules, or two graph snapshots.
+
+    ONNX paths or ModelProtos give an :class:`~fxcompress.inspect.onnx_diff.OnnxDiff` (op counts,
+    added/removed/rewired nodes, parameters, MACs, sizes); GraphModules or snapshots (e.g.
+    ``result.snapshots.snapshot("fold-batchnorm")``) give a
+    :class:`~fxcompress.inspect.graph_diff.GraphDiff` grouped by layer. Both render with
+    ``fxcompress.inspect.render_text``. Missing or unreadable files raise ModelFileError.
+    """
+    from fxcompress.inspect.dispatch import diff_any
+
+    return diff_any(a, b)
+
+
+__all__ = ["CompileReport", "CompileResult", "benchmark", "compile", "diff", "validate"]

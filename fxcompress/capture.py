@@ -97,13 +97,38 @@ def run_eager(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
     """Run the model eagerly under no_grad; a failure becomes an InputError at the user's line."""
     try:
         with torch.no_grad():
-            return model(*inputs)
+            # Clones: a forward() that writes into its input (x.mul_(2)) must not change the
+            # caller's tensors, nor the inputs the next run (capture, parity) sees.
+            return model(*(t.clone() for t in inputs))
     except Exception as exc:  # noqa: BLE001 - any failure here means the inputs do not fit
         raise InputError(
             f"{type(model).__name__} fails on the example inputs {describe_inputs(inputs)}: "
             f"{type(exc).__name__}: {_first_line(exc)}.{_where(exc)}",
             "pass inputs of the shapes and dtypes forward() expects (one tensor per positional argument).",
         ) from None
+
+
+def private_copy(model: nn.Module) -> nn.Module:
+    """Deep-copy ``model`` and put the copy in eval mode, so that the caller's object is never touched.
+
+    Raises:
+        InputError: ``model`` is not an ``nn.Module`` (a state_dict or a path, say).
+        CaptureError: the module cannot be deep-copied.
+    """
+    if not isinstance(model, nn.Module):
+        raise InputError(
+            f"model must be a torch.nn.Module, got {type(model).__name__}.",
+            "pass the nn.Module itself (not its state_dict or a path); load files with the CLI's SPEC syntax.",
+        )
+    try:
+        work = copy.deepcopy(model)
+    except Exception as exc:  # noqa: BLE001
+        raise CaptureError(
+            f"{type(model).__name__} cannot be deep-copied ({type(exc).__name__}: {_first_line(exc)}); "
+            "fxcompress copies the model so that yours is never modified.",
+            "make the module copyable (no open files, locks or generators as attributes).",
+        ) from None
+    return work.eval()
 
 
 def capture(model: nn.Module, example_inputs: Any, *, dynamic_batch: bool = False) -> fx.GraphModule:
@@ -124,21 +149,8 @@ def capture(model: nn.Module, example_inputs: Any, *, dynamic_batch: bool = Fals
         CaptureError: torch.export could not trace the model; the message names the construct,
             the model's own source line and a hint.
     """
-    if not isinstance(model, nn.Module):
-        raise InputError(
-            f"model must be a torch.nn.Module, got {type(model).__name__}.",
-            "pass the nn.Module itself (not its state_dict or a path); load files with the CLI's SPEC syntax.",
-        )
+    work = private_copy(model)
     inputs = normalize_inputs(example_inputs)
-    try:
-        work = copy.deepcopy(model)
-    except Exception as exc:  # noqa: BLE001
-        raise CaptureError(
-            f"{type(model).__name__} cannot be deep-copied ({type(exc).__name__}: {_first_line(exc)}); "
-            "fxcompress copies the model so that yours is never modified.",
-            "make the module copyable (no open files, locks or generators as attributes).",
-        ) from None
-    work.eval()
     dynamic_shapes = None
     if dynamic_batch:
         batch = torch.export.Dim("batch")

@@ -1,4 +1,4 @@
-"""Command line: ``fxcompress compile | bench | passes | demo``.
+"""Command line: ``fxcompress compile | bench | diff | inspect | passes | demo``.
 
 Errors the user can fix are printed as one paragraph (no stack trace) with exit status 2.
 """
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from fxcompress.errors import FxCompressError
+from fxcompress.inspect.commands import add_diff_parser, add_inspect_parser, cmd_diff, cmd_inspect
 
 
 def _add_compile(sub) -> None:
@@ -29,6 +30,7 @@ def _add_compile(sub) -> None:
     p.add_argument("--no-baseline", action="store_true", help="skip timing a plain torch.onnx.export beside the result")
     p.add_argument("--iters", type=int, default=50, help="timed runs per variant (default 50)")
     p.add_argument("--dump-dir", default=None, help="write the graph after every changed pass into this folder")
+    p.add_argument("--report", default=None, help="write a self-contained HTML report (passes, diffs, figures) here")
     p.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled module (runs code from the file)")
 
 
@@ -46,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_compile(sub)
     _add_bench(sub)
+    add_diff_parser(sub)
+    add_inspect_parser(sub)
     sub.add_parser("passes", help="list registered passes, their options and the presets")
     demo = sub.add_parser("demo", help="train a digits CNN, compile it with every preset, compare accuracy/size/latency")
     demo.add_argument("--out-dir", default="out", help="where the ONNX files go (default: out/)")
@@ -68,6 +72,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from fxcompress.export.atomic import check_output_path
 
     check_output_path(args.out)
+    if args.report:
+        check_output_path(args.report)
     loaded = load_model(args.spec, _shapes(args.input_shape), trust_pickle=args.trust_pickle)
     calibration = load_calibration(args.calibration, loaded.example_inputs)
     print(f"Compiling {loaded.description} with recipe '{args.recipe}' "
@@ -99,6 +105,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
     for label, s in stats.items():
         print(f"{label:<28} {s['p50_ms']:>9.3f} {s['p90_ms']:>9.3f} {sessions[label][1] / 1e6:>9.2f}")
     print(f"\nWrote {path}")
+    if args.report:
+        from fxcompress.inspect.render_html import Variant, write_report
+
+        variants = [Variant(label, s["p50_ms"], s["p90_ms"], sessions[label][1], sessions[label][0].provider) for label, s in stats.items()]
+        print(f"Wrote {write_report(args.report, result, variants=variants)}")
     return 0
 
 
@@ -149,7 +160,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.out_dir), epochs=args.epochs)
 
 
-COMMANDS = {"compile": cmd_compile, "bench": cmd_bench, "passes": cmd_passes, "demo": cmd_demo}
+COMMANDS = {"compile": cmd_compile, "bench": cmd_bench, "passes": cmd_passes, "demo": cmd_demo, "diff": cmd_diff, "inspect": cmd_inspect}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

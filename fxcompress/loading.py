@@ -7,8 +7,12 @@ says it trusts the file; weights and archives are loaded with ``weights_only``-s
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import pickle
+import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -36,7 +40,8 @@ class LoadedModel:
 def parse_shape(text: str) -> tuple[int, ...]:
     """``"1,3,224,224"`` -> (1, 3, 224, 224); InputError if malformed."""
     try:
-        shape = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
+        # Every part must be a number: "1,x,8" is a typo, not the shape (1, 8).
+        shape = tuple(int(p) for p in re.split(r"[,x]", text.strip()))
     except ValueError:
         shape = ()
     if not shape or any(s <= 0 for s in shape):
@@ -102,10 +107,52 @@ def _check_file(path: Path) -> None:
                              "check that this is the model you meant.")
 
 
-def _archive(path: Path, shapes) -> LoadedModel:
-    _check_file(path)
+#: Archive members that torch.export.load unpickles with plain ``pickle`` (not ``torch.load``).
+_RAW_PICKLE_PREFIXES = ("custom_obj_", "opaque_obj_")
+
+
+@contextlib.contextmanager
+def _weights_only_loads():
+    """Force every ``torch.load`` inside to ``weights_only=True``.
+
+    torch.export.load unpickles weights, constants and sample inputs with ``weights_only=False``
+    (and falls back to it when a safe load fails), so a crafted .pt2 runs code on load. torch
+    honours TORCH_FORCE_WEIGHTS_ONLY_LOAD at call time; the variable is process-wide while set.
+    """
+    saved = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:
-        program = torch.export.load(str(path))
+        yield
+    finally:
+        os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        os.environ.update({k: v for k, v in saved.items() if v is not None})
+
+
+def _untrusted_archive(path: Path, detail: str) -> UntrustedFileError:
+    return UntrustedFileError(
+        f"{path} holds pickled Python objects that are not plain tensors ({detail}); loading them runs code from the file.",
+        "only if you trust the file, pass --trust-pickle (trust_pickle=True); otherwise re-export it without custom objects.",
+    )
+
+
+def _archive(path: Path, shapes, trust: bool = False) -> LoadedModel:
+    _check_file(path)
+    if not trust:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise ModelFileError(f"{path} is not a loadable torch.export archive ({type(exc).__name__}: {exc}).",
+                                 "the file is corrupt or truncated: save it again with torch.export.save.") from None
+        raw = [n for n in names if n.rsplit("/", 1)[-1].startswith(_RAW_PICKLE_PREFIXES)]
+        if raw:
+            raise _untrusted_archive(path, f"{raw[0]}")
+    try:
+        with _weights_only_loads() if not trust else contextlib.nullcontext():
+            program = torch.export.load(str(path))
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        raise _untrusted_archive(path, f"it references {found.group(1)}" if found else "a weights-only load refused it") from None
     except Exception as exc:  # noqa: BLE001 - corrupt zip, wrong format, version skew
         raise ModelFileError(f"{path} is not a loadable torch.export archive ({type(exc).__name__}: {str(exc)[:160]}).",
                              "save it with torch.export.save(torch.export.export(model, args), path).") from None
@@ -144,7 +191,7 @@ def load_model(spec: str, input_shapes: Sequence[tuple[int, ...]] | None = None,
     path = Path(spec)
     suffix = path.suffix.lower()
     if suffix == ".pt2":
-        return _archive(path, input_shapes)
+        return _archive(path, input_shapes, trust_pickle)
     if suffix in (".pt", ".pth", ".pkl", ".bin"):
         return _pickle(path, input_shapes, trust_pickle)
     if spec.startswith("torchvision:"):

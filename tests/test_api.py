@@ -114,3 +114,18 @@ def test_dump_dir_writes_numbered_graphs(tmp_path):
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names[0] == "000_captured.txt"
     assert any("remove-no-ops" in n for n in names)
+
+
+@pytest.mark.parametrize("recipe, exact", [("sparse", True), ("int8-dynamic", False)])
+def test_export_parity_is_lossless_unless_a_pass_exports_inexactly(tmp_path, recipe, exact):
+    # Sparsity is lossy against the original (its recipe allows any drift) but exact against the
+    # compiled module, which is what export parity compares; quantization rounds differently in ORT.
+    model = WithNoOps().eval()
+    result = fxcompress.compile(model, (torch.randn(2, 16),), recipe)
+    assert any(r.modified for r in result.report.records)
+    result.export_onnx(tmp_path / "m.onnx")
+    tolerance = result.report.parity.tolerance
+    if exact:
+        assert tolerance == fxcompress.numerics.LOSSLESS_TOLERANCE
+    else:
+        assert tolerance == result.recipe.tolerance > fxcompress.numerics.LOSSLESS_TOLERANCE

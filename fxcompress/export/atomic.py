@@ -16,10 +16,21 @@ def check_output_path(path: str | os.PathLike) -> Path:
     parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise ExportError(f"Output path {path} is a directory.", "give a file name such as model.onnx.")
+    if parent.exists() and not parent.is_dir():
+        raise ExportError(f"Output folder {parent} is a file, not a folder.", "choose an output path inside a folder.")
     if not parent.is_dir():
         raise ExportError(f"Output folder {parent} does not exist.", f"create it first (mkdir -p {parent}) or choose another path.")
     if not os.access(parent, os.W_OK):
         raise ExportError(f"Output folder {parent} is not writable.", "choose a folder you can write to.")
+    # os.access says yes to root everywhere, and pseudo or read-only file systems (/proc, a
+    # read-only mount) only refuse at creation time: probe with the same kind of file we write.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ExportError(f"Output folder {parent} is not writable ({exc.strerror or exc}).",
+                          "choose a folder you can write to.") from None
     return path
 
 
@@ -27,15 +38,23 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> 
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place.
 
     The rename is atomic on POSIX, so readers see either the old file or the complete new one.
-    Whatever ``write`` raises propagates after the temporary file is removed.
+    Whatever ``write`` raises propagates after the temporary file is removed (an OSError —
+    disk full, folder gone — as an ExportError).
     """
     path = check_output_path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    except OSError as exc:
+        raise ExportError(f"Cannot create a file in {path.parent} ({exc.strerror or exc}).", "choose a folder you can write to.") from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as exc:  # disk full, quota, the folder vanished: nothing partial is left behind
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"Writing {path} failed ({exc.strerror or exc}); nothing was written.",
+                          "free disk space or choose another folder, then export again.") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -42,6 +43,9 @@ def export_model_proto(
     Returns the model and notes (``simplified``: whether onnxsim's result was kept, node counts).
     Raises ExportError with the exporter's first line and a hint when export fails.
     """
+    # Export in eval mode, then give the caller back the module in the mode it was in (users
+    # fine-tune result.module and export between epochs).
+    modes = {name: m.training for name, m in graph_module.named_modules()}
     graph_module.eval()
     notes: dict[str, Any] = {}
     try:
@@ -56,12 +60,10 @@ def export_model_proto(
                 dynamic_shapes=_dynamic_shapes(example_inputs) if dynamic_batch else None,
             )
     except Exception as exc:  # noqa: BLE001 - the exporter raises many types
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ExportError(
-            f"torch.onnx.export failed: {type(exc).__name__}: {first}.",
-            "an op in the graph may have no ONNX translation: run `fxcompress inspect` on the compiled "
-            "module to find it, or drop the pass that introduced it from the recipe.",
-        ) from None
+        raise _export_failure(exc, graph_module) from None
+    finally:
+        for name, m in graph_module.named_modules():
+            m.training = modes.get(name, m.training)
     model = program.model_proto
     if dynamic_batch and model.graph.input and not model.graph.input[0].type.tensor_type.shape.dim[0].dim_param:
         raise ExportError(
@@ -74,6 +76,35 @@ def export_model_proto(
         model, notes["simplified"] = _simplify(model)
     notes["nodes"] = len(model.graph.node)
     return model, notes
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _export_failure(exc: Exception, graph_module: fx.GraphModule) -> ExportError:
+    """An ExportError naming the graph node and op the exporter could not translate, and its root cause."""
+    text = _ANSI.sub("", str(exc))
+    node_line = re.search(r"Error when translating node %(\w+) .*?target=([\w.]+)", text)
+    cause = re.search(r"Exception summary\s*<class '[^']+'>: (.+)", text)
+    if node_line:
+        name, target = node_line.groups()
+        node = next((n for n in graph_module.graph.nodes if n.name == name), None)
+        stack = (node.meta.get("nn_module_stack") or {}) if node is not None else {}
+        layer = next(reversed(stack.values()))[0] if stack else ""
+        where = f"node '{name}'" + (f" in layer '{layer}'" if layer else "")
+        reason = f": {cause.group(1).strip().rstrip('.')}" if cause else ""
+        return ExportError(
+            f"torch.onnx.export cannot translate {target} ({where}){reason}. The compiled graph keeps the op "
+            "as it is; only the ONNX export fails.",
+            "replace that operation in the model (or move it to pre/post-processing), or use the compiled "
+            "module from PyTorch instead of exporting it.",
+        )
+    first = (text.strip().splitlines() or [type(exc).__name__])[0]
+    return ExportError(
+        f"torch.onnx.export failed: {type(exc).__name__}: {first}",
+        "an op in the graph may have no ONNX translation: run `fxcompress inspect` on the compiled "
+        "module to find it, or drop the pass that introduced it from the recipe.",
+    )
 
 
 def _simplify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
@@ -163,23 +194,49 @@ def load_onnx(path: str | os.PathLike, *, max_bytes: int = MAX_ONNX_BYTES) -> on
         raise ModelFileError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {str(exc)[:120]}).",
                              "the file is corrupt or truncated, or not ONNX: export it again.") from None
     _check_external_data(model, path.parent)
-    if any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer):
-        onnx.load_external_data_for_model(model, str(path.parent))
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(model.graph)):
+        try:
+            onnx.load_external_data_for_model(model, str(path.parent))
+        except Exception as exc:  # noqa: BLE001 - short/unreadable .data files, onnx's own path checks
+            raise ModelFileError(f"The external data of {path} could not be read ({type(exc).__name__}: {str(exc)[:160]}).",
+                                 "copy the complete .data file(s) next to the .onnx file, or export again.") from None
     if not model.graph.node:
         raise ModelFileError(f"{path} parses but holds an empty graph.", "the file is corrupt or truncated: export it again.")
     return model
 
 
+def _all_tensors(graph: onnx.GraphProto):
+    """Every TensorProto of ``graph``: initializers, sparse initializers and node attributes
+    (Constant values), recursing into subgraphs (If/Loop/Scan bodies). Any of them may point at
+    external data, and onnx.load_external_data_for_model reads them all."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("sparse_tensor"):
+                yield from (attr.sparse_tensor.values, attr.sparse_tensor.indices)
+            for sparse in attr.sparse_tensors:
+                yield from (sparse.values, sparse.indices)
+            if attr.HasField("g"):
+                yield from _all_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _all_tensors(sub)
+
+
 def _check_external_data(model: onnx.ModelProto, base: Path) -> None:
     base = base.resolve()
-    for tensor in model.graph.initializer:
+    for tensor in _all_tensors(model.graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
         target = (base / location).resolve()
         if os.path.isabs(location) or not target.is_relative_to(base):
             raise ModelFileError(
-                f"Initializer '{tensor.name}' points its external data at {location!r}, outside the model's folder.",
+                f"Tensor '{tensor.name}' points its external data at {location!r}, outside the model's folder.",
                 "refusing to read it (path traversal); re-export the model with its data beside it.",
             )
         if not target.is_file():

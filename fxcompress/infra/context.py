@@ -11,6 +11,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+from fxcompress.errors import InputError
+
 
 @dataclass
 class CompileContext:
@@ -40,24 +42,40 @@ def calibration_source(calibration: Any) -> Callable[[], Iterator[Any]] | None:
 
     Lists, tuples, DataLoaders and other re-iterable objects are streamed anew on every pass,
     never copied; a zero-argument callable is called for each pass; a one-shot iterator
-    (a generator) can only be read once, so it is read on first use and cached.
+    (a generator) can only be read once, so the items read from it are kept and replayed (passes
+    read a bounded prefix, so a long generator is never drained into memory). Anything else (a
+    single tensor, a number) is an InputError.
     """
     if calibration is None:
         return None
+    if isinstance(calibration, torch.Tensor):
+        raise InputError(
+            f"calibration is one tensor of shape {list(calibration.shape)}, not a collection of input tuples.",
+            "pass a list of input tuples, e.g. [(batch,) for batch in tensor.split(example_batch_size)], or a DataLoader.",
+        )
+    if not callable(calibration) and not isinstance(calibration, Iterable):
+        raise InputError(
+            f"calibration must be a list, a DataLoader, another iterable or a callable, got {type(calibration).__name__}.",
+            "pass calibration=[(input,), ...] with tensors shaped like the example inputs.",
+        )
     if callable(calibration) and not hasattr(calibration, "__iter__"):
         return lambda: iter(calibration())
-    if iter(calibration) is calibration:  # a one-shot iterator: cache what it yields
+    # isinstance, not ``iter(x) is x``: calling iter() on a DataLoader would start its workers.
+    if isinstance(calibration, Iterator):  # a one-shot iterator: cache what has been read of it
         cache: list[Any] = []
-        state = {"consumed": False}
 
         def replay() -> Iterator[Any]:
-            if not state["consumed"]:
-                for item in calibration:
-                    cache.append(item)
-                    yield item
-                state["consumed"] = True
-            else:
-                yield from cache
+            # Every pass starts from the first item, even when an earlier pass stopped early
+            # (passes read at most their batch limit), and reads the source only past the cache.
+            index = 0
+            while True:
+                if index == len(cache):
+                    try:
+                        cache.append(next(calibration))
+                    except StopIteration:
+                        return
+                yield cache[index]
+                index += 1
 
         return replay
     return lambda: iter(calibration)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import time
@@ -11,6 +12,7 @@ from typing import IO, Any, Sequence
 import torch
 from torch import fx
 
+from fxcompress.errors import InputError
 from fxcompress.infra.instrument import Instrument, RollbackPass
 from fxcompress.infra.manager import PassRecord
 from fxcompress.infra.pass_base import Pass, PassResult
@@ -40,6 +42,10 @@ class Timing(Instrument):
         self._stop(record)
 
 
+# PassRecord.extra key: RecordDiff appended a snapshot for this pass (undone if it is rolled back).
+_SNAPSHOTTED = "record_diff_snapshotted"
+
+
 class RecordDiff(Instrument):
     """Snapshot the graph before the pipeline and after every pass that changed it.
 
@@ -65,12 +71,19 @@ class RecordDiff(Instrument):
         if result.modified:
             after = GraphSnapshot.of(graph_module, record.name)
             record.extra["diff"] = diff_snapshots(self._current, after)
+            record.extra[_SNAPSHOTTED] = True
             self.snapshots.append(after)
             self._current = after
         record.nodes_after = len(self._current.compute_nodes)
         record.params_after = self._current.parameters
 
     def after_rollback(self, pass_: Pass, graph_module: fx.GraphModule, record: PassRecord) -> None:
+        # A later instrument (VerifyNumerics) may roll back a pass after our after_pass took its
+        # snapshot: drop that snapshot so that the next diff starts from the graph that was kept.
+        if record.extra.pop(_SNAPSHOTTED, False):
+            self.snapshots.pop()
+            self._current = self.snapshots[-1]
+            record.extra.pop("diff", None)
         record.nodes_after, record.params_after = record.nodes_before, record.params_before
 
     def snapshot(self, label: str) -> GraphSnapshot:
@@ -109,7 +122,8 @@ class VerifyNumerics(Instrument):
             return
         try:
             with torch.no_grad():
-                outputs = flatten_outputs(graph_module(*self.inputs))
+                # Clones: a graph that mutates its inputs in place must see the same values every pass.
+                outputs = flatten_outputs(graph_module(*(t.clone() for t in self.inputs)))
         except Exception as exc:  # noqa: BLE001 - a graph that no longer runs is rolled back
             raise RollbackPass(f"graph no longer runs: {type(exc).__name__}: {exc}") from None
         if signature(outputs) != signature(self.reference):
@@ -137,6 +151,14 @@ class DumpIR(Instrument):
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
         self.count = 0
+        # Fail before any pass runs (not halfway through the pipeline) if the folder is unusable.
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            if not os.access(self.directory, os.W_OK):
+                raise PermissionError(13, "not writable")
+        except OSError as exc:
+            raise InputError(f"The dump folder {self.directory} cannot be used ({exc.strerror or exc}).",
+                             "give dump_dir (--dump-dir) a folder that exists or can be created, and is writable.") from None
 
     def _write(self, graph_module: fx.GraphModule, label: str, suffix: str = ".txt") -> None:
         self.directory.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,7 @@ class PassRecord:
     nodes_after: int | None = None
     params_before: int | None = None
     params_after: int | None = None
+    exports_exactly: bool = True  # Pass.exports_exactly of the pass that ran
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -130,7 +131,7 @@ class PassManager(Pass):
         name: str,
         iteration: int,
     ) -> tuple[fx.GraphModule, bool]:
-        record = PassRecord(name=name, iteration=iteration)
+        record = PassRecord(name=name, iteration=iteration, exports_exactly=p.exports_exactly)
         ran_before = [r.name for r in records if r.rolled_back is None]
         snapshot = copy.deepcopy(graph_module)
         for inst in instruments:

@@ -143,6 +143,10 @@ class Pass:
     #: Lossless passes must keep outputs within fp32 noise; the numerics instrument rolls back
     #: a lossless pass that drifts. Lossy passes report drift and are bounded by the recipe.
     lossless: ClassVar[bool] = True
+    #: The ONNX export of what this pass writes computes the same as the graph, within fp32 noise
+    #: (pruning and sparsity do; quantization and fp16 do not: ORT's kernels round differently).
+    #: Export parity checks such graphs at the lossless tolerance instead of the recipe's.
+    exports_exactly: ClassVar[bool] = True
 
     def __init__(self, options: Mapping[str, Any] | Any | None = None, **overrides: Any) -> None:
         if options is not None and dataclasses.is_dataclass(options) and not isinstance(options, Mapping):

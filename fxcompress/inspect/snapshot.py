@@ -1,12 +1,16 @@
 """A lightweight, picklable picture of a GraphModule at one moment of a compile run.
 
 Snapshots are what the RecordDiff instrument keeps after every pass; diffs between any two of
-them are computed later, so recording stays cheap and no GraphModule copies are held.
+them are computed later, so recording stays cheap and no GraphModule copies are held. Besides
+names, operations and types, a snapshot keeps what a diff needs to explain a change: the layer a
+node came from, the provenance a pass stamped on nodes it created, multiply-accumulates of
+conv/linear/matmul nodes, a precision label and any ``fxcompress_*`` annotations.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+import math
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -14,10 +18,22 @@ from torch import fx
 
 from fxcompress.analysis.graph_stats import COMPUTE_OPS, count_parameters, op_name
 
+#: node.meta key a pass sets on nodes it creates: {"pass": name, "from": [names of replaced nodes]}.
+PROVENANCE_KEY = "fxcompress_provenance"
+#: Meta keys that are not annotations (they are read into their own fields).
+_OWN_KEYS = {PROVENANCE_KEY, "fxcompress_layer", "fxcompress_precision"}
+
 
 @dataclass(frozen=True)
 class NodeInfo:
-    """One node: its name, operation, inputs, result type and the layer it came from."""
+    """One node: name, operation, inputs, result type, layer, and what passes said about it.
+
+    ``provenance`` is ``(pass, (replaced node names...))`` for nodes a pass created; ``macs`` the
+    multiply-accumulates of one call (conv, linear, matmul; 0 otherwise); ``numel`` the element
+    count of a floating-point attribute (parameter) for ``get_attr`` nodes; ``precision`` the
+    numeric format the node computes in (``float32``, ``int8 (fake-quant)``...); ``annotations``
+    the ``fxcompress_*`` meta entries passes set (e.g. a fused activation).
+    """
 
     name: str
     op: str
@@ -26,6 +42,17 @@ class NodeInfo:
     shape: tuple[int, ...] | None
     dtype: str | None
     layer: str
+    provenance: tuple[str, tuple[str, ...]] | None = None
+    macs: int = 0
+    numel: int = 0
+    target: str = ""
+    precision: str | None = None
+    annotations: tuple[tuple[str, str], ...] = ()
+
+    def describe(self) -> str:
+        """``name (operation)`` with the type, e.g. ``conv2d (aten.conv2d) float32[1, 8, 4, 4]``."""
+        kind = f" {self.precision or self.dtype}{list(self.shape)}" if self.shape is not None else ""
+        return f"{self.name} ({self.operation}){kind}"
 
 
 def node_layer(node: fx.Node) -> str:
@@ -51,6 +78,99 @@ def _type_of(node: fx.Node) -> tuple[tuple[int, ...] | None, str | None]:
     return None, None
 
 
+def _shape(node: object) -> tuple[int, ...] | None:
+    return _type_of(node)[0] if isinstance(node, fx.Node) else None
+
+
+def _product(shape: tuple[int, ...] | None) -> int:
+    # Symbolic dimensions are recorded as -1; a MAC count over them would be meaningless.
+    return math.prod(shape) if shape and all(s >= 0 for s in shape) else 0
+
+
+def node_macs(node: fx.Node) -> int:
+    """Multiply-accumulates of one call of a conv, linear or matrix-multiply node (0 for others).
+
+    conv: output elements x (input channels / groups) x kernel area; linear: output elements x
+    input features; matmul family: output elements x the contracted dimension.
+    """
+    if node.op != "call_function":
+        return 0
+    name = op_name(node)
+    out = _product(_shape(node))
+    args = node.args
+    if name in ("aten.conv1d", "aten.conv2d", "aten.conv3d", "aten.convolution", "aten._convolution"):
+        weight = _shape(args[1]) if len(args) > 1 else None
+        if not weight or not out:
+            return 0
+        if name in ("aten.convolution", "aten._convolution") and len(args) > 6 and args[6]:
+            return 0  # transposed convolution: not counted rather than counted wrongly
+        # weight is (out_channels, in_channels / groups, *kernel): per output element we multiply
+        # in_channels/groups * kernel_area values.
+        return out * _product(weight[1:])
+    if name == "aten.linear":
+        weight = _shape(args[1]) if len(args) > 1 else None
+        return out * weight[-1] if weight and out else 0
+    if name in ("aten.matmul", "aten.mm", "aten.bmm", "aten.addmm", "aten.baddbmm"):
+        first = _shape(args[1] if name in ("aten.addmm", "aten.baddbmm") else args[0])
+        return out * first[-1] if first and out else 0
+    return 0
+
+
+def _is_fake_quant(node: object) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and "quantize" in op_name(node)
+
+
+def node_precision(node: fx.Node, dtype: str | None) -> str | None:
+    """The numeric format of a node: an explicit ``fxcompress_precision``, int8 when it is a
+    fake-quantize op or a conv/linear/matmul fed by one (what ONNX Runtime runs as an int8
+    kernel), else its dtype."""
+    explicit = node.meta.get("fxcompress_precision")
+    if explicit:
+        return str(explicit)
+    if _is_fake_quant(node):
+        return "int8 (fake-quant)"
+    if node_macs(node) and any(_is_fake_quant(a) for a in node.all_input_nodes):
+        return "int8 (q/dq)"
+    return dtype
+
+
+def _provenance(node: fx.Node) -> tuple[str, tuple[str, ...]] | None:
+    value = node.meta.get(PROVENANCE_KEY)
+    if not isinstance(value, dict):
+        return None
+    sources = value.get("from") or ()
+    if isinstance(sources, str):
+        sources = (sources,)
+    return str(value.get("pass", "")), tuple(str(s.name if isinstance(s, fx.Node) else s) for s in sources)
+
+
+def _annotations(node: fx.Node) -> tuple[tuple[str, str], ...]:
+    return tuple(
+        sorted((k, str(v)) for k, v in node.meta.items() if k.startswith("fxcompress_") and k not in _OWN_KEYS)
+    )
+
+
+def node_info(node: fx.Node) -> NodeInfo:
+    """The :class:`NodeInfo` of one fx node."""
+    shape, dtype = _type_of(node)
+    numel = _product(shape) if node.op == "get_attr" and dtype and ("float" in dtype or "bfloat" in dtype) else 0
+    return NodeInfo(
+        name=node.name,
+        op=node.op,
+        operation=op_name(node),
+        inputs=tuple(a.name for a in node.all_input_nodes),
+        shape=shape,
+        dtype=dtype,
+        layer=node_layer(node),
+        provenance=_provenance(node),
+        macs=node_macs(node),
+        numel=numel,
+        target=str(node.target) if node.op in ("get_attr", "placeholder") else "",
+        precision=node_precision(node, dtype),
+        annotations=_annotations(node),
+    )
+
+
 @dataclass
 class GraphSnapshot:
     """Nodes (in graph order), parameter count and op histogram of one graph state."""
@@ -61,16 +181,32 @@ class GraphSnapshot:
 
     @classmethod
     def of(cls, graph_module: fx.GraphModule, label: str) -> "GraphSnapshot":
-        nodes = []
-        for n in graph_module.graph.nodes:
-            shape, dtype = _type_of(n)
-            inputs = tuple(a.name for a in n.all_input_nodes)
-            nodes.append(NodeInfo(n.name, n.op, op_name(n), inputs, shape, dtype, node_layer(n)))
-        return cls(label, nodes, count_parameters(graph_module))
+        """Snapshot ``graph_module`` now, under ``label`` (a pass name or 'captured')."""
+        return cls(label, [node_info(n) for n in graph_module.graph.nodes], count_parameters(graph_module))
 
     @property
     def compute_nodes(self) -> list[NodeInfo]:
         return [n for n in self.nodes if n.op in COMPUTE_OPS]
 
+    @property
+    def macs(self) -> int:
+        """Multiply-accumulates of one forward call (conv, linear and matmul nodes)."""
+        return sum(n.macs for n in self.nodes)
+
     def histogram(self) -> Counter:
         return Counter(n.operation for n in self.compute_nodes)
+
+    def layer_totals(self) -> dict[str, dict[str, int]]:
+        """Per layer: parameters (elements of floating attributes it reads) and MACs."""
+        return layer_totals(self.nodes)
+
+
+def layer_totals(nodes: list[NodeInfo]) -> dict[str, dict[str, int]]:
+    """Per layer of ``nodes``: parameters (floating attribute elements) and MACs."""
+    totals: dict[str, dict[str, int]] = defaultdict(lambda: {"params": 0, "macs": 0})
+    for n in nodes:
+        if n.numel:
+            totals[n.layer]["params"] += n.numel
+        if n.macs:
+            totals[n.layer]["macs"] += n.macs
+    return dict(totals)

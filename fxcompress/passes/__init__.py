@@ -1,3 +1,10 @@
 """Built-in passes. Importing this package registers every pass module below."""
 
 from fxcompress.passes import cleanup  # noqa: F401
+from fxcompress.passes import prune  # noqa: F401
+from fxcompress.passes import sparsity  # noqa: F401
+from fxcompress.passes import dead_branches  # noqa: F401
+from fxcompress.passes import fuse  # noqa: F401
+from fxcompress.passes import quantize  # noqa: F401
+from fxcompress.passes import quantize_dynamic  # noqa: F401
+from fxcompress.passes import precision  # noqa: F401

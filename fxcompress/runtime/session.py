@@ -8,6 +8,8 @@ about loudly and shown in every report.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -96,6 +98,24 @@ def make_feeds(session: ort.InferenceSession, inputs: Sequence[Any]) -> dict[str
     return feeds
 
 
+def _preload_cuda_libraries() -> None:
+    """Load the CUDA/cuDNN libraries of the nvidia-* wheels before asking for the CUDA provider.
+
+    onnxruntime-gpu finds them on the library path only; where they came as pip wheels (beside
+    torch) ``preload_dlls`` loads them from site-packages. Best effort: a failure here shows up
+    as a provider fallback, which create_session reports.
+    """
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        # It prints its own warnings; a real failure surfaces as the fallback we report.
+        with contextlib.redirect_stdout(io.StringIO()):
+            preload()
+    except Exception:  # noqa: BLE001
+        pass
+
+
 def create_session(
     model: str | os.PathLike | bytes | onnx.ModelProto,
     provider: str = "cpu",
@@ -103,6 +123,7 @@ def create_session(
     optimize: bool = True,
     optimized_model_path: str | os.PathLike | None = None,
     threads: int | None = None,
+    profile_prefix: str | os.PathLike | None = None,
 ) -> RuntimeSession:
     """Create an ORT session asking for ``provider`` ("cpu" or "cuda") explicitly.
 
@@ -112,6 +133,8 @@ def create_session(
         optimize: ORT graph optimizations (off for parity checks, on for timing).
         optimized_model_path: where ORT writes the graph it actually runs (to check fusions).
         threads: intra-op threads (None: ORT's default).
+        profile_prefix: if set, ORT's profiler is on and writes its JSON to files starting with
+            this path (``session.end_profiling()`` returns the name); see runtime.placement.
     """
     if provider not in PROVIDERS:
         raise RuntimeProviderError(f"Unknown provider {provider!r}.", f"use one of {', '.join(PROVIDERS)}.")
@@ -126,6 +149,16 @@ def create_session(
         options.optimized_model_filepath = str(optimized_model_path)
     if threads is not None:
         options.intra_op_num_threads = threads
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
+    if provider == "cuda":
+        _preload_cuda_libraries()
+    if isinstance(model, (str, os.PathLike)):
+        # Files go through load_onnx, the one reader: size limit, truncation, external-data paths.
+        from fxcompress.export.onnx_export import load_onnx
+
+        model = load_onnx(model)
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     if isinstance(source, Path):
         source = str(source)

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from fxcompress.capture import normalize_inputs
+from fxcompress.errors import InputError
 from fxcompress.runtime.session import RuntimeSession, create_session, to_numpy
 
 
@@ -74,11 +75,33 @@ def make_runner(runtime: RuntimeSession, inputs: Sequence[Any]) -> Callable[[], 
         binding.bind_output(output.name, "cuda", 0)
 
     def run_bound() -> None:
+        # Inputs are bound once and stay on the device; run_with_iobinding returns when ORT has
+        # queued the work, so synchronize_outputs is what makes a wall-clock timing honest.
         binding.synchronize_inputs()
         session.run_with_iobinding(binding)
         binding.synchronize_outputs()
 
     return run_bound
+
+
+def make_torch_runner(module: Any, inputs: Sequence[Any], device: str = "cpu") -> Callable[[], Any]:
+    """A zero-argument callable running ``module`` (a torch model or GraphModule) once in PyTorch.
+
+    ``module`` must already be on ``device`` and in eval mode; the inputs are moved there once.
+    On CUDA each run synchronizes the device before returning, so wall-clock timing covers the
+    kernels, not just their launch.
+    """
+    import torch
+
+    placed = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in inputs)
+    synchronize = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+
+    def run_torch() -> None:
+        with torch.inference_mode():
+            module(*placed)
+        synchronize()
+
+    return run_torch
 
 
 def benchmark(
@@ -95,6 +118,9 @@ def benchmark(
     ``fell_back`` is True and a ProviderFallbackWarning was issued.
     """
     inputs = normalize_inputs(example_inputs)
+    if not (isinstance(iters, int) and iters >= 1 and isinstance(warmup, int) and warmup >= 0):
+        raise InputError(f"benchmark needs iters >= 1 and warmup >= 0, got iters={iters!r}, warmup={warmup!r}.",
+                         "use e.g. iters=100, warmup=10 (--iters / --warmup on the command line).")
     if isinstance(onnx_model, (str, os.PathLike)):
         from fxcompress.export.onnx_export import load_onnx
 

@@ -45,7 +45,7 @@ def test_failed_export_leaves_existing_file_untouched(compiled, tmp_path, monkey
         raise OSError("disk full")
 
     monkeypatch.setattr(onnx, "save_model", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ExportError, match="disk full"):
         result.export_onnx(target)
     assert target.read_bytes() == b"previous good file"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["good.onnx"]  # no temp file left

@@ -9,7 +9,7 @@ import torch
 
 from fxcompress.capture import capture
 from fxcompress.errors import PassError
-from fxcompress.infra import DumpIR, Pass, PassManager, PassResult, PrintAfterChange, VerifyNumerics
+from fxcompress.infra import DumpIR, Pass, PassManager, PassResult, PrintAfterChange, RecordDiff, VerifyNumerics
 from fxcompress.passes.cleanup import RemoveNoOpsPass
 from tests.models import TupleOutput, WithNoOps
 
@@ -59,3 +59,16 @@ def test_numerics_rolls_back_a_pass_that_changes_the_output_signature():
     result = manager(gm)
     assert "outputs changed" in manager.records[0].rolled_back
     torch.testing.assert_close(result.graph_module(x), model(x))
+
+
+def test_record_diff_drops_the_snapshot_of_a_rolled_back_pass():
+    model = TupleOutput().eval()
+    x = torch.randn(2, 6)
+    gm = capture(model, (x,))
+    recorder = RecordDiff()
+    # RecordDiff runs first, so it has snapshotted the swap by the time VerifyNumerics rolls it back.
+    manager = PassManager([SwapOutputs()], instruments=[recorder, VerifyNumerics((x,), model(x))])
+    manager(gm)
+    assert manager.records[0].rolled_back
+    assert [s.label for s in recorder.snapshots] == ["captured"]
+    assert "diff" not in manager.records[0].extra

@@ -1,0 +1,75 @@
+"""Per-layer sensitivity and accuracy-driven mixed precision.
+
+A lossy rewrite (quantization) is applied to one layer at a time and the output drift on sample
+data is measured against the unmodified graph: that is the layer's *sensitivity*. Given a drift
+budget, the most sensitive layers go back to float until the whole model is within budget.
+
+Drift is :func:`fxcompress.numerics.worst_drift` (largest abs error over an output divided by its
+largest magnitude), the figure the compile report and the recipe tolerance use.
+
+The analysis is independent of what the rewrite is: callers hand in ``build(enabled)``, which
+returns the graph with the rewrite applied to the ``enabled`` layer indices only.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from fxcompress.numerics import compare_outputs, flatten_outputs, worst_drift
+
+Build = Callable[[Sequence[int]], nn.Module]
+
+
+def drift_on_batches(reference: nn.Module | list, candidate: nn.Module, batches: Sequence[tuple[torch.Tensor, ...]]) -> float:
+    """Worst drift of ``candidate`` over ``batches``; ``reference`` is a module or its flattened outputs per batch."""
+    expected = reference_outputs(reference, batches) if isinstance(reference, nn.Module) else reference
+    worst = 0.0
+    with torch.no_grad():
+        for batch, ref in zip(batches, expected):
+            worst = max(worst, worst_drift(compare_outputs(ref, flatten_outputs(candidate(*batch)))))
+    return worst
+
+
+def reference_outputs(module: nn.Module, batches: Sequence[tuple[torch.Tensor, ...]]) -> list:
+    """The flattened outputs of ``module`` on each batch (computed once, compared many times)."""
+    with torch.no_grad():
+        return [flatten_outputs(module(*batch)) for batch in batches]
+
+
+def layer_sensitivities(reference: nn.Module, build: Build, layers: Sequence[int],
+                        batches: Sequence[tuple[torch.Tensor, ...]]) -> dict[int, float]:
+    """Drift of the model with only layer ``i`` rewritten, for every ``i`` in ``layers``."""
+    expected = reference_outputs(reference, batches)
+    return {i: drift_on_batches(expected, build([i]), batches) for i in layers}
+
+
+def select_float_layers(reference: nn.Module, build: Build, sensitivity: dict[int, float], layers: Sequence[int],
+                        batches: Sequence[tuple[torch.Tensor, ...]], max_drift: float) -> tuple[list[int], float]:
+    """The fewest most-sensitive layers to keep unrewritten so that drift <= ``max_drift``.
+
+    Layers are ranked by sensitivity; the number kept in float is found by binary search (drift
+    is close to monotone in it), so this costs O(log n) evaluations, not n. Returns the layers
+    kept in float and the drift of the resulting mix (on ``batches``).
+    """
+    expected = reference_outputs(reference, batches)
+    ranked = sorted(layers, key=lambda i: sensitivity.get(i, 0.0), reverse=True)
+
+    def drift_keeping(k: int) -> float:
+        return drift_on_batches(expected, build(ranked[k:]), batches)
+
+    full = drift_keeping(0)
+    if full <= max_drift:
+        return [], full
+    low, high = 0, len(ranked)  # drift_keeping(low) > budget; high: every layer in float (drift 0)
+    drifts = {0: full, len(ranked): 0.0}
+    while high - low > 1:
+        mid = (low + high) // 2
+        drifts[mid] = drift_keeping(mid)
+        if drifts[mid] <= max_drift:
+            high = mid
+        else:
+            low = mid
+    return ranked[:high], drifts[high]

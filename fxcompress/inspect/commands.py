@@ -1,0 +1,173 @@
+"""The ``fxcompress diff`` and ``fxcompress inspect`` commands (parsers and handlers).
+
+Kept beside the inspection code so cli.py only wires them in. Errors are FxCompressError
+subclasses, which the CLI prints as one paragraph with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from fxcompress.errors import InputError
+
+
+def add_diff_parser(sub: Any) -> None:
+    p = sub.add_parser("diff", help="diff two ONNX files, or two passes of a compile run (--passes SPEC)",
+                       description="fxcompress diff A.onnx B.onnx | fxcompress diff --passes SPEC --recipe R [--from PASS] [--to PASS]")
+    p.add_argument("a", nargs="?", help="the ONNX file before")
+    p.add_argument("b", nargs="?", help="the ONNX file after")
+    p.add_argument("--passes", metavar="SPEC", default=None,
+                   help="compile this model (torchvision:NAME, package.module:function, file.pt2) and diff two of its passes")
+    p.add_argument("--recipe", default="default", help="recipe for --passes (default: default)")
+    p.add_argument("--from", dest="from_pass", default="captured",
+                   help="graph after this pass ('captured': before any pass; default)")
+    p.add_argument("--to", dest="to_pass", default=None, help="graph after this pass (default: the final graph)")
+    p.add_argument("--only", metavar="PASS", default=None, help="show what this one pass changed (its input vs its output)")
+    p.add_argument("--input-shape", action="append", default=None, help="input shape like 1,3,224,224 (repeat per input)")
+    p.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled module (runs code from the file)")
+    p.add_argument("--html", default=None, help="also write a self-contained HTML page of the diff")
+    p.add_argument("--dot", default=None, help="also write a Graphviz DOT picture (and PATH.svg when `dot` is installed)")
+
+
+def add_inspect_parser(sub: Any) -> None:
+    p = sub.add_parser("inspect", help="op histogram, parameters, MACs, size, quantized/sparse share, opset, providers")
+    p.add_argument("model", help="an .onnx file, or a model spec (torchvision:NAME, package.module:function, file.pt2)")
+    p.add_argument("--input-shape", action="append", default=None, help="input shape for a model spec (repeat per input)")
+    p.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled module (runs code from the file)")
+    p.add_argument("--no-providers", action="store_true", help="skip creating a session per execution provider")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def _shapes(values: Sequence[str] | None):
+    from fxcompress.loading import parse_shape
+
+    return [parse_shape(v) for v in values] if values else None
+
+
+def _positions(result: Any) -> list[tuple[int, int]]:
+    """For each pass record, the indices of the snapshots of the graph before and after it."""
+    snaps = result.snapshots.snapshots
+    current, j, out = 0, 1, []
+    for record in result.report.records:
+        before = current
+        if j < len(snaps) and snaps[j].label == record.name and (record.modified or record.rolled_back):
+            if record.modified:  # a rolled-back pass left a snapshot of a graph that was discarded
+                current = j
+            j += 1
+        out.append((before, current))
+    return out
+
+
+def pass_snapshots(result: Any, label: str) -> tuple[Any, Any]:
+    """Snapshots of the graph before and after pass ``label`` ('captured': the captured graph twice).
+
+    When a recipe iterates, the pass's last run that changed the graph is meant (or its first
+    run if it never changed anything). A pass that changed nothing has no snapshot of its own:
+    the graph after it is the one after the last pass before it that did change something.
+    """
+    snaps = result.snapshots.snapshots
+    if label == "captured":
+        return snaps[0], snaps[0]
+    chosen = None
+    for record, position in zip(result.report.records, _positions(result)):
+        if record.name == label or record.name.endswith("/" + label):
+            if chosen is None or record.modified:
+                chosen = position
+    if chosen is None:
+        names = ", ".join(dict.fromkeys(r.name for r in result.report.records)) or "none"
+        raise InputError(f"The recipe ran no pass named '{label}'.", f"use 'captured' or one of the passes it ran: {names}.")
+    return snaps[chosen[0]], snaps[chosen[1]]
+
+
+def _write_extras(args: argparse.Namespace, diff: Any, dot_text: str) -> None:
+    from fxcompress.inspect.render_dot import to_svg
+    from fxcompress.inspect.render_html import render_diff_html, write_text
+
+    if args.html:
+        print(f"Wrote {write_text(args.html, render_diff_html(diff))}")
+    if args.dot:
+        print(f"Wrote {write_text(args.dot, dot_text)}")
+        svg = to_svg(dot_text)
+        if svg is None:
+            print("Graphviz `dot` is not installed (or failed): SVG skipped; render the .dot file elsewhere.")
+        else:
+            print(f"Wrote {write_text(Path(str(args.dot) + '.svg'), svg)}")
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from fxcompress.export.atomic import check_output_path
+    from fxcompress.inspect.render_text import render_graph_diff, render_onnx_diff, use_color
+
+    for path in (args.html, args.dot):
+        if path:
+            check_output_path(path)
+    color = use_color(sys.stdout)
+    if args.passes:
+        if args.a or args.b:
+            raise InputError("Give either two ONNX files or --passes SPEC, not both.",
+                             "fxcompress diff A.onnx B.onnx, or fxcompress diff --passes torchvision:resnet18 --recipe default.")
+        from fxcompress.api import compile as compile_model
+        from fxcompress.inspect.graph_diff import diff_snapshots
+        from fxcompress.inspect.render_dot import snapshot_dot
+        from fxcompress.loading import load_model
+
+        loaded = load_model(args.passes, _shapes(args.input_shape), trust_pickle=args.trust_pickle)
+        result = compile_model(loaded.model, loaded.example_inputs, args.recipe)
+        print(f"Passes of recipe '{result.recipe.name}' on {loaded.description}:")
+        for i, r in enumerate(result.report.records, 1):
+            what = f"ROLLED BACK: {r.rolled_back}" if r.rolled_back else r.extra["diff"].summary() if "diff" in r.extra else "no change"
+            print(f"  {i:>2}. {r.name:<32} {what}")
+        if args.only:
+            before, after = pass_snapshots(result, args.only)
+        else:
+            before = pass_snapshots(result, args.from_pass)[1]
+            after = pass_snapshots(result, args.to_pass)[1] if args.to_pass else result.snapshots.snapshots[-1]
+        diff = diff_snapshots(before, after)
+        print()
+        print(render_graph_diff(diff, color=color))
+        _write_extras(args, diff, snapshot_dot(after, diff, before) if args.dot else "")
+        return 0
+    if not (args.a and args.b):
+        raise InputError("fxcompress diff needs two ONNX files (or --passes SPEC).",
+                         "run fxcompress diff before.onnx after.onnx, or fxcompress diff --passes SPEC --recipe R.")
+    from fxcompress.inspect.onnx_diff import diff_onnx
+    from fxcompress.inspect.onnx_graph import OnnxGraph, read_model
+    from fxcompress.inspect.render_dot import onnx_dot
+
+    diff = diff_onnx(args.a, args.b)
+    print(render_onnx_diff(diff, color=color))
+    dot_text = onnx_dot(OnnxGraph(read_model(args.b)[0]), diff) if args.dot else ""
+    _write_extras(args, diff, dot_text)
+    return 0
+
+
+def _looks_like_onnx(spec: str) -> bool:
+    path = Path(spec)
+    if path.suffix.lower() == ".onnx":
+        return True
+    # An existing file that is not a torch archive or pickle is given to the ONNX reader, which
+    # explains clearly if it is not ONNX either.
+    return path.is_file() and path.suffix.lower() not in (".pt", ".pt2", ".pth")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from fxcompress.inspect.model_info import inspect_graph_module, inspect_onnx
+    from fxcompress.inspect.render_text import render_model_info, use_color
+
+    if _looks_like_onnx(args.model):
+        info = inspect_onnx(args.model, check_providers=not args.no_providers)
+    else:
+        from fxcompress.capture import capture
+        from fxcompress.loading import load_model
+
+        loaded = load_model(args.model, _shapes(args.input_shape), trust_pickle=args.trust_pickle)
+        info = inspect_graph_module(capture(loaded.model, loaded.example_inputs), loaded.description)
+    if args.json:
+        print(json.dumps(info.as_dict(), indent=2, default=str))
+    else:
+        print(render_model_info(info, color=use_color(sys.stdout)))
+    return 0

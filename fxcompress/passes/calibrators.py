@@ -1,0 +1,307 @@
+"""Calibration: stream user data through a graph, observe tensors, and choose quantization ranges.
+
+Four calibrators choose the clipping range ``[lo, hi]`` of an activation from what it took on the
+calibration data:
+
+* ``minmax``: the observed minimum and maximum (what ORT's ``quantize_static`` uses by default).
+* ``percentile``: clip the magnitude at the ``percentile``-th percentile of ``|x|``, so a few
+  outliers do not stretch the scale for everything else.
+* ``entropy``: the TensorRT/KL method: the magnitude threshold whose quantized distribution
+  keeps the most information (smallest KL divergence from the observed histogram).
+* ``mse``: the magnitude threshold minimising the expected squared error (clipping error of the
+  tail plus rounding error ``scale**2 / 12`` of everything inside).
+
+All but ``minmax`` work on a histogram of ``|x|`` over ``[0, max|x|]`` built in a second pass over
+the data (the first pass finds the maxima), so memory stays bounded whatever the data size.
+A magnitude threshold ``T`` becomes the range ``[max(min, -T), min(max, T)]``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
+
+import torch
+from torch import fx
+
+from fxcompress.errors import InputError
+
+Calibrator = Literal["minmax", "percentile", "entropy", "mse"]
+CALIBRATORS: tuple[str, ...] = ("minmax", "percentile", "entropy", "mse")
+
+#: Histogram resolution: fine enough that the chosen thresholds are within 0.05% of max|x|.
+HISTOGRAM_BINS = 2048
+
+
+@dataclass
+class TensorStats:
+    """What was observed of one tensor over all calibration batches."""
+
+    minimum: float = math.inf
+    maximum: float = -math.inf
+    histogram: torch.Tensor | None = None  # counts of |x| over [0, amax], HISTOGRAM_BINS bins
+
+    @property
+    def amax(self) -> float:
+        return max(abs(self.minimum), abs(self.maximum))
+
+    def observe_range(self, value: torch.Tensor) -> None:
+        low, high = torch.aminmax(value.detach())
+        self.minimum = min(self.minimum, float(low))
+        self.maximum = max(self.maximum, float(high))
+
+    def observe_histogram(self, value: torch.Tensor) -> None:
+        amax = self.amax
+        counts = torch.histc(value.detach().abs().float().flatten(), bins=HISTOGRAM_BINS, min=0.0, max=amax if amax > 0 else 1.0)
+        self.histogram = counts if self.histogram is None else self.histogram + counts
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration data
+
+
+def _as_tuple(item: Any) -> tuple[Any, ...]:
+    if isinstance(item, torch.Tensor):
+        return (item,)
+    if isinstance(item, (list, tuple)):
+        return tuple(item)
+    return (item,)
+
+
+def _describe(batch: Sequence[Any]) -> str:
+    return "(" + ", ".join(f"{str(t.dtype).replace('torch.', '')}{list(t.shape)}" if isinstance(t, torch.Tensor)
+                           else type(t).__name__ for t in batch) + ")"
+
+
+def checked_batches(batches: Iterable[Any], example_inputs: Sequence[torch.Tensor], what: str) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Yield calibration batches shaped exactly like ``example_inputs``, checking each one.
+
+    A batch whose leading (batch) dimension is a multiple of the example's is split into
+    example-sized chunks, because a captured graph may have its batch size baked in. Anything else
+    that differs (count, dtype, other dimensions), a non-tensor, or a NaN/Inf raises InputError.
+    """
+    expected = _describe(example_inputs)
+    for index, item in enumerate(batches):
+        batch = _as_tuple(item)
+        if len(batch) != len(example_inputs) or not all(isinstance(t, torch.Tensor) for t in batch):
+            raise InputError(
+                f"Calibration batch {index} is {_describe(batch)} but the model was captured with {expected}.",
+                f"give {what} input tuples with one tensor per model input, shaped like the example inputs.",
+            )
+        chunks = _split_like(batch, example_inputs)
+        if chunks is None:
+            raise InputError(
+                f"Calibration batch {index} is {_describe(batch)} but the model was captured with {expected}; "
+                "shapes and dtypes must match (the batch dimension may be a multiple of the example's).",
+                "shape the calibration data like the example inputs, e.g. the same preprocessing and batch size.",
+            )
+        for t in batch:
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise InputError(
+                    f"Calibration batch {index} contains NaN or Inf values.",
+                    "clean the calibration data (ranges computed from NaN/Inf would make every scale useless).",
+                )
+        yield from chunks
+
+
+def _split_like(batch: tuple[torch.Tensor, ...], example: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, ...]] | None:
+    if all(t.dtype == e.dtype and t.shape == e.shape for t, e in zip(batch, example)):
+        return [batch]
+    if any(t.dtype != e.dtype or t.dim() != e.dim() or t.dim() == 0 or t.shape[1:] != e.shape[1:]
+           for t, e in zip(batch, example)):
+        return None
+    sizes = {t.shape[0] for t in batch}
+    step = example[0].shape[0]
+    if len(sizes) != 1 or any(e.shape[0] != step for e in example) or step == 0 or next(iter(sizes)) % step:
+        return None
+    total = next(iter(sizes))
+    return [tuple(t[i:i + step] for t in batch) for i in range(0, total, step)]
+
+
+def require_batches(batches: Iterable[Any], example_inputs: Sequence[torch.Tensor], pass_name: str,
+                    limit: int | None = None) -> list[tuple[torch.Tensor, ...]]:
+    """All (checked, example-shaped) calibration batches as a list; InputError if there are none.
+
+    Calibration sets are small by nature (tens to hundreds of inputs); holding them lets the
+    calibrators and the sensitivity analysis read them several times.
+    """
+    out: list[tuple[torch.Tensor, ...]] = []
+    for chunk in checked_batches(batches, example_inputs, f"{pass_name}'s calibration"):
+        out.append(chunk)
+        if limit is not None and len(out) >= limit:
+            break
+    if not out:
+        raise InputError(
+            f"Pass '{pass_name}' needs calibration data, but none was given (or the iterable was empty).",
+            "pass calibration=[(input,), ...] to fxcompress.compile (16 to 512 representative inputs), "
+            "or --calibration random:16 / a .pt file on the command line.",
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Observation
+
+
+class _Observer(fx.Interpreter):
+    """Runs the graph and hands the value of each watched node to a callback."""
+
+    def __init__(self, module: fx.GraphModule, watched: dict[fx.Node, Callable[[torch.Tensor], None]]) -> None:
+        super().__init__(module)
+        self.watched = watched
+
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        callback = self.watched.get(n)
+        if callback is not None and isinstance(value, torch.Tensor):
+            callback(value)
+        return value
+
+
+def observe(module: fx.GraphModule, nodes: Sequence[fx.Node], batches: Sequence[tuple[torch.Tensor, ...]],
+            calibrator: str, progress: bool = False) -> dict[fx.Node, TensorStats]:
+    """Run ``batches`` through ``module`` and collect the statistics ``calibrator`` needs per node."""
+    stats = {n: TensorStats() for n in nodes}
+    passes = [("range", TensorStats.observe_range)]
+    if calibrator != "minmax":
+        passes.append(("histogram", TensorStats.observe_histogram))
+    bar = _progress(len(batches) * len(passes), progress)
+    with torch.no_grad():
+        for _, method in passes:
+            watched = {n: (lambda v, s=stats[n], m=method: m(s, v)) for n in nodes}
+            interpreter = _Observer(module, watched)
+            for batch in batches:
+                interpreter.run(*batch)
+                bar.update(1)
+    bar.close()
+    return stats
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="calibrating", unit="batch", leave=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Range choice
+
+
+def choose_range(stats: TensorStats, calibrator: str, percentile: float = 99.99,
+                 levels: int = 256) -> tuple[float, float]:
+    """The clipping range ``[lo, hi]`` (always containing 0) the calibrator picks for one tensor."""
+    lo, hi = min(stats.minimum, 0.0), max(stats.maximum, 0.0)
+    if calibrator == "minmax" or stats.histogram is None or stats.amax == 0:
+        return lo, hi
+    hist = stats.histogram.double()
+    width = stats.amax / len(hist)
+    if calibrator == "percentile":
+        cdf = torch.cumsum(hist, 0) / hist.sum()
+        index = int(torch.searchsorted(cdf, torch.tensor(percentile / 100.0, dtype=torch.float64)))
+        threshold = min(index + 1, len(hist)) * width
+    elif calibrator == "entropy":
+        # A one-sided tensor (after ReLU) spends all levels on [0, T]; a signed one half of them.
+        threshold = _kl_threshold(hist, width, levels if lo == 0 else levels // 2)
+    elif calibrator == "mse":
+        threshold = _mse_threshold(hist, width, levels, one_sided=lo == 0)
+    else:
+        raise ValueError(f"unknown calibrator {calibrator!r}")
+    return max(lo, -threshold), min(hi, threshold)
+
+
+def _kl_threshold(hist: torch.Tensor, width: float, levels: int) -> float:
+    """Magnitude threshold minimising KL(P || Q): P the clipped histogram, Q its ``levels``-bin quantization."""
+    bins = len(hist)
+    best, best_i = math.inf, bins
+    # Candidate thresholds every 16 bins: enough resolution, 16x fewer candidates than every bin.
+    for i in range(max(levels, 128), bins + 1, 16):
+        p = hist[:i].clone()
+        p[i - 1] += hist[i:].sum()  # clipped mass lands in the last bin
+        # Quantize the first i bins into `levels` groups, spreading each group's mass evenly over
+        # its non-empty bins (as TensorRT does).
+        source = hist[:i]
+        group = (torch.arange(i) * levels) // i
+        nonzero = (source > 0).double()
+        sums = torch.zeros(levels, dtype=torch.float64).scatter_add_(0, group, source)
+        counts = torch.zeros(levels, dtype=torch.float64).scatter_add_(0, group, nonzero)
+        q = nonzero * sums[group] / counts[group].clamp(min=1)
+        mask = p > 0
+        if not bool((q[mask] > 0).all()):
+            q = q + 1e-12
+        pn, qn = p / p.sum(), q / q.sum()
+        kl = float((pn[mask] * torch.log(pn[mask] / qn[mask])).sum())
+        if kl < best:
+            best, best_i = kl, i
+    return best_i * width
+
+
+def _mse_threshold(hist: torch.Tensor, width: float, levels: int, one_sided: bool) -> float:
+    """Magnitude threshold minimising clipping error plus uniform rounding error on the histogram."""
+    bins = len(hist)
+    centers = (torch.arange(bins, dtype=torch.float64) + 0.5) * width
+    best, best_t = math.inf, bins * width
+    for i in range(16, bins + 1, 8):
+        t = i * width
+        step = (t if one_sided else 2 * t) / (levels - 1)
+        inside = hist[:i].sum()
+        clipped = ((centers[i:] - t) ** 2 * hist[i:]).sum()
+        err = float(inside * step * step / 12 + clipped)
+        if err < best:
+            best, best_t = err, t
+    return best_t
+
+
+@dataclass(frozen=True)
+class AffineParams:
+    """Per-tensor affine quantization parameters (ONNX QuantizeLinear semantics)."""
+
+    scale: float
+    zero_point: int
+    quant_min: int
+    quant_max: int
+    lo: float = 0.0
+    hi: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+
+def affine_params(lo: float, hi: float, dtype: str = "uint8") -> AffineParams:
+    """Scale and zero point mapping ``[lo, hi]`` (containing 0) onto uint8 (asymmetric) or int8 (symmetric).
+
+    The scale is rounded to float32 because both torch's fake-quant and ONNX QuantizeLinear use a
+    float32 scale; the zero point is rounded half to even like ORT's quantizer.
+    """
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if dtype == "uint8":
+        qmin, qmax = 0, 255
+        scale = (hi - lo) / 255.0
+        scale = scale if scale > 0 else 1.0
+        scale = float(torch.tensor(scale, dtype=torch.float32))
+        zero_point = int(min(max(round(-lo / scale), 0), 255))
+    elif dtype == "int8":
+        qmin, qmax = -128, 127
+        scale = max(abs(lo), abs(hi)) / 127.0
+        scale = float(torch.tensor(scale if scale > 0 else 1.0, dtype=torch.float32))
+        zero_point = 0
+    else:
+        raise ValueError(f"unsupported activation dtype {dtype!r}")
+    return AffineParams(scale, zero_point, qmin, qmax, lo, hi)
+
+
+def symmetric_weight_scales(weight: torch.Tensor, axis: int) -> torch.Tensor:
+    """Per-channel symmetric int8 scales (``max|w| / 127`` along every dim but ``axis``), float32."""
+    dims = [d for d in range(weight.dim()) if d != axis % weight.dim()]
+    amax = weight.detach().abs().amax(dim=dims) if dims else weight.detach().abs()
+    scale = amax.float() / 127.0
+    # All-zero channels still need a positive scale; 1.0 maps their zeros to zero exactly.
+    return torch.where(scale > 0, scale, torch.ones_like(scale))

@@ -1,0 +1,445 @@
+"""Static int8 quantization: calibrated fake-quant (Q/DQ) inserted where ONNX Runtime fuses it.
+
+The graph gets ``aten.fake_quantize_per_channel_affine`` on the weights of conv/linear/matmul
+(int8, symmetric, one scale per output channel) and ``aten.fake_quantize_per_tensor_affine`` on
+activations (uint8 asymmetric by default: U8S8, ORT's fastest x86 kernels). Both export as ONNX
+QuantizeLinear/DequantizeLinear; fake-quant has straight-through gradients, so the result stays
+trainable (quantization-aware fine-tuning) and runs in PyTorch with the exact arithmetic of the
+exported Q/DQ (round half to even, float32 scale, clamped to the integer range).
+
+Placement follows what ORT's QDQ transformer fuses into int8 kernels: every *layer* (conv,
+linear, matmul, residual add, concat, average pool) reads dequantized inputs and its output is
+quantized right after it, so ``DQ -> Conv -> Q`` becomes QLinearConv, ``DQ -> Gemm -> Q`` QGemm.
+A ReLU/ReLU6 (or a not-yet-folded batch norm) directly after a layer is kept inside the group: the
+quantize point goes after it, since ORT folds ReLU/Clip into the Q that follows (its range
+already starts at zero) and a Q between them would split the fusion. A tensor reaching a layer
+through shape-only ops or max pooling (flatten, view, permute, max_pool2d) is quantized again
+with the *same* parameters as its source, which is exact and lets ORT drop the redundant pair.
+
+Each quantize point is one tensor quantized once, read by all of its consumers, as ORT's own
+quantizer does. Layers can be kept in float by name or kind (``skip``), by position
+(``first_layer``/``last_layer``) or by accuracy (``max_drift``: the most sensitive layers, measured
+one at a time on the calibration data, go back to float until the whole model is within budget).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
+
+import torch
+from torch import fx
+
+from fxcompress.analysis.aliasing import alias_set
+from fxcompress.analysis.patterns import attribute
+from fxcompress.analysis.sensitivity import layer_sensitivities, select_float_layers
+from fxcompress.errors import RecipeError
+from fxcompress.infra.context import CompileContext
+from fxcompress.infra.pass_base import Pass, PassResult, option
+from fxcompress.infra.registry import register
+from fxcompress.passes.calibrators import (
+    CALIBRATORS,
+    AffineParams,
+    Calibrator,
+    affine_params,
+    choose_range,
+    observe,
+    require_batches,
+    symmetric_weight_scales,
+)
+
+aten = torch.ops.aten
+
+#: Marks every node a quantization pass inserted (its role and layer): how a second run knows.
+QUANT_META = "fxcompress_quant"
+
+LAYER_KINDS: tuple[str, ...] = ("conv", "linear", "matmul", "add", "concat", "pool")
+
+_KIND_OF = {
+    aten.conv1d.default: "conv", aten.conv2d.default: "conv", aten.conv3d.default: "conv",
+    aten.convolution.default: "conv",
+    aten.linear.default: "linear",
+    aten.matmul.default: "matmul", aten.mm.default: "matmul", aten.bmm.default: "matmul",
+    aten.add.Tensor: "add",
+    aten.cat.default: "concat",
+    aten.adaptive_avg_pool2d.default: "pool", aten.avg_pool2d.default: "pool",
+    aten.adaptive_avg_pool1d.default: "pool", aten.avg_pool1d.default: "pool",
+}
+
+#: Ops whose output is a re-arrangement or subset of their input's values: a quantized input stays
+#: exactly representable with the same scale and zero point.
+_PASS_THROUGH = {
+    aten.max_pool1d.default, aten.max_pool2d.default, aten.max_pool3d.default,
+    aten.flatten.using_ints, aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+    aten.permute.default, aten.transpose.int, aten.t.default, aten.squeeze.dim, aten.squeeze.dims,
+    aten.squeeze.default, aten.unsqueeze.default, aten.contiguous.default, aten.clone.default,
+    aten.dropout.default, aten.expand.default, aten.alias.default,
+}
+
+#: In-place ops rewritten to their functional form before insertion, so that a quantize node can
+#: sit between a tensor and its readers without an in-place op writing to the wrong copy.
+_FUNCTIONAL = {
+    aten.relu_.default: aten.relu.default,
+    aten.hardtanh_.default: aten.hardtanh.default,
+    aten.add_.Tensor: aten.add.Tensor,
+    aten.clamp_.default: aten.clamp.default,
+}
+
+_BATCH_NORMS = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
+
+
+def _val(node: Any) -> Any:
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def _is_float(node: Any) -> bool:
+    val = _val(node)
+    return isinstance(val, torch.Tensor) and val.is_floating_point()
+
+
+def layer_name(node: fx.Node) -> str:
+    """The module path of the layer that produced ``node`` (``layer1.0.conv1``), else the node's name."""
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        if path:
+            return str(path)
+    return node.name
+
+
+def functionalize_inplace(graph: fx.Graph) -> int:
+    """Turn ``relu_``/``add_``/``hardtanh_``/``clamp_`` into their functional forms where that is safe.
+
+    Safe means the written tensor is an intermediate value without views; readers of the tensor
+    after the in-place op read the op's result instead (the value they saw before). Returns the
+    number of nodes rewritten.
+    """
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    rewritten = 0
+    for node in list(graph.nodes):
+        functional = _FUNCTIONAL.get(node.target)
+        if functional is None or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        source = node.args[0]
+        if source.op != "call_function" or len(alias_set(source)) > 1:
+            continue
+        for user in list(source.users):
+            if user is not node and order[user] > order[node]:
+                user.replace_input_with(source, node)
+        node.target = functional
+        rewritten += 1
+    return rewritten
+
+
+def _fused_followers(node: fx.Node) -> fx.Node:
+    """The last node of ``node``'s fusable tail: an eval batch norm, then a ReLU/ReLU6/clamp at 0.
+
+    Only activations ORT folds into the Q that follows (Relu, Clip from 0) stay inside the group.
+    ``mark-fused-activations`` also marks GELU/SiLU/sigmoid pairs (fp32 FusedConv); for int8 a Q
+    after those would leave the conv in float (no QLinearConv+SiLU kernel), so the Q goes directly
+    after the layer instead and the activation runs between DQ and Q.
+    """
+    current = node
+    while len(current.users) == 1:
+        user = next(iter(current.users))
+        if not user.args or user.args[0] is not current:
+            break
+        if user.target in _BATCH_NORMS and current is node:
+            current = user
+            continue
+        if _is_clip_at_zero(user):
+            return user
+        break
+    return current
+
+
+def _is_clip_at_zero(node: fx.Node) -> bool:
+    if node.target in (aten.relu.default, aten.relu_.default):
+        return True
+    if node.target in (aten.hardtanh.default, aten.hardtanh_.default):
+        low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
+        return low == 0
+    if node.target in (aten.clamp.default, aten.clamp_.default, aten.clamp_min.default):
+        low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
+        return low == 0
+    return False
+
+
+def _root(node: fx.Node) -> fx.Node:
+    """Walk back through pass-through ops to the tensor whose values ``node`` re-arranges."""
+    while node.op == "call_function" and node.target in _PASS_THROUGH and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+@dataclass
+class QuantLayer:
+    """One quantizable op: its kind, name, constant weight (if any) and activation tensors."""
+
+    node: fx.Node
+    kind: str
+    name: str
+    inputs: list[fx.Node]
+    output: fx.Node
+    weight_index: int | None = None
+    weight_axis: int = 0
+
+
+@dataclass
+class QuantPlan:
+    """Layers and quantize points of a graph; ``mirrors`` maps a point to the point whose parameters it reuses."""
+
+    layers: list[QuantLayer]
+    owners: dict[fx.Node, list[int]] = field(default_factory=dict)
+    mirrors: dict[fx.Node, fx.Node] = field(default_factory=dict)
+
+    @property
+    def calibrated_points(self) -> list[fx.Node]:
+        return [p for p in self.owners if p not in self.mirrors]
+
+
+def plan_static(graph: fx.Graph, kinds: Sequence[str]) -> QuantPlan:
+    """Find the layers of ``kinds`` and the tensors to quantize around them."""
+    layers: list[QuantLayer] = []
+    for node in graph.nodes:
+        kind = _KIND_OF.get(node.target) if node.op == "call_function" else None
+        if kind is None or kind not in kinds or not _is_float(node):
+            continue
+        layer = _make_layer(node, kind)
+        if layer is not None:
+            layers.append(layer)
+    # Residual adds are quantized only between tensors that are quantized anyway (conv outputs,
+    # block inputs); an add with a mask or a bias-like constant would get a useless scale.
+    base_points = {layer.output for layer in layers if layer.kind != "add"}
+    base_points |= {_root(x) for layer in layers if layer.kind != "add" for x in layer.inputs}
+    kept = []
+    for layer in layers:
+        if layer.kind == "add":
+            if not all(_root(x) in base_points for x in layer.inputs):
+                continue
+            base_points.add(layer.output)
+        kept.append(layer)
+    plan = QuantPlan(kept)
+    for index, layer in enumerate(kept):
+        for x in [*layer.inputs, layer.output]:
+            plan.owners.setdefault(x, []).append(index)
+    for point in list(plan.owners):
+        root = _root(point)
+        if root is not point and root in plan.owners:
+            plan.mirrors[point] = root
+    return plan
+
+
+def _make_layer(node: fx.Node, kind: str) -> QuantLayer | None:
+    name = layer_name(node)
+    args = node.args
+    if kind in ("conv", "linear"):
+        x, w = args[0], args[1]
+        if not (_is_float(x) and isinstance(w, fx.Node)):
+            return None
+        if w.op == "get_attr":
+            return QuantLayer(node, kind, name, [x], _fused_followers(node), weight_index=1, weight_axis=0)
+        return QuantLayer(node, kind, name, [x, w] if _is_float(w) else [x], _fused_followers(node))
+    if kind == "matmul":
+        a, b = args[0], args[1]
+        if not (isinstance(a, fx.Node) and isinstance(b, fx.Node) and _is_float(a) and _is_float(b)):
+            return None
+        if b.op == "get_attr":
+            return QuantLayer(node, kind, name, [a], _fused_followers(node), weight_index=1,
+                              weight_axis=_val(b).dim() - 1)
+        return QuantLayer(node, kind, name, [a, b], _fused_followers(node))
+    if kind == "add":
+        a, b = args[0], args[1]
+        alpha = node.kwargs.get("alpha", args[2] if len(args) > 2 else 1)
+        if alpha != 1 or not all(isinstance(v, fx.Node) and _is_float(v) and v.op != "get_attr" for v in (a, b)):
+            return None
+        if _val(a).shape != _val(b).shape:
+            return None
+        return QuantLayer(node, kind, name, [a, b], _fused_followers(node))
+    if kind == "concat":
+        tensors = args[0]
+        if not tensors or not all(isinstance(t, fx.Node) and _is_float(t) and t.op != "get_attr" for t in tensors):
+            return None
+        return QuantLayer(node, kind, name, list(dict.fromkeys(tensors)), _fused_followers(node))
+    if kind == "pool":
+        x = args[0]
+        if not _is_float(x):
+            return None
+        return QuantLayer(node, kind, name, [x], node)
+    return None
+
+
+
+def build_quantized(graph_module: fx.GraphModule, plan: QuantPlan, params: dict[fx.Node, AffineParams],
+                    enabled: set[int]) -> fx.GraphModule:
+    """A new GraphModule (sharing ``graph_module``'s weights) with the ``enabled`` layers quantized.
+
+    A quantize point is inserted when any of its layers is enabled; every reader of the tensor
+    then reads the quantized value (one tensor, one quantization, as ORT's own quantizer does).
+    """
+    graph = fx.Graph()
+    remap: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(graph_module.graph, remap)
+    graph.output(out)
+    result = fx.GraphModule(graph_module, graph, class_name="GraphModule")
+    result.meta.update(graph_module.meta)
+    active = [p for p, owners in plan.owners.items() if any(i in enabled for i in owners)]
+    for point in active:
+        node = remap[point]
+        qp = params[plan.mirrors.get(point, point)]
+        with graph.inserting_after(node):
+            fq = graph.call_function(aten.fake_quantize_per_tensor_affine.default,
+                                     (node, qp.scale, qp.zero_point, qp.quant_min, qp.quant_max))
+        fq.meta["val"] = node.meta.get("val")
+        fq.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+        fq.meta[QUANT_META] = {"role": "activation", "tensor": point.name, "scale": qp.scale, "zero_point": qp.zero_point}
+        node.replace_all_uses_with(fq, delete_user_cb=lambda user, fq=fq: user is not fq)
+    for index in sorted(enabled):
+        layer = plan.layers[index]
+        if layer.weight_index is None:
+            continue
+        op = remap[layer.node]
+        weight_node = op.args[layer.weight_index]
+        weight = attribute(result, weight_node.target).detach()
+        axis = layer.weight_axis
+        scale = symmetric_weight_scales(weight, axis)
+        prefix = f"_fxq{index}_{layer.name.replace('.', '_')}"
+        result.register_buffer(f"{prefix}_scale", scale)
+        result.register_buffer(f"{prefix}_zero_point", torch.zeros(scale.shape, dtype=torch.int32))
+        with graph.inserting_before(op):
+            s = graph.get_attr(f"{prefix}_scale")
+            z = graph.get_attr(f"{prefix}_zero_point")
+            fq = graph.call_function(aten.fake_quantize_per_channel_affine.default,
+                                     (weight_node, s, z, axis, -128, 127))
+        for n, v in ((s, scale), (z, torch.zeros(scale.shape, dtype=torch.int32))):
+            n.meta["val"] = v
+            n.meta[QUANT_META] = {"role": "weight-param", "layer": layer.name}
+        fq.meta["val"] = weight_node.meta.get("val")
+        fq.meta[QUANT_META] = {"role": "weight", "layer": layer.name, "axis": axis}
+        op.replace_input_with(weight_node, fq)
+    graph.lint()
+    result.recompile()
+    return result
+
+
+def is_quantized(graph_module: fx.GraphModule) -> bool:
+    """True if a quantization pass already ran on this graph."""
+    return any(QUANT_META in n.meta for n in graph_module.graph.nodes)
+
+
+def _matches(layer: QuantLayer, patterns: Sequence[str]) -> bool:
+    return any(p == layer.kind or fnmatch.fnmatchcase(layer.name, p) or fnmatch.fnmatchcase(layer.node.name, p)
+               for p in patterns)
+
+
+@dataclass(frozen=True)
+class QuantizeInt8Options:
+    calibrator: Calibrator = option("minmax", "activation range: minmax, percentile, entropy (KL) or mse")
+    percentile: float = option(99.99, "percentile of |x| the percentile calibrator keeps (0-100]")
+    activation_dtype: Literal["uint8", "int8"] = option("uint8", "uint8 asymmetric (U8S8: ORT's fastest x86 kernels) or int8 symmetric")
+    ops: tuple[str, ...] = option(LAYER_KINDS, "layer kinds to quantize: conv, linear, matmul, add, concat, pool")
+    skip: tuple[str, ...] = option((), "layers kept in float: module paths/fnmatch patterns ('layer4.*', 'fc') or kinds ('add')")
+    first_layer: Literal["int8", "float"] = option("int8", "precision of the first conv/linear/matmul layer")
+    last_layer: Literal["int8", "float"] = option("int8", "precision of the last conv/linear/matmul layer")
+    max_drift: float | None = option(None, "keep the most sensitive layers in float until drift on calibration data is under this")
+    calibration_batches: int = option(256, "use at most this many calibration batches")
+    sensitivity_batches: int = option(4, "calibration batches used to measure each layer's sensitivity (with max_drift)")
+
+    def __post_init__(self) -> None:
+        unknown = [k for k in self.ops if k not in LAYER_KINDS]
+        if unknown:
+            raise RecipeError(f"quantize-int8: unknown layer kinds {unknown} in `ops`.",
+                              f"use kinds from {', '.join(LAYER_KINDS)}.")
+        if self.calibrator not in CALIBRATORS:
+            raise RecipeError(f"quantize-int8: unknown calibrator {self.calibrator!r}.",
+                              f"use one of {', '.join(CALIBRATORS)}.")
+        if not 0 < self.percentile <= 100:
+            raise RecipeError(f"quantize-int8: percentile must be in (0, 100], got {self.percentile}.", "use e.g. 99.99.")
+        if self.max_drift is not None and not self.max_drift > 0:
+            raise RecipeError(f"quantize-int8: max_drift must be positive, got {self.max_drift}.", "use e.g. 0.02, or leave it unset.")
+        if self.calibration_batches < 1 or self.sensitivity_batches < 1:
+            raise RecipeError("quantize-int8: calibration_batches and sensitivity_batches must be >= 1.", "use e.g. 256 and 4.")
+
+
+@register
+class QuantizeInt8Pass(Pass):
+    """Calibrated static int8: per-channel int8 weights, per-tensor uint8 activations, Q/DQ placed for ORT fusion.
+
+    Needs calibration data (``compile(..., calibration=...)``). Reports per layer its precision
+    and, with ``max_drift``, its sensitivity in ``stats["layers"]``.
+    """
+
+    name = "quantize-int8"
+    Options = QuantizeInt8Options
+    lossless = False
+    exports_exactly = False
+
+    def __init__(self, options: Any = None, **overrides: Any) -> None:
+        super().__init__(options, **overrides)
+        self.context: CompileContext | None = None
+
+    def bind(self, context: CompileContext) -> None:
+        self.context = context
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        opts = self.options
+        if is_quantized(graph_module):
+            return PassResult(graph_module, False, {"already_quantized": True})
+        plan = plan_static(graph_module.graph, opts.ops)
+        if not plan.layers:
+            return PassResult(graph_module, False, {"layers": []})
+        context = self.context
+        if context is None:
+            context = CompileContext(example_inputs=())
+        batches = require_batches(context.calibration_batches(), context.example_inputs, self.name, opts.calibration_batches)
+        rewritten = functionalize_inplace(graph_module.graph)
+        if rewritten:
+            graph_module.recompile()
+        plan = plan_static(graph_module.graph, opts.ops)  # node identities may have changed targets
+        stats = observe(graph_module, plan.calibrated_points, batches, opts.calibrator, progress=context.progress)
+        params = {node: affine_params(*choose_range(s, opts.calibrator, opts.percentile), opts.activation_dtype)
+                  for node, s in stats.items()}
+        reasons = self._float_reasons(plan)
+        enabled = {i for i in range(len(plan.layers)) if i not in reasons}
+        sensitivity: dict[int, float] = {}
+        drift = None
+        if opts.max_drift is not None and enabled:
+            sample = batches[:opts.sensitivity_batches]
+            build = lambda on: build_quantized(graph_module, plan, params, set(on))  # noqa: E731
+            sensitivity = layer_sensitivities(graph_module, build, sorted(enabled), sample)
+            kept_float, drift = select_float_layers(graph_module, build, sensitivity, sorted(enabled), sample, opts.max_drift)
+            for i in kept_float:
+                reasons[i] = "max_drift"
+            enabled -= set(kept_float)
+        result = build_quantized(graph_module, plan, params, enabled)
+        layers = [{
+            "name": layer.name, "kind": layer.kind,
+            "precision": "int8" if i in enabled else "float",
+            **({"reason": reasons[i]} if i in reasons else {}),
+            **({"sensitivity": sensitivity[i]} if i in sensitivity else {}),
+        } for i, layer in enumerate(plan.layers)]
+        out_stats: dict[str, Any] = {
+            "quantized_layers": len(enabled),
+            "float_layers": len(plan.layers) - len(enabled),
+            "calibrator": opts.calibrator,
+            "calibration_batches": len(batches),
+            "layers": layers,
+        }
+        if drift is not None:
+            out_stats["calibration_drift"] = drift
+        return PassResult(result, bool(enabled), out_stats)
+
+    def _float_reasons(self, plan: QuantPlan) -> dict[int, str]:
+        opts = self.options
+        reasons = {i: "skip" for i, layer in enumerate(plan.layers) if _matches(layer, opts.skip)}
+        weighted = [i for i, layer in enumerate(plan.layers) if layer.kind in ("conv", "linear", "matmul")]
+        if weighted and opts.first_layer == "float":
+            reasons.setdefault(weighted[0], "first_layer")
+        if weighted and opts.last_layer == "float":
+            reasons.setdefault(weighted[-1], "last_layer")
+        return reasons
+
+
+__all__ = ["QuantizeInt8Pass", "QuantPlan", "QuantLayer", "build_quantized", "plan_static", "functionalize_inplace",
+           "is_quantized", "layer_name"]

@@ -1,0 +1,146 @@
+"""Dynamic int8 quantization of linear layers (transformer encoders): int8 weights, activations
+quantized at run time from their own min/max.
+
+Each ``aten.linear`` (and matmul by a constant weight) becomes a call to
+:func:`dynamic_int8_linear`, which has two faces:
+
+* in PyTorch (eager, training, calibration-free): the input is fake-quantized to uint8 with a scale
+  and zero point computed from the tensor itself (ONNX ``DynamicQuantizeLinear`` semantics:
+  range ``[min(x, 0), max(x, 0)]``, round half to even), the weight is fake-quantized per output
+  channel to symmetric int8; both have straight-through gradients, so the module stays trainable.
+* under ``torch.onnx.export`` it emits ``DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul
+  (x_scale * w_scale) -> Add(bias)`` with the weight stored as an int8 initializer: the pattern
+  ONNX Runtime fuses into one ``DynamicQuantizeMatMul`` kernel (what ``quantize_dynamic`` makes).
+
+Both faces compute the same integers, so the export's parity against the module is at fp32
+rounding level.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from fxcompress.analysis.patterns import attribute
+from fxcompress.infra.pass_base import Pass, PassResult, option
+from fxcompress.infra.registry import register
+from fxcompress.passes.calibrators import symmetric_weight_scales
+from fxcompress.passes.quantize import QUANT_META, is_quantized, layer_name
+
+aten = torch.ops.aten
+
+
+def _dynamic_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 scale and zero point of ONNX DynamicQuantizeLinear, computed from ``x`` (float32)."""
+    lo = torch.clamp(x.detach().min(), max=0.0)
+    hi = torch.clamp(x.detach().max(), min=0.0)
+    scale = (hi - lo) / 255.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero_point = torch.clamp(torch.round(-lo / scale), 0, 255)
+    return scale.float(), zero_point.to(torch.int32)
+
+
+def dynamic_int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                        bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight.T + bias`` with ``x`` dynamically quantized to uint8 and ``weight`` to int8 per row."""
+    if torch.onnx.is_in_onnx_export():
+        return _export_face(x, weight, weight_scale, bias)
+    zero = torch.zeros(weight_scale.shape, dtype=torch.int32, device=weight.device)
+    w = torch.fake_quantize_per_channel_affine(weight, weight_scale, zero, 0, -128, 127)
+    scale, zero_point = _dynamic_qparams(x)
+    xq = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, 255)
+    return torch.nn.functional.linear(xq, w, bias)
+
+
+def _export_face(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    wq = torch.clamp(torch.round(weight / weight_scale[:, None]), -128, 127).to(torch.int8).t().contiguous()
+    xq, x_scale, x_zero = torch.onnx.ops.symbolic_multi_out(
+        "DynamicQuantizeLinear", (x,), {}, dtypes=(torch.uint8, torch.float32, torch.uint8),
+        shapes=(x.shape, (), ()), version=11)
+    out_shape = (*x.shape[:-1], weight.shape[0])
+    acc = torch.onnx.ops.symbolic("MatMulInteger", (xq, wq, x_zero), {}, dtype=torch.int32, shape=out_shape, version=10)
+    y = acc.to(torch.float32) * (x_scale * weight_scale)
+    return y + bias if bias is not None else y
+
+
+def _linear_weight(node: fx.Node) -> tuple[fx.Node, fx.Node | None, bool] | None:
+    """(weight, bias, transposed) of a linear or matmul-by-constant node, else None."""
+    if node.target is aten.linear.default:
+        w = node.args[1]
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        if isinstance(w, fx.Node) and w.op == "get_attr" and (bias is None or isinstance(bias, fx.Node)):
+            return w, bias, False
+    if node.target in (aten.matmul.default, aten.mm.default):
+        w = node.args[1]
+        val = w.meta.get("val") if isinstance(w, fx.Node) else None
+        if isinstance(w, fx.Node) and w.op == "get_attr" and isinstance(val, torch.Tensor) and val.dim() == 2:
+            return w, None, True
+    return None
+
+
+@dataclass(frozen=True)
+class QuantizeInt8DynamicOptions:
+    skip: tuple[str, ...] = option((), "layers kept in float: module paths or fnmatch patterns ('classifier', 'encoder.layer.0.*')")
+    min_features: int = option(16, "leave linear layers with fewer input features than this in float (too small to gain)")
+
+
+
+@register
+class QuantizeInt8DynamicPass(Pass):
+    """Dynamic int8 for linear layers: int8 per-channel weights, activations quantized at run time.
+
+    Needs no calibration data. Exports as DynamicQuantizeLinear + MatMulInteger, which ORT fuses
+    into DynamicQuantizeMatMul.
+    """
+
+    name = "quantize-int8-dynamic"
+    Options = QuantizeInt8DynamicOptions
+    lossless = False
+    exports_exactly = False
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        if is_quantized(graph_module):
+            return PassResult(graph_module, False, {"already_quantized": True})
+        graph = graph_module.graph
+        layers = []
+        for node in list(graph.nodes):
+            if node.op != "call_function":
+                continue
+            found = _linear_weight(node)
+            if found is None:
+                continue
+            weight_node, bias, transposed = found
+            name = layer_name(node)
+            weight = attribute(graph_module, weight_node.target).detach()
+            in_features = weight.shape[0] if transposed else weight.shape[1]
+            x = node.args[0]
+            val = x.meta.get("val") if isinstance(x, fx.Node) else None
+            if not (isinstance(val, torch.Tensor) and val.dtype == torch.float32):
+                continue
+            if any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(node.name, p) for p in self.options.skip) \
+                    or in_features < self.options.min_features:
+                layers.append({"name": name, "kind": "linear", "precision": "float", "reason": "skip"})
+                continue
+            index = len(layers)
+            prefix = f"_fxqd{index}_{name.replace('.', '_')}"
+            with graph.inserting_before(node):
+                w = weight_node
+                if transposed:  # x @ W  ==  linear(x, W.T)
+                    w = graph.call_function(aten.t.default, (weight_node,))
+                    w.meta["val"] = weight_node.meta["val"].t()
+                scale = symmetric_weight_scales(weight.t() if transposed else weight, 0)
+                graph_module.register_buffer(f"{prefix}_scale", scale)
+                s = graph.get_attr(f"{prefix}_scale")
+                s.meta["val"] = scale
+                s.meta[QUANT_META] = {"role": "weight-param", "layer": name}
+                q = graph.call_function(dynamic_int8_linear, (x, w, s, bias))
+            q.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
+            q.meta[QUANT_META] = {"role": "dynamic-linear", "layer": name}
+            node.replace_all_uses_with(q)
+            graph.erase_node(node)
+            layers.append({"name": name, "kind": "linear", "precision": "int8-dynamic"})
+        quantized = sum(1 for layer in layers if layer["precision"] != "float")
+        return PassResult(graph_module, quantized > 0, {"quantized_layers": quantized, "layers": layers})

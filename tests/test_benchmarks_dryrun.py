@@ -1,0 +1,180 @@
+"""CI's dry run of the benchmarks: the GPU script up to its CUDA steps, and the one-command runner
+on the quick model set (every registered preset, every peer, few iterations)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def _tiny_wheel(folder: Path) -> Path:
+    """A valid pure-Python wheel, so the script's join + offline install run for real."""
+    name = "fxc_probe_pkg-1.0-py3-none-any.whl"
+    files = {
+        "fxc_probe_pkg/__init__.py": b"VALUE = 42\n",
+        "fxc_probe_pkg-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: fxc-probe-pkg\nVersion: 1.0\n",
+        "fxc_probe_pkg-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        # Random padding (incompressible) so the wheel splits into several parts.
+        "fxc_probe_pkg/padding.bin": os.urandom(6000),
+    }
+    record = []
+    for path, data in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(data)}")
+    record.append("fxc_probe_pkg-1.0.dist-info/RECORD,,")
+    path = folder / name
+    with zipfile.ZipFile(path, "w") as archive:
+        for member, data in files.items():
+            archive.writestr(member, data)
+        archive.writestr("fxc_probe_pkg-1.0.dist-info/RECORD", "\n".join(record) + "\n")
+    return path
+
+
+def _split(wheel: Path, part_size: int = 4000) -> list[Path]:
+    (wheel.parent / f"{wheel.name}.sha256").write_text(f"{hashlib.sha256(wheel.read_bytes()).hexdigest()}  {wheel.name}\n")
+    data, parts = wheel.read_bytes(), []
+    for i in range(0, len(data), part_size):
+        part = wheel.parent / f"{wheel.name}.part-a{chr(ord('a') + i // part_size)}"
+        part.write_bytes(data[i:i + part_size])
+        parts.append(part)
+    wheel.unlink()
+    return parts
+
+
+def _gpu_sh(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(BENCH / "gpu.sh"), *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def test_gpu_script_dry_run_joins_installs_and_stops_before_cuda(tmp_path):
+    wheels = tmp_path / "whl"
+    wheels.mkdir()
+    parts = _split(_tiny_wheel(wheels))
+    assert len(parts) >= 2
+    out = tmp_path / "out"
+    result = _gpu_sh("--dry-run", "--skip-cpu-tests", "--wheels", str(wheels), "--out", str(out))
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log
+    assert f"joined {len(parts)} parts -> fxc_probe_pkg-1.0-py3-none-any.whl" in log
+    assert "no GPU: stopping before CUDA steps" in log or "dry run: the CUDA provider is active" in log
+    assert "6/7" not in log  # nothing CUDA ran
+    machine = json.loads((out / "machine.json").read_text())
+    assert machine["cores"] and machine["onnxruntime"] and "torch" in machine
+    assert (out / "gpu_log.txt").read_text().count("== [") == 5
+
+
+def test_gpu_script_refuses_a_wheel_with_a_missing_part(tmp_path):
+    parts = _split(_tiny_wheel(tmp_path))
+    parts[-1].unlink()
+    result = _gpu_sh("--dry-run", "--wheels", str(tmp_path), "--out", str(tmp_path / "out"), timeout=60)
+    assert result.returncode == 1
+    assert "does not match" in result.stderr and "a part is missing" in result.stderr
+
+
+def test_gpu_script_rejects_unknown_arguments():
+    result = _gpu_sh("--bogus", timeout=30)
+    assert result.returncode == 2 and "unknown argument '--bogus'" in result.stderr
+
+
+def test_quick_run_covers_every_preset_and_peer(tmp_path):
+    from fxcompress.passes.presets import PRESETS
+
+    out = tmp_path / "results"
+    result = subprocess.run([sys.executable, str(BENCH / "run.py"), "--quick", "--out", str(out)],
+                            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    record = json.loads((out / "models" / "tiny_cnn_b1.json").read_text())
+    rows = {r["variant"]: r for r in record["rows"]}
+    expected = {"torch eager", "torch.onnx.export", "onnxsim", "ORT static int8", "ORT dynamic int8"}
+    expected |= {f"fxcompress:{name}" for name in PRESETS}
+    assert set(rows) == expected
+    for row in rows.values():
+        # Every row either ran (timed, with parity) or says why it did not.
+        if row["status"] == "ok":
+            assert row["p50_ms"] > 0 and row["p90_ms"] >= row["p50_ms"] and -1.000001 <= row["cosine"] <= 1.000001
+        else:
+            assert row["error"]
+    plain = rows["torch.onnx.export"]
+    assert plain["status"] == "ok" and plain["speedup"] == pytest.approx(1.0)
+    assert plain["macs"] and plain["size_mb"] > 0 and plain["compile_s"] > 0
+    assert record["command"].startswith("python benchmarks/run.py --quick")
+    assert record["machine"]["cpu"] and record["machine"]["onnxruntime"]
+    combined = json.loads((out / "results.json").read_text())
+    assert [r["model"] for r in combined["records"]] == ["tiny_cnn"]
+    table = (out / "results.md").read_text()
+    assert "| tiny_cnn | 1 | torch.onnx.export |" in table
+    section = (out / "README_section.md").read_text()
+    assert "## Benchmark results" in section and "python benchmarks/run.py --quick" in section
+    if importlib.util.find_spec("matplotlib"):
+        assert (out / "latency_vs_size.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def runner(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("bench_run", BENCH / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_run", module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_failing_preset_is_a_row_with_its_reason(runner, tmp_path, monkeypatch):
+    from fxcompress.infra.recipe import PassStep, Recipe
+    from fxcompress.passes import presets
+
+    broken = lambda: Recipe(name="broken", description="names a pass that does not exist", steps=[PassStep("no-such-pass")])  # noqa: E731
+    monkeypatch.setitem(presets.PRESETS, "broken", broken)
+    assert runner.main(["--quick", "--peers", "plain", "--presets", "broken", "--out", str(tmp_path), "--rounds", "1", "--block", "1"]) == 0
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "models" / "tiny_cnn_b1.json").read_text())["rows"]}
+    assert rows["fxcompress:broken"]["status"] == "failed"
+    assert "no-such-pass" in rows["fxcompress:broken"]["error"]
+    assert rows["torch.onnx.export"]["status"] == "ok"
+    assert "failed: " in (tmp_path / "results.md").read_text()
+
+
+def test_resume_keeps_finished_models(runner, tmp_path, capsys):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny_cnn_b1.json").write_text(json.dumps({
+        "model": "tiny_cnn", "batch": 1, "provider_requested": "cpu", "seconds": 1, "command": "earlier", "machine": {},
+        "rows": []}))
+    assert runner.main(["--quick", "--resume", "--out", str(tmp_path)]) == 0
+    assert "kept from" in capsys.readouterr().out
+    assert json.loads((tmp_path / "results.json").read_text())["records"][0]["command"] == "earlier"
+
+
+def test_unknown_names_are_refused_before_any_work(runner, tmp_path, capsys):
+    assert runner.main(["--models", "resnet9000", "--out", str(tmp_path)]) == 2
+    assert "unknown model(s) ['resnet9000']" in capsys.readouterr().err
+    assert runner.main(["--quick", "--presets", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown preset(s) ['nope']" in capsys.readouterr().err
+
+
+def test_cuda_request_without_a_gpu_is_labelled_as_fallback(runner, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: no fallback to show")
+    assert runner.main(["--quick", "--provider", "cuda", "--peers", "plain", "--presets", "none", "--out", str(tmp_path),
+                        "--rounds", "1", "--block", "1"]) == 0
+    row = json.loads((tmp_path / "models" / "tiny_cnn_b1.json").read_text())["rows"][0]
+    assert row["provider"] == "cpu" and row["fell_back"] is True
+    assert row["placement"]["fell_back"] is True  # every compute op reported as off the GPU
+    assert "FELL BACK" in (tmp_path / "results.md").read_text()
