@@ -168,7 +168,17 @@ def readme_section(records: Sequence[dict[str, Any]], accuracy: dict[str, Any] |
         lines += [f"![latency vs size]({rel.as_posix()})", ""]
     if accuracy:
         lines += [accuracy_table(accuracy), ""]
+    # The side-by-side runs of benchmarks/quantization.py and pruning.py, headings two levels down.
+    for name in ("quantization.md", "pruning.md"):
+        if (out / name).exists():
+            text = (out / name).read_text().strip()
+            lines += [_demote(text), ""]
     return "\n".join(lines)
+
+
+def _demote(markdown: str) -> str:
+    """'# A' -> '### A', '## B' -> '#### B': a standalone page as a subsection of the README's section."""
+    return "\n".join("##" + line if line.startswith("#") else line for line in markdown.splitlines())
 
 
 def accuracy_table(accuracy: dict[str, Any]) -> str:
@@ -212,11 +222,30 @@ def render(out: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Regenerate the benchmark summary files and README section from the JSON.")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    default_out = Path(__file__).resolve().parent / "results"
+    parser.add_argument("--out", default=str(default_out))
     args = parser.parse_args(argv)
-    render(Path(args.out))
-    print(f"Rendered {Path(args.out) / 'README_section.md'}")
+    out = Path(args.out)
+    render(out)
+    print(f"Rendered {out / 'README_section.md'}")
+    if out.resolve() == default_out:  # results of a scratch run (--out /tmp/...) never reach the README
+        readme = default_out.parent.parent / "README.md"
+        if splice_readme(readme, (out / "README_section.md").read_text()):
+            print(f"Updated the results section of {readme}")
     return 0
+
+
+README_START, README_END = "<!-- benchmark-results:start -->", "<!-- benchmark-results:end -->"
+
+
+def splice_readme(readme: Path, section: str) -> bool:
+    """Replace the text between the README's result markers with ``section``; False without markers."""
+    text = readme.read_text()
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        return False
+    write_text(readme, text[: start + len(README_START)] + "\n" + section.strip() + "\n" + text[end:])
+    return True
 
 
 if __name__ == "__main__":

@@ -65,19 +65,30 @@ def load_digits_data(seed: int = 0, test_share: float = 0.25) -> DigitsData:
     return DigitsData(x[train], y[train], x[test], y[test])
 
 
-def train(model: nn.Module, data: DigitsData, epochs: int = 8, lr: float = 3e-3, seed: int = 0) -> nn.Module:
-    """Plain Adam training; works for the original model and for ``result.module`` (fine-tuning)."""
+def train(model: nn.Module, data: DigitsData, epochs: int = 8, lr: float = 3e-3, seed: int = 0,
+          batch_size: int = 64, schedule: str = "constant") -> nn.Module:
+    """Plain Adam training; works for the original model and for ``result.module`` (fine-tuning).
+
+    ``schedule`` is ``"constant"`` (the default) or ``"cosine"``: the learning rate decays from
+    ``lr`` to 0 over all ``epochs`` (step by step), which helps a short fine-tuning run settle.
+    """
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule must be 'constant' or 'cosine', not {schedule!r}")
     torch.manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    steps = epochs * ((len(data.x_train) + batch_size - 1) // batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if schedule == "cosine" and steps else None
     loss_fn = nn.CrossEntropyLoss()
     model.train()
     for _ in range(epochs):
         order = torch.randperm(len(data.x_train))
-        for i in range(0, len(order), 64):
-            idx = order[i:i + 64]
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
             optimizer.zero_grad()
             loss_fn(model(data.x_train[idx]), data.y_train[idx]).backward()
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
     return model.eval()
 
 

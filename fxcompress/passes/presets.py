@@ -14,8 +14,8 @@ def default() -> Recipe:
     """Lossless cleanup: outputs within fp32 noise, never more nodes."""
     return Recipe(
         name="default",
-        description="lossless: remove guards, fold constants, simplify algebra, remove no-ops, zero branches, "
-                    "common subexpressions and dead code",
+        description="lossless: remove guards, fuse linear chains, fold constants and batch norms, simplify algebra "
+                    "and reshapes, remove no-ops, zero branches, common subexpressions and dead code",
         steps=[
             # fuse-linear-chains first: it reads ``t(weight)`` as linear's weight, which fold-constants would copy
             PassStep("remove-guards"), PassStep("fuse-linear-chains"), PassStep("fold-constants"),
