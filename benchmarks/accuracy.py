@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import fxcompress
-    from fxcompress.examples.digits import DigitsCNN, load_digits_data, onnx_accuracy, torch_accuracy, train
+    from fxcompress.examples.digits import (DigitsCNN, load_digits_data, onnx_accuracy, prune_and_fine_tune,
+                                            torch_accuracy, train)
     from fxcompress.passes.presets import PRESETS
 
     presets = list(PRESETS) if args.presets is None else [p.strip() for p in args.presets.split(",") if p.strip()]
@@ -71,6 +72,21 @@ def main(argv: list[str] | None = None) -> int:
                     return result.export_onnx(work / f"{name.replace(':', '-')}.onnx")
 
             score(f"fxcompress:{name}", compiled)
+        if "prune" in presets:  # how `prune` is meant to be used: the user fine-tunes result.module
+            tuned = {}
+
+            def pruned_and_tuned():
+                with common.quiet():
+                    tuned["result"] = prune_and_fine_tune(model, data)
+                    return tuned["result"].export_onnx(work / "prune-tuned.onnx", tolerance=1e-4)
+
+            def pruned_tuned_int8():
+                with common.quiet():
+                    result = fxcompress.compile(tuned["result"].module, example, "int8", calibration=calibration)
+                    return result.export_onnx(work / "prune-tuned-int8.onnx")
+
+            score("fxcompress:prune + 3 epochs fine-tuning", pruned_and_tuned)
+            score("fxcompress:prune + fine-tuning, then int8", pruned_tuned_int8)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     reference = rows[0]["accuracy"] if rows[0]["status"] == "ok" else None

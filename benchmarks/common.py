@@ -77,6 +77,19 @@ def calibrate_batchnorm(model: nn.Module, example: Callable[[int], tuple[torch.T
     return model
 
 
+def unzero_weights(model: nn.Module) -> nn.Module:
+    """Random values for weight matrices initialised to all zeros (torchvision's ViT head).
+
+    fxcompress's remove-zero-branches rightly reduces such a model to a constant ``zeros``, and a
+    benchmark or sweep would then measure nothing of the network behind the head.
+    """
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2 and not p.any():
+                p.normal_(0.0, 0.02)
+    return model
+
+
 def _image_input(size: int = 224) -> Callable[[int], tuple[torch.Tensor, ...]]:
     return lambda batch: (torch.randn(batch, 3, size, size),)
 
@@ -86,7 +99,7 @@ def _torchvision(arch: str) -> Callable[[int], tuple[nn.Module, tuple[torch.Tens
         import torchvision
 
         torch.manual_seed(0)
-        model = getattr(torchvision.models, arch)(weights=None)
+        model = unzero_weights(getattr(torchvision.models, arch)(weights=None))
         calibrate_batchnorm(model, _image_input())
         return model.eval(), _image_input()(batch)
 

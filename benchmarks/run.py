@@ -23,6 +23,7 @@ import argparse
 import copy
 import gc
 import json
+import re
 import sys
 import tempfile
 import time
@@ -102,13 +103,14 @@ def build_variants(spec: common.ModelSpec, model, inputs, calibration, presets, 
             except Exception as exc:  # noqa: BLE001
                 variant.error = common.first_line(exc)
         variants.append(variant)
-    for name in presets:
-        variant = Variant(f"fxcompress:{name}", "fxcompress", "ort")
+    jobs = [(name, name) for name in presets]
+    for label, name in jobs:
+        variant = Variant(f"fxcompress:{label}", "fxcompress", "ort")
         try:
             start = time.perf_counter()
             with common.quiet():
                 result = fxcompress.compile(model, inputs, name, calibration=calibration)
-                variant.path = result.export_onnx(work / f"preset-{name.replace(':', '-')}.onnx")
+                variant.path = result.export_onnx(work / f"preset-{re.sub(r'[^A-Za-z0-9.]+', '-', label)}.onnx")
             variant.compile_s = time.perf_counter() - start
             variant.macs = common.count_macs(result.module, inputs)
             if torch_graphmodule:
@@ -116,8 +118,25 @@ def build_variants(spec: common.ModelSpec, model, inputs, calibration, presets, 
                                         compile_s=variant.compile_s, macs=variant.macs))
         except Exception as exc:  # noqa: BLE001 - FxCompressError or a bug: either way, a failed row
             variant.error = common.first_line(exc)
+            if isinstance(exc, fxcompress.DriftError) and label == "int8":
+                # What the refusal tells the user to do: keep the most sensitive layers in float.
+                jobs.append((f"int8 max_drift={INT8_RETRY_MAX_DRIFT}", _int8_with_max_drift(INT8_RETRY_MAX_DRIFT)))
         variants.append(variant)
     return variants
+
+
+#: The ``max_drift`` of the follow-up row when ``int8`` refuses a model for drifting past its tolerance.
+INT8_RETRY_MAX_DRIFT = 0.1
+
+
+def _int8_with_max_drift(max_drift: float):
+    from fxcompress.infra.recipe import PassStep
+    from fxcompress.passes.presets import int8
+
+    recipe = int8()
+    index = next(i for i, step in enumerate(recipe.steps) if step.name == "quantize-int8")
+    recipe.steps[index] = PassStep("quantize-int8", {"max_drift": max_drift})
+    return recipe
 
 
 def prepare_runners(variants: list[Variant], inputs, check_sets, reference, spec: common.ModelSpec,

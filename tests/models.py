@@ -9,6 +9,14 @@ import torch
 from torch import nn
 
 
+# Beyond this machine (24 GiB, 2 cores): over 2 GiB of fp32 weights, which is also past protobuf's
+# 2 GiB limit for a single-file ONNX model, and the pipeline holds several copies of the model.
+TOO_BIG = {
+    "vit_h_14": "632M parameters (2.5 GiB fp32): past the 2 GiB single-file ONNX limit and too slow on 2 cores",
+    "regnet_y_128gf": "644M parameters (2.6 GiB fp32): past the 2 GiB single-file ONNX limit and too slow on 2 cores",
+}
+
+
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every batch norm non-trivial running stats and affine parameters."""
     g = torch.Generator().manual_seed(seed)

@@ -23,19 +23,14 @@ from fxcompress.capture import capture
 from fxcompress.infra.instruments import RecordDiff, Timing, VerifyNumerics
 from fxcompress.infra.recipe import resolve_recipe
 from fxcompress.numerics import compare_outputs, flatten_outputs, worst_drift
-from tests.models import randomize_bn
+from benchmarks.common import unzero_weights
+from tests.models import TOO_BIG, randomize_bn
 
 torchvision = pytest.importorskip("torchvision")
 transformers = pytest.importorskip("transformers")
 
 DRIFT_LIMIT = 1e-4
 CI_MODELS = ["resnet18", "mobilenet_v3_small", "squeezenet1_0", "hf-bert-tiny"]
-# Beyond this machine (24 GiB, 2 cores): over 2 GiB of fp32 weights, which is also past protobuf's
-# 2 GiB limit for a single-file ONNX model, and the pipeline holds several copies of the model.
-TOO_BIG = {
-    "vit_h_14": "632M parameters (2.5 GiB fp32): past the 2 GiB single-file ONNX limit and too slow on 2 cores",
-    "regnet_y_128gf": "644M parameters (2.6 GiB fp32): past the 2 GiB single-file ONNX limit and too slow on 2 cores",
-}
 
 
 def _transformers_models() -> dict:
@@ -63,25 +58,12 @@ ALL_MODELS = [*torchvision.models.list_models(module=torchvision.models), *HF_MO
 SLOW_MODELS = [m for m in ALL_MODELS if m not in CI_MODELS]
 
 
-def _unzero_weights(model: torch.nn.Module) -> torch.nn.Module:
-    """Random values for weight matrices initialised to all zeros (torchvision's ViT head).
-
-    remove-zero-branches would rightly reduce such a model to ``zeros``, and the sweep would
-    then test nothing of the network behind the head.
-    """
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2 and not p.any():
-                p.normal_(0.0, 0.02)
-    return model
-
-
 def _build(name: str):
     torch.manual_seed(0)
     if name in HF_MODELS:
         model, inputs = HF_MODELS[name]()
         return model.eval(), inputs
-    model = _unzero_weights(torchvision.models.get_model(name, weights=None))
+    model = unzero_weights(torchvision.models.get_model(name, weights=None))
     size = 299 if name == "inception_v3" else 224
     return randomize_bn(model).eval(), (torch.randn(1, 3, size, size),)
 

@@ -309,3 +309,17 @@ def test_empty_oversized_missing_and_non_onnx_files(onnx_bytes, tmp_path):
     path.write_bytes(b"this is not protobuf at all \xff\xfe" * 10)
     with pytest.raises(ModelFileError, match="corrupt or truncated"):
         fxcompress.benchmark(path, (torch.randn(1, 3, 8, 8),), warmup=0, iters=1)
+
+
+def test_constant_output_model_without_nodes_loads(tmp_path):
+    # An all-zero head (torchvision's ViT initialises its classifier so) folds the whole model to
+    # one constant: the ONNX graph has no nodes, only an output, and is a valid model, not a
+    # truncated file.
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4)).eval()
+    torch.nn.init.zeros_(model[1].weight)
+    torch.nn.init.zeros_(model[1].bias)
+    path = fxcompress.compile(model, (torch.randn(1, 3, 2, 2),)).export_onnx(tmp_path / "zeros.onnx")
+    loaded = load_onnx(path)
+    assert not loaded.graph.node and len(loaded.graph.output) == 1
+    outputs = create_session(path).run([np.random.rand(1, 3, 2, 2).astype(np.float32)])
+    assert not np.any(outputs[0]) and outputs[0].shape == (1, 4)

@@ -19,6 +19,15 @@ aten = torch.ops.aten
 
 _CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default}
 _MATMULS = {aten.matmul.default, aten.mm.default, aten.bmm.default}
+_BIASED_MATMULS = {aten.addmm.default, aten.baddbmm.default}  # (bias, a, b): GPT-2's Conv1D is addmm
+#: Functions with ``aten.linear``'s (input, weight[out, in], ...) signature that passes insert
+#: (dynamic int8 linear): they do a linear layer's multiply-adds, in whatever precision.
+_LINEAR_LIKE: set = {aten.linear.default}
+
+
+def register_linear_like(function) -> None:
+    """Count calls to ``function(input, weight, ...)`` as a linear layer's MACs."""
+    _LINEAR_LIKE.add(function)
 
 
 def node_macs(node: fx.Node) -> int:
@@ -35,11 +44,11 @@ def node_macs(node: fx.Node) -> int:
             return 0
         # weight is [out, in/groups, *kernel]: each output element reads in/groups x kernel inputs.
         return math.prod(out) * math.prod(weight[1:])
-    if target is aten.linear.default:
+    if target in _LINEAR_LIKE:
         weight = tensor_shape(node.args[1])
         return math.prod(out) * weight[1] if weight else 0
-    if target in _MATMULS:
-        a = tensor_shape(node.args[0])
+    if target in _MATMULS or target in _BIASED_MATMULS:
+        a = tensor_shape(node.args[1 if target in _BIASED_MATMULS else 0])
         return math.prod(out) * a[-1] if a else 0
     if target is aten.scaled_dot_product_attention.default:
         q, k = tensor_shape(node.args[0]), tensor_shape(node.args[1])

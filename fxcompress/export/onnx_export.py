@@ -203,8 +203,10 @@ def load_onnx(path: str | os.PathLike, *, max_bytes: int = MAX_ONNX_BYTES) -> on
         except Exception as exc:  # noqa: BLE001 - short/unreadable .data files, onnx's own path checks
             raise ModelFileError(f"The external data of {path} could not be read ({type(exc).__name__}: {str(exc)[:160]}).",
                                  "copy the complete .data file(s) next to the .onnx file, or export again.") from None
-    if not model.graph.node:
-        raise ModelFileError(f"{path} parses but holds an empty graph.", "the file is corrupt or truncated: export it again.")
+    # A graph without nodes is valid when its outputs are constants (a model whose head is all
+    # zeros folds to one); a graph without outputs computes nothing and is what truncation leaves.
+    if not model.graph.output:
+        raise ModelFileError(f"{path} parses but its graph has no outputs.", "the file is corrupt or truncated: export it again.")
     return model
 
 

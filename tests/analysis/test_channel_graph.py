@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import fxcompress
 from fxcompress.analysis.channel_graph import Segment, build_channel_graph, keep_indices, pruned_length
 from fxcompress.analysis.macs import count_macs, macs_by_layer
 from fxcompress.capture import capture
@@ -167,3 +168,22 @@ def test_macs_match_the_layer_formulas():
     per_layer = macs_by_layer(gm)
     assert per_layer == {"a": 4 * 4 * 3, "b": 2 * 4 * 3, "fc": 3 * 24}
     assert count_macs(gm) == sum(per_layer.values())
+
+
+def test_macs_count_addmm_and_dynamic_int8_linear_like_linear():
+    class Conv1DStyle(nn.Module):  # GPT-2's Conv1D: addmm(bias, x, weight[in, out])
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(8, 5))
+            self.bias = nn.Parameter(torch.randn(5))
+
+        def forward(self, x):
+            return torch.addmm(self.bias, x, self.weight)
+
+    gm, _ = _graph(Conv1DStyle(), torch.randn(3, 8))
+    assert count_macs(gm) == 3 * 5 * 8
+    linear = nn.Sequential(nn.Linear(32, 16)).eval()
+    x = torch.randn(2, 32)
+    dense = fxcompress.compile(linear, (x,))
+    dynamic = fxcompress.compile(linear, (x,), recipe="int8-dynamic")
+    assert count_macs(dynamic.module) == count_macs(dense.module) == 2 * 16 * 32

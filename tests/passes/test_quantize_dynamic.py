@@ -62,6 +62,15 @@ def test_exports_as_dynamic_quantize_matmul_with_tight_parity(tmp_path):
     assert ops["DynamicQuantizeMatMul"] == 3 and ops["MatMulInteger"] == 0
 
 
+def test_weights_are_stored_as_int8(tmp_path):
+    _, _, result = _compile()
+    graph = onnx.load(str(result.export_onnx(tmp_path / "dyn.onnx"))).graph
+    by_dtype = Counter(onnx.helper.tensor_dtype_to_np_dtype(t.data_type).name for t in graph.initializer)
+    assert by_dtype["int8"] == 3  # up, down, head; `small` stays float
+    float_weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2]
+    assert [list(t.dims) for t in float_weights] == [[3, 3]]  # only `small`'s weight is kept in float
+
+
 def test_trainable():
     _, x, result = _compile()
     gm = result.module.train()
