@@ -186,8 +186,8 @@ def _markdown(result: dict) -> str:
         t = result["training_step_ms"]
         lines += ["", "## One training step (SGD, batch 8, torch eager, interleaved)", ""]
         lines += [f"- {label}: p50 {v['p50_ms']:.0f} ms" for label, v in t.items()]
-    lines += ["", "Figures from a shared 2-core machine under load from other jobs: comparisons are interleaved in one "
-              "process; absolute numbers are noisy."]
+    lines += ["", "Figures from a shared 2-core machine: comparisons are interleaved in one process, so ratios hold; "
+              "absolute numbers move with the load of other jobs."]
     return "\n".join(lines) + "\n"
 
 
