@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fxcompress.export.atomic import write_atomically  # noqa: E402
 
-HEADER = ["model", "batch", "variant", "p50 ms", "p90 ms", "speedup", "cosine", "top-1", "size MB", "GMACs", "compile s", "ran on"]
+HEADER = ["model", "batch", "variant", "p50 ms", "p90 ms", "speedup", "cosine", "top-1", "size MB", "ONNX nodes", "GMACs",
+          "compile s", "ran on"]
 
 
 def write_json(path: Path, data: Any) -> Path:
@@ -52,7 +53,7 @@ def ran_on(row: dict[str, Any]) -> str:
 def row_cells(row: dict[str, Any]) -> list[str]:
     if row["status"] != "ok":
         reason = (row.get("error") or "failed").replace("|", "/")
-        return [row["model"], str(row["batch"]), row["variant"], f"failed: {reason}", *[""] * 8]
+        return [row["model"], str(row["batch"]), row["variant"], f"failed: {reason}", *[""] * (len(HEADER) - 4)]
     speedup = row.get("speedup")
     macs = row.get("macs")
     return [
@@ -60,7 +61,7 @@ def row_cells(row: dict[str, Any]) -> list[str]:
         _fmt(row.get("p50_ms"), ".2f"), _fmt(row.get("p90_ms"), ".2f"),
         ("-" if not speedup else f"{speedup:.2f}x" if speedup >= 0.01 else f"{speedup:.1e}x"),
         _fmt(row.get("cosine"), ".5f"), _fmt(row.get("top1"), ".3f"),
-        _fmt(row.get("size_mb"), ".2f"), _fmt(macs / 1e9 if macs else None, ".3g"),
+        _fmt(row.get("size_mb"), ".2f"), _fmt(row.get("onnx_nodes"), "d"), _fmt(macs / 1e9 if macs else None, ".3g"),
         _fmt(row.get("compile_s"), ".1f"), ran_on(row),
     ]
 
@@ -80,7 +81,7 @@ def console_table(rows: Sequence[dict[str, Any]]) -> str:
         if c[3].startswith("failed"):
             lines.append("  ".join(c[i].ljust(widths[i]) for i in range(3)) + "  " + c[3])
         else:
-            lines.append("  ".join(c[i].ljust(widths[i]) for i in range(3)) + "  " + "  ".join(f"{x:>9}" for x in c[3:11]) + "  " + c[11])
+            lines.append("  ".join(c[i].ljust(widths[i]) for i in range(3)) + "  " + "  ".join(f"{x:>9}" for x in c[3:-1]) + "  " + c[-1])
     return "\n".join(lines)
 
 

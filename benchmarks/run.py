@@ -146,6 +146,7 @@ def prepare_runners(variants: list[Variant], inputs, check_sets, reference, spec
     Fills each variant's row with parity, size, provider (and node placement); a variant that
     fails here gets its error and no runner.
     """
+    import onnx
     import torch
 
     from fxcompress.numerics import flatten_outputs
@@ -166,6 +167,7 @@ def prepare_runners(variants: list[Variant], inputs, check_sets, reference, spec
                 v.row["provider"] = runtime.provider
                 v.row["fell_back"] = runtime.fell_back or any(issubclass(w.category, ProviderFallbackWarning) for w in caught)
                 v.row["size_mb"] = round(v.path.stat().st_size / 1e6, 3)
+                v.row["onnx_nodes"] = len(onnx.load(str(v.path), load_external_data=False).graph.node)
                 got = [runtime.run(feed) for feed in check_sets]
                 v.row.update(common.parity(reference, got, spec.top1))
                 if placement:
