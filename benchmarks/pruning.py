@@ -86,8 +86,7 @@ def main() -> int:
     tp_path = common.export_plain(tp_model, inputs, work / "tp.onnx")
     rows["Torch-Pruning 0.5"] = {"macs": common.count_macs(tp_model, inputs), "bytes": tp_path.stat().st_size, **tp_info}
 
-    recipe = prune_preset()
-    next(s for s in recipe.steps if s.name == "prune-channels").options = {"ratio": args.ratio}
+    recipe = prune_preset().set_options("prune-channels", {"ratio": args.ratio})
     start = time.perf_counter()
     with common.quiet():
         pruned = fxcompress.compile(model, inputs, recipe=recipe)
@@ -118,8 +117,7 @@ def main() -> int:
         row["speedup_vs_fp32"] = dense_ms / row["p50_ms"]
 
     # Unstructured magnitude sparsity: file size and parity.
-    recipe = sparse_preset()
-    recipe.steps[-1].options = {"sparsity": args.sparsity}
+    recipe = sparse_preset().set_options("sparsify-magnitude", {"sparsity": args.sparsity})
     with common.quiet():
         sparse = fxcompress.compile(model, inputs, recipe=recipe)
     baked_path = sparse.export_onnx(work / "sparse_baked.onnx", tolerance=1e-4)

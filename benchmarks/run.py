@@ -130,13 +130,9 @@ INT8_RETRY_MAX_DRIFT = 0.1
 
 
 def _int8_with_max_drift(max_drift: float):
-    from fxcompress.infra.recipe import PassStep
     from fxcompress.passes.presets import int8
 
-    recipe = int8()
-    index = next(i for i, step in enumerate(recipe.steps) if step.name == "quantize-int8")
-    recipe.steps[index] = PassStep("quantize-int8", {"max_drift": max_drift})
-    return recipe
+    return int8().set_options("quantize-int8", {"max_drift": max_drift})
 
 
 def prepare_runners(variants: list[Variant], inputs, check_sets, reference, spec: common.ModelSpec,

@@ -10,8 +10,6 @@ the full sweep is ``-m slow``. Set ``FXCOMPRESS_SWEEP_LOG=path.jsonl`` to get on
 
 from __future__ import annotations
 
-import json
-import os
 import time
 
 import pytest
@@ -24,6 +22,7 @@ from fxcompress.infra.instruments import RecordDiff, Timing, VerifyNumerics
 from fxcompress.infra.recipe import resolve_recipe
 from fxcompress.numerics import compare_outputs, flatten_outputs, worst_drift
 from benchmarks.common import unzero_weights
+from tests import sweep_log
 from tests.models import TOO_BIG, randomize_bn
 
 torchvision = pytest.importorskip("torchvision")
@@ -96,10 +95,7 @@ def _sweep_one(name: str) -> dict:
         parity = fxcompress.validate(proto, model, inputs, random_inputs=1)
         row.update(ort_drift=parity.drift, ort_passed=parity.passed, ort_provider=parity.provider)
     row["seconds"] = round(time.perf_counter() - start, 1)
-    log = os.environ.get("FXCOMPRESS_SWEEP_LOG")
-    if log:
-        with open(log, "a") as f:
-            f.write(json.dumps(row) + "\n")
+    sweep_log.append(row)
 
     assert not row["rolled_back"], row["rolled_back"]
     assert drift <= DRIFT_LIMIT, f"{name}: drift {drift:.2e}"

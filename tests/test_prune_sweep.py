@@ -10,8 +10,6 @@ The full sweep is slow (``-m slow``); a handful of architectures run in CI.
 from __future__ import annotations
 
 import copy
-import json
-import os
 import time
 
 import pytest
@@ -19,6 +17,7 @@ import torch
 
 import fxcompress
 from fxcompress.passes.presets import prune as prune_preset
+from tests import sweep_log
 from tests.models import TOO_BIG
 
 CI_MODELS = ["resnet18"]  # plus BERT below; the rest of the zoo runs in the slow sweep
@@ -83,27 +82,11 @@ def _torch_pruning_shrinks(name: str) -> bool:
         return False
 
 
-def _sweep_log() -> dict[str, dict]:
-    """Per-model results already in FXCOMPRESS_SWEEP_LOG (JSON lines): a long sweep can resume."""
-    path = os.environ.get("FXCOMPRESS_SWEEP_LOG")
-    if not path or not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return {entry["name"]: entry for entry in map(json.loads, filter(str.strip, f))}
-
-
-def _log(entry: dict) -> None:
-    path = os.environ.get("FXCOMPRESS_SWEEP_LOG")
-    if path:
-        with open(path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
-
-
 @pytest.mark.slow
 def test_prune_every_torchvision_classifier_and_hf_configs(tmp_path):
     """Set FXCOMPRESS_SWEEP_LOG=path.jsonl to record one line per model and resume an interrupted sweep."""
     names = [n for n in _torchvision_models() if n not in TOO_BIG] + ["bert", "vit-hf"]
-    done = _sweep_log()
+    done = sweep_log.read()
     ours, peer, failures = {}, {}, {}
     for name in names:
         if name in done:
@@ -117,7 +100,7 @@ def test_prune_every_torchvision_classifier_and_hf_configs(tmp_path):
                 entry["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             entry["peer"] = _torch_pruning_shrinks(name)
             entry["seconds"] = round(time.perf_counter() - start, 1)
-            _log(entry)
+            sweep_log.append(entry)
             (tmp_path / f"{name}.onnx").unlink(missing_ok=True)
         ours[name], peer[name] = entry["ours"], entry["peer"]
         if entry["error"]:

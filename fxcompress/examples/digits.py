@@ -118,12 +118,9 @@ def prune_and_fine_tune(model: nn.Module, data: DigitsData, ratio: float = 0.5, 
     module is the fine-tuned one (export it with ``result.export_onnx``).
     """
     import fxcompress
-    from fxcompress.infra.recipe import PassStep
     from fxcompress.passes.presets import prune
 
-    recipe = prune()
-    index = next(i for i, step in enumerate(recipe.steps) if step.name == "prune-channels")
-    recipe.steps[index] = PassStep("prune-channels", {"ratio": ratio, "importance": "l2"})
+    recipe = prune().set_options("prune-channels", {"ratio": ratio, "importance": "l2"})
     result = fxcompress.compile(model, (data.x_train[:1],), recipe)
     train(result.module, data, epochs=epochs, batch_size=8, schedule="cosine")
     return result

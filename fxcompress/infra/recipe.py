@@ -52,6 +52,19 @@ class Recipe:
     tolerance: float = LOSSLESS_TOLERANCE
     max_iterations: int = 1
 
+    def set_options(self, pass_name: str, options: dict[str, Any], where: str = "") -> "Recipe":
+        """Merge ``options`` into every step running ``pass_name`` (a recipe file's ``[options]``).
+
+        RecipeError names the passes the recipe does run when none is ``pass_name``. Returns self.
+        """
+        matching = [s for s in self.steps if s.name == pass_name]
+        if not matching:
+            raise RecipeError(f"Recipe {where or self.name} sets options for '{pass_name}', which the recipe does not run.",
+                              f"its passes are: {', '.join(s.name for s in self.steps)}.")
+        for s in matching:
+            s.options = {**s.options, **options}
+        return self
+
     def validate(self) -> None:
         """Build every pass once so unknown names/options fail before any work is done."""
         for step in self.steps:
@@ -131,14 +144,6 @@ def load_recipe_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> Recipe:
         steps = [PassStep(s.name, dict(s.options), s.instance) for s in base.steps]
     for i, entry in enumerate(data.get("passes", [])):
         steps.append(_step_from_entry(entry, f"{path}: passes[{i}]"))
-    overrides = data.get("options", {})
-    for pass_name, opts in overrides.items():
-        matching = [s for s in steps if s.name == pass_name]
-        if not matching:
-            raise RecipeError(f"Recipe {path} sets options for '{pass_name}', which the recipe does not run.",
-                              f"its passes are: {', '.join(s.name for s in steps)}.")
-        for s in matching:
-            s.options = {**s.options, **opts}
     recipe = Recipe(
         name=data.get("name", path.stem),
         steps=steps,
@@ -146,6 +151,8 @@ def load_recipe_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> Recipe:
         tolerance=float(data.get("tolerance", base.tolerance if base else LOSSLESS_TOLERANCE)),
         max_iterations=int(data.get("max_iterations", base.max_iterations if base else 1)),
     )
+    for pass_name, opts in data.get("options", {}).items():
+        recipe.set_options(pass_name, opts, where=str(path))
     recipe.validate()
     return recipe
 
