@@ -131,6 +131,31 @@ def private_copy(model: nn.Module) -> nn.Module:
     return work.eval()
 
 
+_LEAF_FUNCTIONS: list = []
+
+
+def register_leaf_function(function):
+    """Keep calls of ``function`` (a pass's two-faced op: eager in PyTorch, one node in ONNX) as
+    calls when a saved compiled module is loaded back. Returns ``function``."""
+    _LEAF_FUNCTIONS.append(function)
+    return function
+
+
+class ReloadTracer(fx.Tracer):
+    """The tracer ``torch.load`` uses to rebuild a saved compiled module.
+
+    A pickled GraphModule is rebuilt by tracing its generated code with the tracer class recorded
+    in the module. torch.export's own tracer cannot be rebuilt that way (``torch.save(result.module)``
+    then fails to load), and fx's plain Tracer would inline the functions registered with
+    :func:`register_leaf_function`, so their ONNX face would be lost on re-export.
+    """
+
+    def __init__(self) -> None:
+        import fxcompress.passes  # noqa: F401 - registers the passes' leaf functions
+
+        super().__init__(autowrap_functions=tuple(_LEAF_FUNCTIONS))
+
+
 def capture(model: nn.Module, example_inputs: Any, *, dynamic_batch: bool = False) -> fx.GraphModule:
     """Capture ``model`` as a plain, trainable ``torch.fx.GraphModule`` of ATen ops.
 
@@ -168,5 +193,6 @@ def capture(model: nn.Module, example_inputs: Any, *, dynamic_batch: bool = Fals
     unlifted = program.module()
     # A plain GraphModule (not the unlifted subclass, which refuses .train()) over the same graph.
     graph_module = fx.GraphModule(unlifted, unlifted.graph, class_name="GraphModule")
+    graph_module._tracer_cls = ReloadTracer
     graph_module.meta["fxcompress_inputs"] = [(tuple(t.shape), t.dtype) for t in inputs]
     return graph_module

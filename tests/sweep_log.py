@@ -16,7 +16,7 @@ def append(entry: dict) -> None:
 
 
 def read() -> dict[str, dict]:
-    """Entries already logged, by their ``name`` (empty without a log)."""
+    """Entries already logged, by their ``name`` (empty without a log); a later line for a name wins."""
     path = os.environ.get("FXCOMPRESS_SWEEP_LOG")
     if not path or not os.path.exists(path):
         return {}

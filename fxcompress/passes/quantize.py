@@ -24,6 +24,8 @@ one at a time on the calibration data, go back to float until the whole model is
 
 from __future__ import annotations
 
+import copy
+
 import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
@@ -279,6 +281,8 @@ def build_quantized(graph_module: fx.GraphModule, plan: QuantPlan, params: dict[
     then reads the quantized value (one tensor, one quantization, as ORT's own quantizer does).
     """
     graph = fx.Graph()
+    # The codegen carries the model's input/output structure (a tensor, not a 1-tuple; dicts; kwargs).
+    graph._codegen = copy.deepcopy(graph_module.graph._codegen)
     remap: dict[fx.Node, fx.Node] = {}
     out = graph.graph_copy(graph_module.graph, remap)
     graph.output(out)

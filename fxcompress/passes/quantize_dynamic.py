@@ -26,6 +26,7 @@ from torch import fx
 
 from fxcompress.analysis.macs import register_linear_like
 from fxcompress.analysis.patterns import attribute
+from fxcompress.capture import register_leaf_function
 from fxcompress.infra.pass_base import Pass, PassResult, option
 from fxcompress.infra.registry import register
 from fxcompress.passes.calibrators import symmetric_weight_scales
@@ -44,6 +45,7 @@ def _dynamic_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return scale.float(), zero_point.to(torch.int32)
 
 
+@register_leaf_function
 def dynamic_int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                         bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ weight.T + bias`` with ``x`` dynamically quantized to uint8 and ``weight`` to int8 per row."""

@@ -231,7 +231,7 @@ def test_quantized_module_stays_trainable():
     losses = []
     for _ in range(8):
         optimizer.zero_grad()
-        loss = sum(nn.functional.cross_entropy(gm(xi)[0], ti) for xi, ti in zip(x, target)) / len(x)
+        loss = sum(nn.functional.cross_entropy(gm(xi), ti) for xi, ti in zip(x, target)) / len(x)
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
