@@ -17,6 +17,7 @@ import torch
 
 import fxcompress
 from fxcompress.passes.presets import prune as prune_preset
+from benchmarks.common import unzero_weights
 from tests import sweep_log
 from tests.models import TOO_BIG
 
@@ -40,7 +41,9 @@ def _build(name: str):
                                         intermediate_size=128, image_size=32, patch_size=8, num_labels=10)
         return transformers.ViTForImageClassification(config).eval(), (torch.randn(1, 3, 32, 32),)
     torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None).eval()
+    # torchvision's ViTs start with an all-zero head, which `default` rightly folds to a constant
+    # (nothing left to prune); give such weights values, as the default sweep does.
+    model = unzero_weights(torchvision.models.get_model(name, weights=None)).eval()
     size = 299 if "inception" in name else 224 if any(k in name for k in ("vit", "swin", "maxvit")) else 64
     return model, (torch.randn(1, 3, size, size),)
 
