@@ -27,7 +27,12 @@ OUT = Path(__file__).resolve().parent / "results" / "sweeps"
 
 
 def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """One row per model: a later line for a model (the peer filled in, a re-run) replaces earlier ones."""
+    rows = {}
+    for line in filter(str.strip, path.read_text().splitlines()):
+        entry = json.loads(line)
+        rows[entry["name"]] = entry
+    return list(rows.values())
 
 
 def default_summary(rows: list[dict]) -> list[str]:
