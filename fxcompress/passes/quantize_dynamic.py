@@ -1,5 +1,6 @@
 """Dynamic int8 quantization of linear layers (transformer encoders): int8 weights, activations
-quantized at run time from their own min/max.
+quantized at run time from their own min/max. Embedding tables are stored as int8 too
+(:func:`int8_embedding`).
 
 Each ``aten.linear`` (and matmul by a constant weight) becomes a call to
 :func:`dynamic_int8_linear`, which has two faces:
@@ -76,6 +77,29 @@ def _export_face(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
 register_linear_like(dynamic_int8_linear)
 
 
+@register_leaf_function
+def int8_embedding(ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, padding_idx: int = -1) -> torch.Tensor:
+    """``embedding(ids, weight)`` with the table quantized to int8 (one symmetric scale for the table).
+
+    In PyTorch the table is fake-quantized (straight-through gradient, so it still trains;
+    ``padding_idx`` keeps its row's gradient at zero as in ``nn.Embedding``). Under
+    ``torch.onnx.export`` the table is stored as int8 (QuantizeLinear, evaluated once by
+    export.int8_weights), the lookup gathers int8 rows and only those are dequantized: what ORT's
+    ``quantize_dynamic`` does with an embedding, and a quarter of the bytes of a float table.
+    """
+    zero = torch.zeros((), dtype=torch.int32, device=weight.device)
+    if torch.onnx.is_in_onnx_export():
+        zero8 = torch.zeros((), dtype=torch.int8)
+        table = torch.onnx.ops.symbolic("QuantizeLinear", (weight, scale, zero8), {}, dtype=torch.int8,
+                                        shape=weight.shape, version=13)
+        rows = torch.onnx.ops.symbolic("Gather", (table, ids), {"axis": 0}, dtype=torch.int8,
+                                       shape=(*ids.shape, weight.shape[1]), version=13)
+        return torch.onnx.ops.symbolic("DequantizeLinear", (rows, scale, zero8), {}, dtype=torch.float32,
+                                       shape=(*ids.shape, weight.shape[1]), version=13)
+    table = torch.fake_quantize_per_tensor_affine(weight, scale, zero, -128, 127)
+    return torch.nn.functional.embedding(ids, table, padding_idx=None if padding_idx < 0 else padding_idx)
+
+
 def _linear_weight(node: fx.Node) -> tuple[fx.Node, fx.Node | None, bool] | None:
     """(weight, bias, transposed) of a linear or matmul-by-constant node, else None."""
     if node.target is aten.linear.default:
@@ -95,12 +119,14 @@ def _linear_weight(node: fx.Node) -> tuple[fx.Node, fx.Node | None, bool] | None
 class QuantizeInt8DynamicOptions:
     skip: tuple[str, ...] = option((), "layers kept in float: module paths or fnmatch patterns ('classifier', 'encoder.layer.0.*')")
     min_features: int = option(16, "leave linear layers with fewer input features than this in float (too small to gain)")
+    embeddings: bool = option(True, "also store embedding tables as int8 (one scale per table; rows dequantized after the lookup)")
 
 
 
 @register
 class QuantizeInt8DynamicPass(Pass):
-    """Dynamic int8 for linear layers: int8 per-channel weights, activations quantized at run time.
+    """Dynamic int8 for linear layers: int8 per-channel weights, activations quantized at run time;
+    embedding tables stored as int8 (option ``embeddings``).
 
     Needs no calibration data. Exports as DynamicQuantizeLinear + MatMulInteger, which ORT fuses
     into DynamicQuantizeMatMul.
@@ -118,6 +144,9 @@ class QuantizeInt8DynamicPass(Pass):
         layers = []
         for node in list(graph.nodes):
             if node.op != "call_function":
+                continue
+            if node.target is aten.embedding.default and self.options.embeddings:
+                layers += self._embedding(graph_module, node, len(layers))
                 continue
             found = _linear_weight(node)
             if found is None:
@@ -154,3 +183,30 @@ class QuantizeInt8DynamicPass(Pass):
             layers.append({"name": name, "kind": "linear", "precision": "int8-dynamic"})
         quantized = sum(1 for layer in layers if layer["precision"] != "float")
         return PassResult(graph_module, quantized > 0, {"quantized_layers": quantized, "layers": layers})
+
+    def _embedding(self, graph_module: fx.GraphModule, node: fx.Node, index: int) -> list[dict]:
+        """Rewrite one ``aten.embedding`` of a constant float table; its entry for the layer report."""
+        weight_node, ids = node.args[0], node.args[1]
+        padding_idx = node.args[2] if len(node.args) > 2 else node.kwargs.get("padding_idx", -1)
+        val = weight_node.meta.get("val") if isinstance(weight_node, fx.Node) else None
+        if not (isinstance(weight_node, fx.Node) and weight_node.op == "get_attr" and isinstance(val, torch.Tensor)
+                and val.dtype == torch.float32 and val.dim() == 2):
+            return []
+        name = layer_name(node)
+        if any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(node.name, p) for p in self.options.skip):
+            return [{"name": name, "kind": "embedding", "precision": "float", "reason": "skip"}]
+        graph = graph_module.graph
+        table = attribute(graph_module, weight_node.target).detach()
+        scale = symmetric_weight_scales(table.reshape(1, -1), 0).reshape(())  # one scale for the table
+        prefix = f"_fxqd{index}_{name.replace('.', '_')}"
+        graph_module.register_buffer(f"{prefix}_scale", scale)
+        with graph.inserting_before(node):
+            s = graph.get_attr(f"{prefix}_scale")
+            s.meta["val"] = scale
+            s.meta[QUANT_META] = {"role": "weight-param", "layer": name}
+            q = graph.call_function(int8_embedding, (ids, weight_node, s, int(padding_idx)))
+        q.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
+        q.meta[QUANT_META] = {"role": "int8-embedding", "layer": name}
+        node.replace_all_uses_with(q)
+        graph.erase_node(node)
+        return [{"name": name, "kind": "embedding", "precision": "int8"}]

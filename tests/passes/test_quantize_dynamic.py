@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fxcompress
-from fxcompress.passes.quantize_dynamic import QuantizeInt8DynamicPass, dynamic_int8_linear
+from fxcompress.passes.quantize_dynamic import QuantizeInt8DynamicPass, dynamic_int8_linear, int8_embedding
 from fxcompress.runtime.session import create_session
 
 
@@ -84,3 +84,49 @@ def test_trainable():
         optimizer.step()
         losses.append(float(loss.detach()))
     assert gm.up.weight.grad is not None and losses[-1] < losses[0]
+
+
+class Tokens(nn.Module):
+    """A token embedding (padding row 0) feeding a linear layer: a transformer's first and last steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(500, 32, padding_idx=0)
+        self.proj = nn.Linear(32, 32)
+
+    def forward(self, ids):
+        return self.proj(self.embed(ids))
+
+
+def _tokens(**options):
+    torch.manual_seed(0)
+    model, ids = Tokens().eval(), torch.randint(0, 500, (2, 12))
+    ids[0, 0] = 0
+    return model, ids, fxcompress.compile(model, (ids,), [QuantizeInt8DynamicPass(options)])
+
+
+def test_embedding_table_is_stored_as_int8_and_dequantized_after_the_lookup(tmp_path):
+    _, _, result = _tokens()
+    targets = Counter(n.target for n in result.module.graph.nodes if n.op == "call_function")
+    assert targets[int8_embedding] == 1 and targets[torch.ops.aten.embedding.default] == 0
+    layers = result.report.records[0].stats["layers"]
+    assert {"name": "embed", "kind": "embedding", "precision": "int8"} in layers
+    path = result.export_onnx(tmp_path / "emb.onnx")
+    assert result.report.parity.drift < 1e-4  # the same integers in PyTorch and ORT
+    graph = onnx.load(str(path)).graph
+    tables = [t for t in graph.initializer if list(t.dims) == [500, 32]]
+    assert [t.data_type for t in tables] == [onnx.TensorProto.INT8]
+    gather = next(n for n in graph.node if n.op_type == "Gather")
+    assert gather.input[0] == tables[0].name
+    assert next(n for n in graph.node if gather.output[0] in n.input).op_type == "DequantizeLinear"
+    _, _, float_table = _tokens(embeddings=False)
+    assert path.stat().st_size < 0.5 * float_table.export_onnx(tmp_path / "float.onnx").stat().st_size
+
+
+def test_int8_embedding_trains_and_keeps_the_padding_row_fixed():
+    _, ids, result = _tokens()
+    gm = result.module.train()
+    loss = gm(ids).square().mean()
+    loss.backward()
+    grad = gm.embed.weight.grad
+    assert grad is not None and grad[0].abs().sum() == 0 and grad[ids[1, 0]].abs().sum() > 0
