@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 import fxcompress  # noqa: E402
 from fxcompress.export.onnx_export import export_model_proto  # noqa: E402
-from fxcompress.passes.presets import int8  # noqa: E402
 from fxcompress.numerics import compare_output  # noqa: E402
+from fxcompress.passes.presets import int8  # noqa: E402
 from fxcompress.runtime.session import create_session  # noqa: E402
 from fxcompress.runtime.timing import make_runner, time_interleaved  # noqa: E402
 from tests.models import randomize_bn  # noqa: E402

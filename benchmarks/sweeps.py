@@ -11,28 +11,18 @@ The logs are copied in, and the summary is built from them only (no figure is ty
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import machine_description  # noqa: E402
 from benchmarks.report import machine_line, write_text  # noqa: E402
+from tests import sweep_log  # noqa: E402
 from tests.models import TOO_BIG  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "sweeps"
-
-
-def _rows(path: Path) -> list[dict]:
-    """One row per model: a later line for a model (the peer filled in, a re-run) replaces earlier ones."""
-    rows = {}
-    for line in filter(str.strip, path.read_text().splitlines()):
-        entry = json.loads(line)
-        rows[entry["name"]] = entry
-    return list(rows.values())
 
 
 def default_summary(rows: list[dict]) -> list[str]:
@@ -96,15 +86,14 @@ def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     for kind, source in (("default", args.default), ("prune", args.prune)):
         if source is not None and source.resolve() != (OUT / f"{kind}.jsonl").resolve():
-            shutil.copy2(source, OUT / f"{kind}.jsonl")  # copy2 keeps the time the sweep wrote it
+            shutil.copyfile(source, OUT / f"{kind}.jsonl")
     lines = ["# Model-zoo sweeps", "",
-             f"Machine: {machine_line(machine_description(), when=False)}. The logs are in this folder; "
-             "`python benchmarks/sweeps.py` rebuilds this file from them.", ""]
+             f"Summarised on: {machine_line(machine_description(), when=False)}. The logs are in this folder "
+             "(default.jsonl, prune.jsonl); `python benchmarks/sweeps.py` rebuilds this file from them.", ""]
     for kind, summary in (("default", default_summary), ("prune", prune_summary)):
         log = OUT / f"{kind}.jsonl"
         if log.exists():
-            finished = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(log.stat().st_mtime))
-            lines += [*summary(_rows(log)), "", f"Log: {kind}.jsonl, last line written {finished}.", ""]
+            lines += [*summary(list(sweep_log.read(log).values())), ""]
     write_text(OUT / "README.md", "\n".join(lines))
     print(OUT / "README.md")
     return 0

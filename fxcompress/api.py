@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 from torch import fx, nn
 
-from fxcompress.capture import ReloadTracer, capture, normalize_inputs, private_copy, run_eager
+from fxcompress.capture import capture, normalize_inputs, private_copy, run_eager
 from fxcompress.errors import DriftError, ExportError
 from fxcompress.export.onnx_export import export_model_proto, save_model, set_metadata
 from fxcompress.export.sparse import bake_weight_masks, compress_initializers
@@ -240,7 +240,6 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
             "raise the tolerance (tolerance=... or `tolerance` in the recipe) if that accuracy is acceptable, "
             "or use a less aggressive recipe (e.g. keep sensitive layers in float).",
         )
-    compiled._tracer_cls = ReloadTracer  # passes may build new GraphModules; torch.save/torch.load must work
     return CompileResult(compiled, report, resolved, inputs, recorder, dynamic_batch)
 
 

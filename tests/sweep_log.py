@@ -15,9 +15,10 @@ def append(entry: dict) -> None:
             f.write(json.dumps(entry) + "\n")
 
 
-def read() -> dict[str, dict]:
-    """Entries already logged, by their ``name`` (empty without a log); a later line for a name wins."""
-    path = os.environ.get("FXCOMPRESS_SWEEP_LOG")
+def read(path: str | os.PathLike | None = None) -> dict[str, dict]:
+    """Entries logged in ``path`` (default: FXCOMPRESS_SWEEP_LOG), by their ``name``; a later line
+    for a name wins. Empty without a log."""
+    path = path or os.environ.get("FXCOMPRESS_SWEEP_LOG")
     if not path or not os.path.exists(path):
         return {}
     with open(path) as f:

@@ -138,8 +138,8 @@ def test_prune_sweep_model(name, tmp_path):
     """One model per test, so one failure or crash does not hide the rest.
 
     Set FXCOMPRESS_SWEEP_LOG=path.jsonl to record one line per model and resume an interrupted sweep.
-    Torch-Pruning can take 7 minutes on one model where fxcompress takes 15 s; FXCOMPRESS_SWEEP_PEER=later
-    runs fxcompress over the whole zoo first (peer left null in the log), and a later run fills the peer in.
+    Torch-Pruning runs in its own capped process and can be much slower; FXCOMPRESS_SWEEP_PEER=later runs
+    fxcompress over the whole zoo first (peer left null in the log), and a later run fills the peer in.
     """
     entry = sweep_log.read().get(name)
     if entry is None:

@@ -25,7 +25,6 @@ one at a time on the calibration data, go back to float until the whole model is
 from __future__ import annotations
 
 import copy
-
 import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
@@ -287,6 +286,7 @@ def build_quantized(graph_module: fx.GraphModule, plan: QuantPlan, params: dict[
     out = graph.graph_copy(graph_module.graph, remap)
     graph.output(out)
     result = fx.GraphModule(graph_module, graph, class_name="GraphModule")
+    result._tracer_cls = graph_module._tracer_cls  # what torch.load rebuilds it with (capture.ReloadTracer)
     result.meta.update(graph_module.meta)
     active = [p for p, owners in plan.owners.items() if any(i in enabled for i in owners)]
     for point in active:

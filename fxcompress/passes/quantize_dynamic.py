@@ -87,7 +87,6 @@ def int8_embedding(ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     export.int8_weights), the lookup gathers int8 rows and only those are dequantized: what ORT's
     ``quantize_dynamic`` does with an embedding, and a quarter of the bytes of a float table.
     """
-    zero = torch.zeros((), dtype=torch.int32, device=weight.device)
     if torch.onnx.is_in_onnx_export():
         zero8 = torch.zeros((), dtype=torch.int8)
         table = torch.onnx.ops.symbolic("QuantizeLinear", (weight, scale, zero8), {}, dtype=torch.int8,
@@ -96,6 +95,7 @@ def int8_embedding(ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                                        shape=(*ids.shape, weight.shape[1]), version=13)
         return torch.onnx.ops.symbolic("DequantizeLinear", (rows, scale, zero8), {}, dtype=torch.float32,
                                        shape=(*ids.shape, weight.shape[1]), version=13)
+    zero = torch.zeros((), dtype=torch.int32, device=weight.device)
     table = torch.fake_quantize_per_tensor_affine(weight, scale, zero, -128, 127)
     return torch.nn.functional.embedding(ids, table, padding_idx=None if padding_idx < 0 else padding_idx)
 
@@ -159,8 +159,7 @@ class QuantizeInt8DynamicPass(Pass):
             val = x.meta.get("val") if isinstance(x, fx.Node) else None
             if not (isinstance(val, torch.Tensor) and val.dtype == torch.float32):
                 continue
-            if any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(node.name, p) for p in self.options.skip) \
-                    or in_features < self.options.min_features:
+            if self._skipped(name, node) or in_features < self.options.min_features:
                 layers.append({"name": name, "kind": "linear", "precision": "float", "reason": "skip"})
                 continue
             index = len(layers)
@@ -184,6 +183,10 @@ class QuantizeInt8DynamicPass(Pass):
         quantized = sum(1 for layer in layers if layer["precision"] != "float")
         return PassResult(graph_module, quantized > 0, {"quantized_layers": quantized, "layers": layers})
 
+    def _skipped(self, name: str, node: fx.Node) -> bool:
+        """Whether option ``skip`` names this layer (by module path or node name)."""
+        return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(node.name, p) for p in self.options.skip)
+
     def _embedding(self, graph_module: fx.GraphModule, node: fx.Node, index: int) -> list[dict]:
         """Rewrite one ``aten.embedding`` of a constant float table; its entry for the layer report."""
         weight_node, ids = node.args[0], node.args[1]
@@ -193,7 +196,7 @@ class QuantizeInt8DynamicPass(Pass):
                 and val.dtype == torch.float32 and val.dim() == 2):
             return []
         name = layer_name(node)
-        if any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(node.name, p) for p in self.options.skip):
+        if self._skipped(name, node):
             return [{"name": name, "kind": "embedding", "precision": "float", "reason": "skip"}]
         graph = graph_module.graph
         table = attribute(graph_module, weight_node.target).detach()

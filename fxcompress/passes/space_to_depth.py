@@ -87,9 +87,20 @@ def _spatial_size(node: fx.Node) -> tuple[int, int] | None:
 class _StemMatch:
     layer: WeightedLayer
     stride: int
-    padding: int
     kernel: int
-    right_pad: tuple[int, int]  # (height, width) padding on the bottom/right side
+
+    @property
+    def padding(self) -> int:
+        return int(argument(self.layer.node, "padding")[0])  # check() made sure both axes agree
+
+    def right_pads(self) -> tuple[int, int] | None:
+        """Bottom and right padding that make the input ``s * (out + k2 - 1)`` long, or None if unknown."""
+        in_size, out_size = _spatial_size(self.layer.node.args[0]), _spatial_size(self.layer.node)
+        if in_size is None or out_size is None:
+            return None
+        k2 = math.ceil(self.kernel / self.stride)
+        bottom, right = (self.stride * (out + k2 - 1) - size - self.padding for size, out in zip(in_size, out_size))
+        return bottom, right
 
 
 class _SpaceToDepthRule(Rule[_StemMatch]):
@@ -113,7 +124,7 @@ class _SpaceToDepthRule(Rule[_StemMatch]):
         stride = argument(node, "stride")
         if not (isinstance(stride, (list, tuple)) and len(stride) == 2 and stride[0] == stride[1] and stride[0] > 1):
             return None
-        return _StemMatch(layer, int(stride[0]), 0, int(weight_shape[2]), (0, 0))
+        return _StemMatch(layer, int(stride[0]), int(weight_shape[2]))
 
     def check(self, ctx: RewriteContext, match: _StemMatch) -> str | None:
         node, layer = match.layer.node, match.layer
@@ -127,28 +138,21 @@ class _SpaceToDepthRule(Rule[_StemMatch]):
         weight_shape = static_shape(layer.weight)
         if weight_shape[2] != weight_shape[3]:
             return f"kernel {weight_shape[2]}x{weight_shape[3]} is not square"
-        in_shape, out_shape = _spatial_size(node.args[0]), _spatial_size(node)
-        if in_shape is None or out_shape is None:
+        right_pads = match.right_pads()
+        if right_pads is None:
             return "the input's height and width are not fixed numbers (symbolic or unknown)"
-        problem = describe_constant_problem(ctx.graph_module, layer.weight, "conv weight") or ctx.sharing_problem(
-            layer.weight, node, "conv weight")
-        if problem:
-            return problem
-        match.padding = int(padding[0])
-        k2 = math.ceil(match.kernel / match.stride)
-        right = [match.stride * (out + k2 - 1) - size - match.padding for size, out in zip(in_shape, out_shape)]
-        if min(right) < 0:
+        if min(right_pads) < 0:
             return "the input would have to be cropped (output size is not ceil-aligned to the stride)"
-        match.right_pad = (right[0], right[1])
-        return None
+        return describe_constant_problem(ctx.graph_module, layer.weight, "conv weight") or ctx.sharing_problem(
+            layer.weight, node, "conv weight")
 
     def rewrite(self, ctx: RewriteContext, match: _StemMatch) -> None:
         node, layer, s, p = match.layer.node, match.layer, match.stride, match.padding
         weight = ctx.constant(layer.weight)
         bias = layer.bias
         x = node.args[0]
-        # constant_pad_nd takes (left, right) pairs from the last dimension backwards.
-        pads = [p, match.right_pad[1], p, match.right_pad[0]]
+        bottom, right = match.right_pads()
+        pads = [p, right, p, bottom]  # constant_pad_nd: (before, after) pairs from the last dimension backwards
         padded = ctx.call(aten.constant_pad_nd.default, (x, pads, 0.0), like=node, before=node)
         blocks = ctx.call(space_to_depth, (padded, s), like=node, before=node)
         new_weight = ctx.new_state(layer.weight, "weight_s2d", space_to_depth_weight(weight, s), node, layer.weight)
