@@ -2,8 +2,8 @@
 
 A network's stem (ResNet's 7x7/2 conv on RGB, MobileNet's 3x3/2) has 3 input channels. ONNX
 Runtime's int8 convolution gathers the input patch by patch, and with 3 channels each gather moves
-3 bytes: profiled on this machine (one thread), the int8 stem of ResNet-50 took 1.6 ms of 18, about
-four times as long per multiply-add as the rest of the network. The same convolution on a
+3 bytes: in ORT's profiler the int8 stem of ResNet-50 costs several times more per multiply-add
+than the rest of the network. The same convolution on a
 space-to-depth view of the input (each ``s x s`` block of pixels becomes ``s*s*C`` channels) has
 12 input channels and stride 1. benchmarks/quantization.py times int8 with and without this pass
 in one run (ResNet-50 and MobileNetV2 both get faster).
