@@ -10,7 +10,10 @@ then the same plain export); fxcompress ``prune`` at ratio 0.5; fxcompress ``pru
 by one counter (fxcompress.analysis.macs on the captured graph) for every variant; Torch-Pruning's
 own counter is shown beside it. Latency: ORT CPU provider, timed interleaved (DESIGN.md). Also:
 one training step (SGD, batch 8) of the pruned module vs the original, and unstructured 80%
-magnitude sparsity (file sizes dense / baked / compact encodings, ORT parity).
+magnitude sparsity (file sizes dense / baked / compact encodings, ORT parity). And where the int8
+time goes: prune+int8 vs dense ORT int8 timed again at one thread, and ORT's profiler per op type
+at both thread counts (fxcompress.runtime.profiling), which shows why 0.26x the multiply-adds
+does not give 0.26x the latency.
 
 Writes benchmarks/results/pruning.md and .json with the command and the machine.
 """
@@ -35,6 +38,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import common  # noqa: E402
 import fxcompress  # noqa: E402
 from fxcompress.passes.presets import prune as prune_preset, sparse as sparse_preset  # noqa: E402
+from fxcompress.runtime.profiling import op_times  # noqa: E402
 from fxcompress.runtime.session import create_session  # noqa: E402
 from fxcompress.runtime.timing import make_runner, time_interleaved  # noqa: E402
 
@@ -63,6 +67,22 @@ def _train_step_runner(module: torch.nn.Module, batch: tuple[torch.Tensor, ...],
         optimizer.step()
 
     return step
+
+
+INT8_PAIR = ("ORT quantize_static U8S8 (dense)", "fxcompress prune 0.5 + int8")
+
+
+def _int8_breakdown(paths: dict[str, Path], inputs: tuple[torch.Tensor, ...], rounds: int) -> dict:
+    """Where the int8 time goes, dense ORT int8 vs prune+int8, at one thread and at ORT's default.
+
+    Latency is timed interleaved without the profiler (the profiler inflates every kernel a
+    little); the per-op-type kernel times come from separate profiled sessions.
+    """
+    one_thread = {label: create_session(str(paths[label]), "cpu", optimize=True, threads=1) for label in INT8_PAIR}
+    latency_1 = time_interleaved({label: make_runner(rt, inputs) for label, rt in one_thread.items()}, rounds=rounds)
+    profiles = {f"{label} @{threads or 'default'}": op_times(paths[label], inputs, runs=20, warmup=5, threads=threads).as_dict()
+                for threads in (None, 1) for label in INT8_PAIR}
+    return {"p50_ms_1_thread": {label: v["p50_ms"] for label, v in latency_1.items()}, "op_times": profiles}
 
 
 def main() -> int:
@@ -116,6 +136,7 @@ def main() -> int:
     dense_ms = rows["fp32 (plain export)"]["p50_ms"]
     for row in rows.values():
         row["speedup_vs_fp32"] = dense_ms / row["p50_ms"]
+    breakdown = _int8_breakdown(paths, inputs, rounds=max(2, args.rounds // 2))
 
     # Unstructured magnitude sparsity: file size and parity.
     recipe = sparse_preset().set_options("sparsify-magnitude", {"sparsity": args.sparsity})
@@ -149,7 +170,8 @@ def main() -> int:
         training = time_interleaved(steps, rounds=3, block=2, warmup=1, batch_size=8)
 
     result = {"command": common.command_line(), "machine": common.machine_description("cpu"), "model": "resnet50",
-              "ratio": args.ratio, "rows": rows, "sparsity": sparsity_row, "training_step_ms": training}
+              "ratio": args.ratio, "rows": rows, "int8_breakdown": breakdown, "sparsity": sparsity_row,
+              "training_step_ms": training}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str))
     args.out.with_suffix(".md").write_text(_markdown(result))
@@ -175,6 +197,7 @@ def _markdown(result: dict) -> str:
     rows = result["rows"]
     lines += ["", f"prune+int8 / ORT int8 (dense) latency: "
               f"{rows['fxcompress prune 0.5 + int8']['p50_ms'] / rows['ORT quantize_static U8S8 (dense)']['p50_ms']:.2f}"]
+    lines += _breakdown_markdown(result)
     s = result["sparsity"]
     lines += ["", f"## Unstructured magnitude sparsity {s['sparsity']:.0%}", "",
               f"dense {s['dense_bytes'] / 1e6:.1f} MB, masks baked {s['baked_bytes'] / 1e6:.1f} MB, compact encoding "
@@ -188,6 +211,39 @@ def _markdown(result: dict) -> str:
     lines += ["", "Figures from a shared 2-core machine: comparisons are interleaved in one process, so ratios hold; "
               "absolute numbers move with the load of other jobs."]
     return "\n".join(lines) + "\n"
+
+
+def _breakdown_markdown(result: dict) -> list[str]:
+    rows, breakdown = result["rows"], result["int8_breakdown"]
+    dense, pruned = INT8_PAIR
+    one = breakdown["p50_ms_1_thread"]
+    profiles = breakdown["op_times"]
+    lines = ["", "## Where the int8 time goes (dense ORT int8 vs prune 0.5 + int8)", "",
+             "| threads | ORT int8 dense p50 ms | prune+int8 p50 ms | ratio | kernel sum dense / pruned ms (profiler) |",
+             "|---|---|---|---|---|"]
+    for threads, dense_ms, pruned_ms in (("default (one per core)", rows[dense]["p50_ms"], rows[pruned]["p50_ms"]),
+                                         ("1", one[dense], one[pruned])):
+        key = "default" if threads.startswith("default") else "1"
+        kernels = f"{profiles[f'{dense} @{key}']['total_ms']:.2f} / {profiles[f'{pruned} @{key}']['total_ms']:.2f}"
+        lines.append(f"| {threads} | {dense_ms:.2f} | {pruned_ms:.2f} | {pruned_ms / dense_ms:.2f} | {kernels} |")
+    macs = rows[pruned]["macs"] / rows[dense]["macs"]
+    lines += ["", f"Multiply-adds of prune+int8 / dense: {macs:.2f}. Per op type, ORT's default threads, kernel ms per run "
+              "(nodes); the last column is how much faster the op type got with the second thread:", "",
+              "| op type | ORT int8 dense | prune+int8 | pruned / dense | 2-thread speedup dense / pruned |", "|---|---|---|---|---|"]
+    dense_ops, pruned_ops = profiles[f"{dense} @default"]["ops"], profiles[f"{pruned} @default"]["ops"]
+    dense_1, pruned_1 = profiles[f"{dense} @1"]["ops"], profiles[f"{pruned} @1"]["ops"]
+
+    def cell(ops: dict, op: str) -> str:
+        return f"{ops[op]['ms']:.3f} ({ops[op]['nodes']})" if op in ops else "-"
+
+    def speedup(single: dict, multi: dict, op: str) -> str:
+        return f"{single[op]['ms'] / multi[op]['ms']:.2f}" if op in single and op in multi and multi[op]["ms"] else "-"
+
+    for op in sorted(set(dense_ops) | set(pruned_ops), key=lambda o: -max(dense_ops.get(o, {}).get("ms", 0), pruned_ops.get(o, {}).get("ms", 0))):
+        ratio = f"{pruned_ops[op]['ms'] / dense_ops[op]['ms']:.2f}" if op in dense_ops and op in pruned_ops else "-"
+        lines.append(f"| {op} | {cell(dense_ops, op)} | {cell(pruned_ops, op)} | {ratio} | "
+                     f"{speedup(dense_1, dense_ops, op)} / {speedup(pruned_1, pruned_ops, op)} |")
+    return lines
 
 
 if __name__ == "__main__":

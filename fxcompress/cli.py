@@ -41,6 +41,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--input-shape", action="append", default=None, help="override input shapes (default: from the file)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--iters", type=int, default=100)
+    p.add_argument("--ops", action="store_true", help="also print ORT's kernel time per op type (from its profiler)")
+    p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads for --ops (default: one per core)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,6 +135,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         inputs.append(torch.from_numpy(array))
     report = benchmark(model, tuple(inputs), provider=args.provider, warmup=args.warmup, iters=args.iters)
     print(f"{args.model}: {report.summary()}")
+    if args.ops:
+        from fxcompress.runtime.profiling import op_times
+
+        print(op_times(model, tuple(inputs), args.provider, runs=max(1, args.iters // 5), threads=args.threads).table())
     return 0
 
 

@@ -26,6 +26,11 @@ def test_bench_prints_provider(tmp_path, capsys):
     capsys.readouterr()
     assert main(["bench", str(out), "--iters", "5", "--warmup", "1"]) == 0
     assert "on cpu" in capsys.readouterr().out
+    assert main(["bench", str(out), "--iters", "5", "--warmup", "1", "--ops", "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "kernel time per op type" in text and "threads: 1" in text
+    conv_line = next(line for line in text.splitlines() if line.split()[:1] in (["Conv"], ["FusedConv"]))
+    assert float(conv_line.split()[2]) > 0  # ms of the conv kernels
 
 
 def test_passes_lists_registry(capsys):

@@ -13,17 +13,14 @@ product, attention, normalisation) on the CPU of a CUDA session is the fallback 
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import onnx
 
-from fxcompress.errors import RuntimeProviderError
+from fxcompress.runtime.profiling import kernel_events, node_name, profile_events
 
 #: Ops whose placement on the CPU of a GPU session means the heavy work left the GPU.
 COMPUTE_OPS = frozenset({
@@ -107,14 +104,12 @@ def parse_profile(events: Iterable[dict[str, Any]], requested: str) -> Placement
     even when the profile covers several runs.
     """
     seen: dict[str, NodeRun] = {}
-    for event in events:
-        if event.get("cat") != "Node" or not str(event.get("name", "")).endswith("_kernel_time"):
-            continue
+    for event in kernel_events(list(events)):
         args = event.get("args") or {}
         provider = args.get("provider")
         if provider is None:
             continue
-        name = str(event["name"])[: -len("_kernel_time")]
+        name = node_name(event)
         seen.setdefault(name, NodeRun(name, str(args.get("op_name", "?")), _SHORT.get(provider, provider)))
     return PlacementReport(requested, list(seen.values()))
 
@@ -131,24 +126,6 @@ def node_placement(
     The session is created like a timing session (graph optimizations on), so the nodes are those
     of the graph ORT really runs. The profile file is written to a temporary folder and removed.
     """
-    from fxcompress.runtime.session import create_session
-
-    with tempfile.TemporaryDirectory(prefix="fxcompress-profile-") as folder:
-        runtime = create_session(model, provider, optimize=True, profile_prefix=Path(folder) / "profile")
-        feeds = runtime.feeds(inputs)
-        for _ in range(max(1, runs)):
-            runtime.session.run(None, feeds)
-        path = runtime.session.end_profiling()
-        try:
-            with open(path, encoding="utf-8") as handle:
-                events = json.load(handle)
-        except (OSError, ValueError) as exc:
-            raise RuntimeProviderError(
-                f"ONNX Runtime's profile could not be read ({exc}), so node placement is unknown.",
-                "check that the temporary folder is writable; placement needs ORT's profiler.",
-            ) from None
-    # Older ORT versions wrap the list as {"traceEvents": [...]}.
-    if isinstance(events, dict):
-        events = events.get("traceEvents", [])
+    events = profile_events(model, inputs, provider, runs=runs)
     # Judged against what was asked for: a session that fell back entirely is all fallback.
     return parse_profile(events, provider)
