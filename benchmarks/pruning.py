@@ -75,13 +75,14 @@ INT8_PAIR = ("ORT quantize_static U8S8 (dense)", "fxcompress prune 0.5 + int8")
 def _int8_breakdown(paths: dict[str, Path], inputs: tuple[torch.Tensor, ...], rounds: int) -> dict:
     """Where the int8 time goes, dense ORT int8 vs prune+int8, at one thread and at ORT's default.
 
-    Latency is timed interleaved without the profiler (the profiler inflates every kernel a
-    little); the per-op-type kernel times come from separate profiled sessions.
+    Latency at one thread is timed interleaved without the profiler (the profiler inflates every
+    kernel a little); the per-op-type kernel times, keyed by thread setting then variant, come
+    from separate profiled sessions.
     """
     one_thread = {label: create_session(str(paths[label]), "cpu", optimize=True, threads=1) for label in INT8_PAIR}
     latency_1 = time_interleaved({label: make_runner(rt, inputs) for label, rt in one_thread.items()}, rounds=rounds)
-    profiles = {f"{label} @{threads or 'default'}": op_times(paths[label], inputs, runs=20, warmup=5, threads=threads).as_dict()
-                for threads in (None, 1) for label in INT8_PAIR}
+    profiles = {key: {label: op_times(paths[label], inputs, runs=20, warmup=5, threads=threads).as_dict() for label in INT8_PAIR}
+                for key, threads in (("default", None), ("1", 1))}
     return {"p50_ms_1_thread": {label: v["p50_ms"] for label, v in latency_1.items()}, "op_times": profiles}
 
 
@@ -221,17 +222,16 @@ def _breakdown_markdown(result: dict) -> list[str]:
     lines = ["", "## Where the int8 time goes (dense ORT int8 vs prune 0.5 + int8)", "",
              "| threads | ORT int8 dense p50 ms | prune+int8 p50 ms | ratio | kernel sum dense / pruned ms (profiler) |",
              "|---|---|---|---|---|"]
-    for threads, dense_ms, pruned_ms in (("default (one per core)", rows[dense]["p50_ms"], rows[pruned]["p50_ms"]),
-                                         ("1", one[dense], one[pruned])):
-        key = "default" if threads.startswith("default") else "1"
-        kernels = f"{profiles[f'{dense} @{key}']['total_ms']:.2f} / {profiles[f'{pruned} @{key}']['total_ms']:.2f}"
-        lines.append(f"| {threads} | {dense_ms:.2f} | {pruned_ms:.2f} | {pruned_ms / dense_ms:.2f} | {kernels} |")
+    for label, key, dense_ms, pruned_ms in (("default (one per core)", "default", rows[dense]["p50_ms"], rows[pruned]["p50_ms"]),
+                                            ("1", "1", one[dense], one[pruned])):
+        kernels = f"{profiles[key][dense]['total_ms']:.2f} / {profiles[key][pruned]['total_ms']:.2f}"
+        lines.append(f"| {label} | {dense_ms:.2f} | {pruned_ms:.2f} | {pruned_ms / dense_ms:.2f} | {kernels} |")
     macs = rows[pruned]["macs"] / rows[dense]["macs"]
     lines += ["", f"Multiply-adds of prune+int8 / dense: {macs:.2f}. Per op type, ORT's default threads, kernel ms per run "
               "(nodes); the last column is how much faster the op type got with the second thread:", "",
               "| op type | ORT int8 dense | prune+int8 | pruned / dense | 2-thread speedup dense / pruned |", "|---|---|---|---|---|"]
-    dense_ops, pruned_ops = profiles[f"{dense} @default"]["ops"], profiles[f"{pruned} @default"]["ops"]
-    dense_1, pruned_1 = profiles[f"{dense} @1"]["ops"], profiles[f"{pruned} @1"]["ops"]
+    dense_ops, pruned_ops = profiles["default"][dense]["ops"], profiles["default"][pruned]["ops"]
+    dense_1, pruned_1 = profiles["1"][dense]["ops"], profiles["1"][pruned]["ops"]
 
     def cell(ops: dict, op: str) -> str:
         return f"{ops[op]['ms']:.3f} ({ops[op]['nodes']})" if op in ops else "-"
@@ -239,7 +239,10 @@ def _breakdown_markdown(result: dict) -> list[str]:
     def speedup(single: dict, multi: dict, op: str) -> str:
         return f"{single[op]['ms'] / multi[op]['ms']:.2f}" if op in single and op in multi and multi[op]["ms"] else "-"
 
-    for op in sorted(set(dense_ops) | set(pruned_ops), key=lambda o: -max(dense_ops.get(o, {}).get("ms", 0), pruned_ops.get(o, {}).get("ms", 0))):
+    def largest(op: str) -> float:
+        return max(dense_ops.get(op, {}).get("ms", 0), pruned_ops.get(op, {}).get("ms", 0))
+
+    for op in sorted(set(dense_ops) | set(pruned_ops), key=largest, reverse=True):
         ratio = f"{pruned_ops[op]['ms'] / dense_ops[op]['ms']:.2f}" if op in dense_ops and op in pruned_ops else "-"
         lines.append(f"| {op} | {cell(dense_ops, op)} | {cell(pruned_ops, op)} | {ratio} | "
                      f"{speedup(dense_1, dense_ops, op)} / {speedup(pruned_1, pruned_ops, op)} |")

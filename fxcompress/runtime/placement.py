@@ -104,7 +104,7 @@ def parse_profile(events: Iterable[dict[str, Any]], requested: str) -> Placement
     even when the profile covers several runs.
     """
     seen: dict[str, NodeRun] = {}
-    for event in kernel_events(list(events)):
+    for event in kernel_events(events):
         args = event.get("args") or {}
         provider = args.get("provider")
         if provider is None:

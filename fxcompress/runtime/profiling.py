@@ -16,7 +16,7 @@ import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import onnx
 
@@ -64,7 +64,7 @@ def profile_events(
     return _last_runs(events, max(1, runs))
 
 
-def kernel_events(events: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def kernel_events(events: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """The per-node kernel events (``{"cat": "Node", "name": "<node>_kernel_time", ...}``)."""
     return [e for e in events if e.get("cat") == "Node" and str(e.get("name", "")).endswith(_KERNEL_SUFFIX)]
 
