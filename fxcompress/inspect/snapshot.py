@@ -17,9 +17,8 @@ import torch
 from torch import fx
 
 from fxcompress.analysis.graph_stats import COMPUTE_OPS, count_parameters, op_name
+from fxcompress.graph_meta import PROVENANCE_KEY
 
-#: node.meta key a pass sets on nodes it creates: {"pass": name, "from": [names of replaced nodes]}.
-PROVENANCE_KEY = "fxcompress_provenance"
 #: Meta keys that are not annotations (they are read into their own fields).
 _OWN_KEYS = {PROVENANCE_KEY, "fxcompress_layer", "fxcompress_precision"}
 

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from fxcompress.analysis.patterns import (
+from fxcompress.rewrite import (
     PERMUTE_OPS,
     Rule,
     RewriteContext,

@@ -33,7 +33,7 @@ import torch
 from torch import fx
 
 from fxcompress.analysis.aliasing import alias_set
-from fxcompress.analysis.patterns import attribute
+from fxcompress.rewrite.matchers import attribute
 from fxcompress.analysis.sensitivity import layer_sensitivities, select_float_layers
 from fxcompress.errors import RecipeError
 from fxcompress.infra.context import CompileContext

@@ -26,7 +26,7 @@ import torch
 from torch import fx
 
 from fxcompress.analysis.macs import register_linear_like
-from fxcompress.analysis.patterns import attribute
+from fxcompress.rewrite.matchers import attribute
 from fxcompress.capture import register_leaf_function
 from fxcompress.infra.pass_base import Pass, PassResult, option
 from fxcompress.infra.registry import register

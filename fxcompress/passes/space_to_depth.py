@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from fxcompress.analysis.patterns import (
+from fxcompress.rewrite import (
     RewriteContext, Rule, WeightedLayer, argument, apply_rules, describe_constant_problem, static_shape,
     tensor_val, weighted_layer,
 )

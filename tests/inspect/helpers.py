@@ -10,7 +10,7 @@ import torch
 from torch import fx
 
 from fxcompress.infra.pass_base import Pass, PassResult, Rejection
-from fxcompress.inspect.snapshot import PROVENANCE_KEY
+from fxcompress.graph_meta import PROVENANCE_KEY
 from fxcompress.passes.cleanup import drop_unused_state
 
 aten = torch.ops.aten

@@ -11,7 +11,7 @@ from torch import fx, nn
 
 from fxcompress.analysis.graph_stats import op_histogram
 from fxcompress.capture import capture
-from fxcompress.inspect.snapshot import PROVENANCE_KEY as PROVENANCE
+from fxcompress.graph_meta import PROVENANCE_KEY as PROVENANCE
 from fxcompress.numerics import compare_outputs, flatten_outputs, worst_drift
 from fxcompress.passes.cleanup import EliminateDeadCodePass
 from fxcompress.passes.fuse import FUSED_ACTIVATION, FUSED_INTO, TRAINING_MODE

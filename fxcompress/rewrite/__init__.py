@@ -1,0 +1,31 @@
+"""The public rewrite engine: rules (pattern / check with a reason / rewrite), the rewrite context,
+matchers, and the driver. Passes of fxcompress and of its users are written on it; see
+docs/writing_passes.md.
+"""
+
+from fxcompress.infra.pass_base import Rejection
+from fxcompress.rewrite.context import RewriteContext
+from fxcompress.rewrite.matchers import (
+    PERMUTE_OPS,
+    WeightedLayer,
+    argument,
+    attribute,
+    constant_tensor,
+    describe_constant_problem,
+    other_readers,
+    other_users,
+    permutation,
+    set_argument,
+    sharing_problem,
+    static_shape,
+    tensor_val,
+    weighted_layer,
+    writers,
+)
+from fxcompress.rewrite.rule import Rule, RuleOutcome, apply_rules
+
+__all__ = [
+    "PERMUTE_OPS", "Rejection", "RewriteContext", "Rule", "RuleOutcome", "WeightedLayer", "apply_rules",
+    "argument", "attribute", "constant_tensor", "describe_constant_problem", "other_readers", "other_users",
+    "permutation", "set_argument", "sharing_problem", "static_shape", "tensor_val", "weighted_layer", "writers",
+]
