@@ -12,16 +12,16 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import fx, nn
 
 from fxcompress.capture import capture, normalize_inputs, private_copy, run_eager
-from fxcompress.errors import DriftError, ExportError
+from fxcompress.errors import DriftError, ExportError, InputError
 from fxcompress.export.onnx_export import export_model_proto, save_model, set_metadata
 from fxcompress.export.sparse import bake_weight_masks, compress_initializers
-from fxcompress.infra.context import CompileContext, calibration_source
+from fxcompress.infra.context import CompileContext, UserMetric, calibration_source
 from fxcompress.infra.instrument import Instrument
 from fxcompress.infra.instruments import DumpIR, RecordDiff, Timing, VerifyNumerics
 from fxcompress.infra.manager import PassRecord
@@ -48,6 +48,8 @@ class CompileReport:
     params_after: int
     converged: bool = True
     parity: ParityReport | None = None
+    #: with ``evaluate=``: {"baseline", "compiled", "drop", "max_drop"} of the user's metric
+    metric: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -169,6 +171,16 @@ def _final_drift(module: fx.GraphModule, inputs: Sequence[torch.Tensor], referen
     return worst_drift(compare_outputs(flatten_outputs(reference), outputs))
 
 
+def _user_metric(evaluate: Any, max_metric_drop: float | None) -> UserMetric | None:
+    """The checked user metric of an accuracy-aware compile, or None without ``evaluate``."""
+    if evaluate is None:
+        if max_metric_drop is not None:
+            raise InputError("max_metric_drop was given without evaluate, so there is no metric to keep within it.",
+                             "pass evaluate=lambda module: my_accuracy(module) (higher is better) as well.")
+        return None
+    return UserMetric(evaluate, max_metric_drop)
+
+
 def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torch.compile
     model: nn.Module,
     example_inputs: Any,
@@ -180,6 +192,8 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
     instruments: Sequence[Instrument] = (),
     dump_dir: str | os.PathLike | None = None,
     progress: bool = False,
+    evaluate: Callable[[Any], float] | None = None,
+    max_metric_drop: float | None = None,
 ) -> CompileResult:
     """Capture ``model`` and run a recipe of passes over it.
 
@@ -196,7 +210,14 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
             (needs an example batch of at least 2).
         instruments: extra instruments run around every pass.
         dump_dir: if set, the graph after every changed pass is written there (DumpIR).
-        progress: show progress bars in long passes (calibration).
+        progress: show progress bars in long passes (calibration) and each metric trial.
+        evaluate: the user's own metric, ``evaluate(module) -> float``, higher is better (e.g.
+            accuracy on a held-out set, calling the module as the model is called). Scored on the
+            original model and on the result (``result.report.metric``).
+        max_metric_drop: with ``evaluate``, accuracy-aware compile: lossy passes that can keep
+            layers in float (quantize-int8, quantize-int8-dynamic) rank layers by sensitivity and
+            bisect on how many of the most sensitive stay in float until the metric drops at most
+            this much; each trial is listed in the pass's ``stats["metric_trials"]``.
 
     Raises:
         InputError, CaptureError, RecipeError, PassError, DriftError: each with a one-paragraph
@@ -206,8 +227,11 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
     inputs = normalize_inputs(example_inputs)
     resolved = resolve_recipe(recipe)  # unknown passes/options fail before any work
     allowed = resolved.tolerance if tolerance is None else tolerance
+    metric = _user_metric(evaluate, max_metric_drop)
     reference_model = private_copy(model)
     reference = run_eager(reference_model, inputs)
+    if metric is not None:
+        metric.baseline = metric.score(reference_model, "the original model")
     graph_module = capture(reference_model, inputs, dynamic_batch=dynamic_batch)
     nodes_before, params_before = count_compute_nodes(graph_module), count_parameters(graph_module)
     recorder = RecordDiff()
@@ -215,7 +239,7 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
     if dump_dir is not None:
         all_instruments.append(DumpIR(dump_dir))
     manager = resolved.build(all_instruments)
-    manager.bind(CompileContext(inputs, calibration_source(calibration), reference, progress))
+    manager.bind(CompileContext(inputs, calibration_source(calibration), reference, progress, metric))
     result = manager(graph_module)
     compiled = result.graph_module
     drift = _final_drift(compiled, inputs, reference)
@@ -231,6 +255,18 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
         params_after=count_parameters(compiled),
         converged=manager.converged,
     )
+    if metric is not None:
+        compiled_metric = metric.score(compiled, "the compiled module")
+        report.metric = {"baseline": metric.baseline, "compiled": compiled_metric,
+                         "drop": metric.baseline - compiled_metric, "max_drop": metric.max_drop}
+        if metric.max_drop is not None and not report.metric["drop"] <= metric.max_drop:
+            raise DriftError(
+                f"The compiled model scores {compiled_metric:.6g} on evaluate (original {metric.baseline:.6g}): a drop of "
+                f"{report.metric['drop']:.4g}, beyond max_metric_drop={metric.max_drop:g}, and no pass of recipe "
+                f"'{resolved.name}' could keep layers in float to close the gap.",
+                "raise max_metric_drop, or use a recipe whose lossy pass supports accuracy-aware compile "
+                "(int8, int8-dynamic), or fine-tune result.module (prune, sparse).",
+            )
     if not drift <= allowed:
         worst = max((r for r in report.records if r.drift is not None), key=lambda r: r.drift, default=None)
         culprit = f" The largest drift was measured after pass '{worst.name}' ({worst.drift:.2e})." if worst else ""

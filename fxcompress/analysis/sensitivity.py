@@ -9,11 +9,18 @@ largest magnitude), the figure the compile report and the recipe tolerance use.
 
 The analysis is independent of what the rewrite is: callers hand in ``build(enabled)``, which
 returns the graph with the rewrite applied to the ``enabled`` layer indices only.
+
+Accuracy-aware selection (:func:`select_float_layers_by_metric`) ranks layers the same way but
+lets the user's own metric (``compile(..., evaluate=, max_metric_drop=)``) decide how many of the
+most sensitive ones stay in float: drift is cheap and ranks well, the metric is what users ship on.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
+
+import sys
 
 import torch
 from torch import nn
@@ -73,3 +80,55 @@ def select_float_layers(reference: nn.Module, build: Build, sensitivity: dict[in
         else:
             low = mid
     return ranked[:high], drifts[high]
+
+
+@dataclass(frozen=True)
+class MetricTrial:
+    """One evaluation of the user's metric: ``float_layers`` most sensitive layers kept in float."""
+
+    float_layers: int
+    metric: float
+    drop: float
+    accepted: bool
+
+
+def select_float_layers_by_metric(build: Build, ranked: Sequence[int], drop_of: Callable[[nn.Module], tuple[float, float]],
+                                  max_drop: float,
+                                  on_trial: Callable[[MetricTrial], None] = lambda trial: None,
+                                  ) -> tuple[list[int], list[MetricTrial]]:
+    """The fewest of the ``ranked`` layers (most sensitive first) to keep unrewritten so that the
+    metric drop is at most ``max_drop``.
+
+    ``drop_of(module)`` returns ``(metric, baseline - metric)``. First every layer is rewritten;
+    if that is within budget nothing stays in float (one trial). Otherwise a binary search over
+    how many of the ranked layers stay in float, assuming (as the drift search does) that the
+    drop shrinks as more layers stay in float; keeping all of them rewrites nothing, which is
+    taken as within budget without a trial. At most ``2 + log2(len(ranked))`` evaluations.
+    Returns the layers kept in float and every trial, in the order they ran.
+    """
+    trials: list[MetricTrial] = []
+
+    def trial(k: int) -> bool:
+        metric, drop = drop_of(build(ranked[k:]))
+        accepted = drop <= max_drop
+        trials.append(MetricTrial(k, metric, drop, accepted))
+        on_trial(trials[-1])
+        return accepted
+
+    if trial(0):
+        return [], trials
+    low, high = 0, len(ranked)  # trial(low) failed; keeping ``high`` layers in float rewrites nothing
+    while high - low > 1:
+        mid = (low + high) // 2
+        if trial(mid):
+            high = mid
+        else:
+            low = mid
+    return list(ranked[:high]), trials
+
+
+def report_trial(trial: MetricTrial) -> None:
+    """Print one metric trial (the accuracy-aware search's progress when ``progress=True``)."""
+    verdict = "within budget" if trial.accepted else "over budget"
+    print(f"[fxcompress] metric trial: {trial.float_layers} layer(s) in float -> metric {trial.metric:.6g}, "
+          f"drop {trial.drop:.4g} ({verdict})", file=sys.stderr, flush=True)

@@ -34,7 +34,9 @@ from torch import fx
 
 from fxcompress.analysis.aliasing import alias_set
 from fxcompress.rewrite.matchers import attribute
-from fxcompress.analysis.sensitivity import layer_sensitivities, select_float_layers
+from fxcompress.analysis.sensitivity import (
+    MetricTrial, layer_sensitivities, report_trial, select_float_layers, select_float_layers_by_metric,
+)
 from fxcompress.errors import RecipeError
 from fxcompress.infra.context import CompileContext
 from fxcompress.infra.pass_base import Pass, PassResult, option
@@ -416,6 +418,19 @@ class QuantizeInt8Pass(Pass):
             for i in kept_float:
                 reasons[i] = "max_drift"
             enabled -= set(kept_float)
+        trials: list[MetricTrial] = []
+        metric = context.metric
+        if metric is not None and metric.max_drop is not None and enabled:
+            # Accuracy-aware: drift ranks the layers (cheap), the user's metric picks how many stay in float.
+            build = lambda on: build_quantized(graph_module, plan, params, set(on))  # noqa: E731
+            if not sensitivity:
+                sensitivity = layer_sensitivities(graph_module, build, sorted(enabled), batches[:opts.sensitivity_batches])
+            ranked = sorted(enabled, key=lambda i: sensitivity.get(i, 0.0), reverse=True)
+            kept_float, trials = select_float_layers_by_metric(build, ranked, metric.drop_of, metric.max_drop,
+                                                               on_trial=report_trial if context.progress else lambda t: None)
+            for i in kept_float:
+                reasons[i] = "max_metric_drop"
+            enabled -= set(kept_float)
         result = build_quantized(graph_module, plan, params, enabled)
         layers = [{
             "name": layer.name, "kind": layer.kind,
@@ -432,6 +447,8 @@ class QuantizeInt8Pass(Pass):
         }
         if drift is not None:
             out_stats["calibration_drift"] = drift
+        if trials:
+            out_stats["metric_trials"] = [vars(t) for t in trials]
         return PassResult(result, bool(enabled), out_stats)
 
     def _float_reasons(self, plan: QuantPlan) -> dict[int, str]:

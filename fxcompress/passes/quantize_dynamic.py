@@ -19,15 +19,19 @@ rounding level.
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx
 
 from fxcompress.analysis.macs import register_linear_like
+from fxcompress.analysis.sensitivity import MetricTrial, layer_sensitivities, report_trial, select_float_layers_by_metric
 from fxcompress.rewrite.matchers import attribute
 from fxcompress.capture import register_leaf_function
+from fxcompress.infra.context import CompileContext, UserMetric
 from fxcompress.infra.pass_base import Pass, PassResult, option
 from fxcompress.infra.registry import register
 from fxcompress.passes.calibrators import symmetric_weight_scales
@@ -137,16 +141,59 @@ class QuantizeInt8DynamicPass(Pass):
     lossless = False
     exports_exactly = False
 
+    def __init__(self, options: Any = None, **overrides: Any) -> None:
+        super().__init__(options, **overrides)
+        self.context: CompileContext | None = None
+
+    def bind(self, context: CompileContext) -> None:
+        self.context = context
+
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         if is_quantized(graph_module):
             return PassResult(graph_module, False, {"already_quantized": True})
+        metric = self.context.metric if self.context is not None else None
+        kept_float: set[str] = set()
+        trials: list[MetricTrial] = []
+        if metric is not None and metric.max_drop is not None:
+            kept_float, trials = self._metric_search(graph_module, metric)
+        graph_module, layers = self._rewrite(graph_module, kept_float)
+        quantized = sum(1 for layer in layers if layer["precision"] != "float")
+        stats: dict[str, Any] = {"quantized_layers": quantized, "layers": layers}
+        if trials:
+            stats["metric_trials"] = [vars(t) for t in trials]
+        return PassResult(graph_module, quantized > 0, stats)
+
+    def _metric_search(self, graph_module: fx.GraphModule, metric: UserMetric) -> tuple[set[str], list[MetricTrial]]:
+        """Accuracy-aware compile: the nodes to keep in float so the user's metric drops at most its budget.
+
+        Layers are ranked by their drift on the example inputs when quantized alone (no
+        calibration data exists for a dynamic pass), then the user's metric decides how many of
+        the most sensitive ones stay in float (:func:`select_float_layers_by_metric`).
+        """
+        reference = copy.deepcopy(graph_module)
+        _, layers = self._rewrite(copy.deepcopy(reference), set())
+        nodes = [layer["node"] for layer in layers if layer["precision"] != "float"]
+
+        def build(enabled: Any) -> fx.GraphModule:
+            on = set(enabled)
+            return self._rewrite(copy.deepcopy(reference), {n for i, n in enumerate(nodes) if i not in on})[0]
+
+        batches = [tuple(t.clone() for t in self.context.example_inputs)]
+        sensitivity = layer_sensitivities(reference, build, range(len(nodes)), batches)
+        ranked = sorted(range(len(nodes)), key=lambda i: sensitivity[i], reverse=True)
+        kept, trials = select_float_layers_by_metric(build, ranked, metric.drop_of, metric.max_drop,
+                                                     on_trial=report_trial if self.context.progress else lambda t: None)
+        return {nodes[i] for i in kept}, trials
+
+    def _rewrite(self, graph_module: fx.GraphModule, kept_float: set[str]) -> tuple[fx.GraphModule, list[dict]]:
+        """Quantize every eligible layer except the nodes named in ``kept_float``; the layer report."""
         graph = graph_module.graph
         layers = []
         for node in list(graph.nodes):
             if node.op != "call_function":
                 continue
             if node.target is aten.embedding.default and self.options.embeddings:
-                layers += self._embedding(graph_module, node, len(layers))
+                layers += self._embedding(graph_module, node, len(layers), kept_float)
                 continue
             found = _linear_weight(node)
             if found is None:
@@ -159,8 +206,11 @@ class QuantizeInt8DynamicPass(Pass):
             val = x.meta.get("val") if isinstance(x, fx.Node) else None
             if not (isinstance(val, torch.Tensor) and val.dtype == torch.float32):
                 continue
+            if node.name in kept_float:
+                layers.append({"name": name, "node": node.name, "kind": "linear", "precision": "float", "reason": "max_metric_drop"})
+                continue
             if self._skipped(name, node) or in_features < self.options.min_features:
-                layers.append({"name": name, "kind": "linear", "precision": "float", "reason": "skip"})
+                layers.append({"name": name, "node": node.name, "kind": "linear", "precision": "float", "reason": "skip"})
                 continue
             index = len(layers)
             prefix = f"_fxqd{index}_{name.replace('.', '_')}"
@@ -177,17 +227,18 @@ class QuantizeInt8DynamicPass(Pass):
                 q = graph.call_function(dynamic_int8_linear, (x, w, s, bias))
             q.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
             q.meta[QUANT_META] = {"role": "dynamic-linear", "layer": name}
+            layers.append({"name": name, "node": node.name, "kind": "linear", "precision": "int8-dynamic"})
             node.replace_all_uses_with(q)
             graph.erase_node(node)
-            layers.append({"name": name, "kind": "linear", "precision": "int8-dynamic"})
-        quantized = sum(1 for layer in layers if layer["precision"] != "float")
-        return PassResult(graph_module, quantized > 0, {"quantized_layers": quantized, "layers": layers})
+        if any(layer["precision"] != "float" for layer in layers):
+            graph_module.recompile()
+        return graph_module, layers
 
     def _skipped(self, name: str, node: fx.Node) -> bool:
         """Whether option ``skip`` names this layer (by module path or node name)."""
         return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(node.name, p) for p in self.options.skip)
 
-    def _embedding(self, graph_module: fx.GraphModule, node: fx.Node, index: int) -> list[dict]:
+    def _embedding(self, graph_module: fx.GraphModule, node: fx.Node, index: int, kept_float: set[str]) -> list[dict]:
         """Rewrite one ``aten.embedding`` of a constant float table; its entry for the layer report."""
         weight_node, ids = node.args[0], node.args[1]
         padding_idx = node.args[2] if len(node.args) > 2 else node.kwargs.get("padding_idx", -1)
@@ -196,8 +247,10 @@ class QuantizeInt8DynamicPass(Pass):
                 and val.dtype == torch.float32 and val.dim() == 2):
             return []
         name = layer_name(node)
+        if node.name in kept_float:
+            return [{"name": name, "node": node.name, "kind": "embedding", "precision": "float", "reason": "max_metric_drop"}]
         if self._skipped(name, node):
-            return [{"name": name, "kind": "embedding", "precision": "float", "reason": "skip"}]
+            return [{"name": name, "node": node.name, "kind": "embedding", "precision": "float", "reason": "skip"}]
         graph = graph_module.graph
         table = attribute(graph_module, weight_node.target).detach()
         scale = symmetric_weight_scales(table.reshape(1, -1), 0).reshape(())  # one scale for the table
@@ -212,4 +265,4 @@ class QuantizeInt8DynamicPass(Pass):
         q.meta[QUANT_META] = {"role": "int8-embedding", "layer": name}
         node.replace_all_uses_with(q)
         graph.erase_node(node)
-        return [{"name": name, "kind": "embedding", "precision": "int8"}]
+        return [{"name": name, "node": node.name, "kind": "embedding", "precision": "int8"}]
