@@ -18,7 +18,9 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/fxcompress demo
 
+# lint-imports: the layer contract in pyproject.toml (no upward imports between layers).
 test: setup
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -m "not slow" -q
 
 test-all: setup

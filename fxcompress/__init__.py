@@ -10,7 +10,7 @@ export verified ONNX:
     fxcompress.benchmark("model.onnx", (example,), provider="cpu").p50_ms
 """
 
-__version__ = "0.1.0"
+from fxcompress.version import __version__  # noqa: E402,F401
 
 from fxcompress.api import CompileReport, CompileResult, benchmark, compile, diff, validate  # noqa: E402
 from fxcompress.errors import (  # noqa: E402
@@ -26,6 +26,7 @@ from fxcompress.errors import (  # noqa: E402
     UntrustedFileError,
 )
 from fxcompress.infra.recipe import Recipe  # noqa: E402
+import fxcompress.passes  # noqa: E402,F401 - registers the built-in passes, presets and leaf functions
 
 __all__ = [
     "CaptureError", "CompileReport", "CompileResult", "DriftError", "ExportError", "FxCompressError",

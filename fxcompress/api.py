@@ -12,7 +12,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import IO, Any, Callable, Sequence
 
 import torch
 from torch import fx, nn
@@ -22,13 +22,13 @@ from fxcompress.errors import DriftError, ExportError, InputError
 from fxcompress.export.onnx_export import export_model_proto, save_model, set_metadata
 from fxcompress.export.sparse import bake_weight_masks, compress_initializers
 from fxcompress.infra.context import CompileContext, UserMetric, calibration_source
-from fxcompress.infra.instrument import Instrument
+from fxcompress.infra.instrument import Instrument, PassRecord
 from fxcompress.infra.instruments import DumpIR, RecordDiff, Timing, VerifyNumerics
-from fxcompress.infra.manager import PassRecord
 from fxcompress.infra.pass_base import Pass
 from fxcompress.infra.recipe import Recipe, resolve_recipe
 from fxcompress.analysis.graph_stats import count_compute_nodes, count_parameters
 from fxcompress.numerics import LOSSLESS_TOLERANCE, compare_outputs, flatten_outputs, worst_drift
+from fxcompress.inspect.pass_table import pass_rows, print_table, render_plain
 from fxcompress.runtime.parity import ParityReport, validate
 from fxcompress.runtime.timing import benchmark
 
@@ -57,25 +57,18 @@ class CompileReport:
         """Records of passes an instrument undid (e.g. a lossless pass that drifted)."""
         return [r for r in self.records if r.rolled_back]
 
+    def _total_row(self) -> tuple[str, ...]:
+        return ("total", "", "", f"{self.nodes_before}->{self.nodes_after}",
+                f"{self.params_before:,}->{self.params_after:,}", f"{self.seconds * 1000:.1f}", f"{self.drift:.1e}",
+                "" if self.converged else "did not reach a fixed point")
+
     def table(self) -> str:
-        """The per-pass table printed by the CLI."""
-        header = f"{'pass':<34} {'changed':>7} {'nodes':>13} {'params':>21} {'ms':>8} {'drift':>9}  stats"
-        lines = [header, "-" * len(header)]
-        for r in self.records:
-            nodes = f"{r.nodes_before}->{r.nodes_after}" if r.nodes_before is not None else "-"
-            params = f"{r.params_before:,}->{r.params_after:,}" if r.params_before is not None else "-"
-            ms = f"{r.seconds * 1000:.1f}" if r.seconds is not None else "-"
-            drift = f"{r.drift:.1e}" if r.drift is not None else "-"
-            stats = ", ".join(f"{k}={v}" for k, v in r.stats.items() if v not in (0, None, False, {}, []))
-            if r.rolled_back:
-                stats = f"ROLLED BACK: {r.rolled_back}"
-            lines.append(f"{r.name:<34} {'yes' if r.modified else 'no':>7} {nodes:>13} {params:>21} {ms:>8} {drift:>9}  {stats}")
-        lines.append("-" * len(header))
-        lines.append(
-            f"{'total':<34} {'':>7} {f'{self.nodes_before}->{self.nodes_after}':>13} "
-            f"{f'{self.params_before:,}->{self.params_after:,}':>21} {self.seconds * 1000:>8.1f} {self.drift:>9.1e}"
-        )
-        return "\n".join(lines)
+        """The per-pass table as plain aligned text: each pass once per pipeline, with its rounds."""
+        return render_plain(pass_rows(self.records), self._total_row())
+
+    def print_table(self, stream: IO[str] | None = None) -> None:
+        """Print the per-pass table (drawn with rich on a terminal, plain text otherwise)."""
+        print_table(pass_rows(self.records), self._total_row(), stream)
 
 
 class CompileResult:
@@ -143,7 +136,7 @@ class CompileResult:
                     "nothing was written; report the model, or export with simplify=False / a recipe without the last pass.",
                 )
             stamp.update({"fxcompress_parity_drift": f"{parity.drift:.3e}", "fxcompress_parity_cosine": f"{parity.cosine:.8f}"})
-        from fxcompress import __version__
+        from fxcompress.version import __version__
 
         set_metadata(model, {"fxcompress_version": __version__, **stamp, **(metadata or {})})
         return save_model(model, path)
@@ -285,7 +278,7 @@ def diff(a: Any, b: Any) -> Any:
     ONNX paths or ModelProtos give an :class:`~fxcompress.inspect.onnx_diff.OnnxDiff` (op counts,
     added/removed/rewired nodes, parameters, MACs, sizes); GraphModules or snapshots (e.g.
     ``result.snapshots.snapshot("fold-batchnorm")``) give a
-    :class:`~fxcompress.inspect.graph_diff.GraphDiff` grouped by layer. Both render with
+    :class:`~fxcompress.analysis.graph_diff.GraphDiff` grouped by layer. Both render with
     ``fxcompress.inspect.render_text``. Missing or unreadable files raise ModelFileError.
     """
     from fxcompress.inspect.dispatch import diff_any

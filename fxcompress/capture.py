@@ -151,8 +151,7 @@ class ReloadTracer(fx.Tracer):
     """
 
     def __init__(self) -> None:
-        import fxcompress.passes  # noqa: F401 - registers the passes' leaf functions
-
+        # The passes' leaf functions are registered: importing fxcompress imports fxcompress.passes.
         super().__init__(autowrap_functions=tuple(_LEAF_FUNCTIONS))
 
 

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, os.getcwd())  # so package.module:function specs from the current project import
     import fxcompress
     from fxcompress.errors import FxCompressError
-    from fxcompress.inspect.graph_diff import diff_snapshots
+    from fxcompress.analysis.graph_diff import diff_snapshots
     from fxcompress.inspect.render_dot import snapshot_dot, to_svg
     from fxcompress.inspect.render_html import write_report
     from fxcompress.inspect.render_text import render_graph_diff

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 import torch
 from torch import fx
@@ -29,11 +30,33 @@ def count_compute_nodes(graph_module: fx.GraphModule) -> int:
     return sum(1 for n in graph_module.graph.nodes if n.op in COMPUTE_OPS)
 
 
-def count_parameters(graph_module: torch.nn.Module) -> int:
-    """Elements in all parameters and floating-point buffers (the weights a file stores)."""
-    total = sum(p.numel() for p in graph_module.parameters())
-    total += sum(b.numel() for b in graph_module.buffers() if b.is_floating_point())
+def count_parameters(module: torch.nn.Module) -> int:
+    """Elements in the parameters and floating-point buffers a model stores (what a file holds).
+
+    For a GraphModule only the tensors its graph still reads count: a rewrite leaves the replaced
+    parameters attached until dead-code elimination drops them, and counting those would make
+    a fold look like it doubled the model.
+    """
+    if not isinstance(module, fx.GraphModule):
+        tensors = [*module.parameters(), *(b for b in module.buffers() if b.is_floating_point())]
+        return sum(t.numel() for t in tensors)
+    total, seen = 0, set()
+    for node in module.graph.nodes:
+        if node.op != "get_attr" or node.target in seen:
+            continue
+        seen.add(node.target)
+        tensor = attribute(module, str(node.target))
+        if isinstance(tensor, torch.nn.Parameter) or (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()):
+            total += tensor.numel()
     return total
+
+
+def attribute(root: torch.nn.Module, target: str) -> Any:
+    """The object at dotted path ``target`` below ``root`` (what a get_attr node reads)."""
+    obj: Any = root
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
 
 
 def op_histogram(graph_module: fx.GraphModule) -> Counter:

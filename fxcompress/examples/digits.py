@@ -164,7 +164,7 @@ def run_demo(out_dir: Path, epochs: int = 8) -> int:
         except FxCompressError as exc:
             print(f"skipped: {exc}")
             continue
-        print(result.report.table())
+        result.report.print_table()
         path = result.export_onnx(out_dir / f"digits_{name.replace(':', '-')}.onnx")
         print(f"parity vs compiled module: {result.report.parity.summary()}")
         label = "fxcompress prune+tune" if name == "prune" else f"fxcompress {name}"
@@ -172,7 +172,7 @@ def run_demo(out_dir: Path, epochs: int = 8) -> int:
         if name == "prune" and "int8" in PRESETS:
             print("\n=== the fine-tuned pruned module through recipe 'int8' ===")
             both = fxcompress.compile(result.module, example, "int8", calibration=calibration)
-            print(both.report.table())
+            both.report.print_table()
             path = both.export_onnx(out_dir / "digits_prune-int8.onnx")
             rows.append(("fxcompress prune+tune+int8", path, both))
     runners = {label: make_runner(create_session(path, "cpu"), example) for label, path, _ in rows}

@@ -20,7 +20,7 @@ import torch
 from torch import fx
 
 from fxcompress.errors import ExportError, ModelFileError
-from fxcompress.export.atomic import check_output_path, write_atomically
+from fxcompress.export.atomic import write_atomically
 from fxcompress.export.int8_weights import store_int8_weights
 
 #: Protobuf cannot serialise a single message over 2 GiB.
@@ -150,24 +150,6 @@ def set_metadata(model: onnx.ModelProto, metadata: Mapping[str, Any]) -> None:
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     """Write ``model`` to ``path`` atomically (no partial file on failure)."""
     return write_atomically(path, lambda tmp: onnx.save_model(model, str(tmp)))
-
-
-def export_onnx(
-    graph_module: fx.GraphModule,
-    example_inputs: Sequence[torch.Tensor],
-    path: str | os.PathLike,
-    *,
-    dynamic_batch: bool = False,
-    simplify: bool = False,
-    metadata: Mapping[str, Any] | None = None,
-) -> Path:
-    """Export, check, stamp metadata and atomically write ``graph_module`` as ONNX; returns the path."""
-    check_output_path(path)
-    model, notes = export_model_proto(graph_module, example_inputs, dynamic_batch=dynamic_batch, simplify=simplify)
-    from fxcompress import __version__
-
-    set_metadata(model, {"fxcompress_version": __version__, "simplified": notes.get("simplified", False), **(metadata or {})})
-    return save_model(model, path)
 
 
 #: Files larger than this are refused by default: a model this big is almost surely not what the user meant.

@@ -2,18 +2,41 @@
 
 Modelled on TVM's pass instruments and MLIR's pass instrumentation. All hooks are optional.
 An instrument that rejects a pass's result raises :class:`RollbackPass` from ``after_pass``;
-the manager then restores the graph from before the pass and records the reason.
+the manager then restores the graph from before the pass and records the reason. Every hook
+receives the :class:`PassRecord` of the pass run it observes, which instruments fill in.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Sequence
 
 from torch import fx
 
+from fxcompress.infra.pass_base import Rejection
+
 if TYPE_CHECKING:
-    from fxcompress.infra.manager import PassRecord
     from fxcompress.infra.pass_base import Pass, PassResult
+
+
+@dataclass
+class PassRecord:
+    """What happened in one run of one pass; instruments fill in the measured fields."""
+
+    name: str
+    iteration: int
+    modified: bool = False
+    stats: dict[str, Any] = field(default_factory=dict)
+    rejections: list[Rejection] = field(default_factory=list)
+    rolled_back: str | None = None
+    seconds: float | None = None
+    drift: float | None = None
+    nodes_before: int | None = None
+    nodes_after: int | None = None
+    params_before: int | None = None
+    params_after: int | None = None
+    exports_exactly: bool = True  # Pass.exports_exactly of the pass that ran
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class RollbackPass(Exception):

@@ -13,11 +13,10 @@ import torch
 from torch import fx
 
 from fxcompress.errors import InputError
-from fxcompress.infra.instrument import Instrument, RollbackPass
-from fxcompress.infra.manager import PassRecord
+from fxcompress.infra.instrument import Instrument, PassRecord, RollbackPass
 from fxcompress.infra.pass_base import Pass, PassResult
-from fxcompress.inspect.graph_diff import GraphDiff, diff_snapshots
-from fxcompress.inspect.snapshot import GraphSnapshot
+from fxcompress.analysis.graph_diff import GraphDiff, diff_snapshots
+from fxcompress.analysis.snapshot import GraphSnapshot
 from fxcompress.numerics import LOSSLESS_TOLERANCE, compare_outputs, flatten_outputs, signature, worst_drift
 
 

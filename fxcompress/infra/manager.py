@@ -11,35 +11,14 @@ parent's instruments, so per-pass records cover the whole tree.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Sequence
 
 from torch import fx
 
 from fxcompress.errors import FxCompressError, PassError
-from fxcompress.infra.instrument import Instrument, RollbackPass
+from fxcompress.infra.instrument import Instrument, PassRecord, RollbackPass
 from fxcompress.infra.context import CompileContext
-from fxcompress.infra.pass_base import Pass, PassResult, Rejection
-
-
-@dataclass
-class PassRecord:
-    """What happened in one run of one pass; instruments fill in the measured fields."""
-
-    name: str
-    iteration: int
-    modified: bool = False
-    stats: dict[str, Any] = field(default_factory=dict)
-    rejections: list[Rejection] = field(default_factory=list)
-    rolled_back: str | None = None
-    seconds: float | None = None
-    drift: float | None = None
-    nodes_before: int | None = None
-    nodes_after: int | None = None
-    params_before: int | None = None
-    params_after: int | None = None
-    exports_exactly: bool = True  # Pass.exports_exactly of the pass that ran
-    extra: dict[str, Any] = field(default_factory=dict)
+from fxcompress.infra.pass_base import Pass, PassResult
 
 
 class PassManager(Pass):
@@ -70,6 +49,7 @@ class PassManager(Pass):
         self.instruments = list(instruments)
         #: Records of the most recent call, in execution order.
         self.records: list[PassRecord] = []
+        #: Whether the last run reached a fixed point (or ran its single round), at every level.
         self.converged: bool = True
 
     @property
@@ -120,6 +100,8 @@ class PassManager(Pass):
                 break
         if self.max_iterations == 1:
             self.converged = True
+        # A pipeline has converged only if every pipeline nested in it has too.
+        self.converged = self.converged and all(p.converged for p in self.passes if isinstance(p, PassManager))
         return graph_module, modified_any
 
     def _run_one(

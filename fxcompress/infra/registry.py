@@ -1,14 +1,16 @@
-"""The pass registry: kebab-case names -> Pass classes.
+"""The registries: kebab-case names -> Pass classes, and preset names -> recipe factories.
 
-Registration is explicit (``@register`` on the class) and idempotent; the pass modules are
-imported by ``fxcompress.passes`` so that importing the package fills the registry.
+Registration is explicit (``@register`` on the class, :func:`register_preset`) and idempotent.
+``fxcompress/__init__.py`` imports ``fxcompress.passes``, whose modules register the built-in
+passes and presets, so importing any part of the package fills both; this module never imports
+the layers above it. A user's own passes register the same way from their package.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from fxcompress.errors import RecipeError
 from fxcompress.infra.pass_base import Pass
@@ -28,14 +30,23 @@ def register(cls: type[Pass]) -> type[Pass]:
     return cls
 
 
-def _load_builtin_passes() -> None:
-    import fxcompress.passes  # noqa: F401 - importing registers the built-in passes
-
-
 def available_passes() -> dict[str, type[Pass]]:
     """All registered passes by name, sorted."""
-    _load_builtin_passes()
     return dict(sorted(_REGISTRY.items()))
+
+
+#: Preset name -> a factory returning a fresh Recipe (callers may edit what they get).
+PRESETS: dict[str, Callable[[], Any]] = {}
+
+
+def register_preset(name: str, factory: Callable[[], Any]) -> Callable[[], Any]:
+    """Register ``factory`` (no arguments, returns a Recipe) as preset ``name``; returns ``factory``."""
+    if not _NAME.match(name):
+        raise ValueError(f"preset name {name!r} is not kebab-case")
+    if name in _REGISTRY:
+        raise ValueError(f"preset name {name!r} is taken by a pass")
+    PRESETS[name] = factory
+    return factory
 
 
 def pass_class(name: str) -> type[Pass]:

@@ -9,9 +9,9 @@ import onnx
 from torch import fx
 
 from fxcompress.errors import InputError
-from fxcompress.inspect.graph_diff import GraphDiff, diff_snapshots
+from fxcompress.analysis.graph_diff import GraphDiff, diff_snapshots
 from fxcompress.inspect.onnx_diff import OnnxDiff, diff_onnx
-from fxcompress.inspect.snapshot import GraphSnapshot
+from fxcompress.analysis.snapshot import GraphSnapshot
 
 
 def _kind(value: Any) -> str:

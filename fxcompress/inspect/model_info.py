@@ -22,7 +22,7 @@ import torch
 from torch import fx
 
 from fxcompress.inspect.onnx_graph import QUANTIZED_OPS, OnnxGraph, read_model, type_text
-from fxcompress.inspect.snapshot import GraphSnapshot
+from fxcompress.analysis.snapshot import GraphSnapshot
 
 
 @dataclass

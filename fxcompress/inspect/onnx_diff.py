@@ -1,6 +1,6 @@
 """Differences between two ONNX models: op counts, added/removed/rewired nodes, types, weights.
 
-Nodes are aligned (:mod:`fxcompress.inspect.align`) by node name, then by shared output tensor
+Nodes are aligned (:mod:`fxcompress.analysis.align`) by node name, then by shared output tensor
 names, then by structure: same op on aligned producers, and finally same op with the same
 networkx Weisfeiler-Lehman hash of its neighbourhood (so a re-exported model whose node names all
 changed still lines up). Op-count changes come straight from the two graphs' node lists, so a
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 import onnx
 
-from fxcompress.inspect.align import Item, align
+from fxcompress.analysis.align import Item, align
 from fxcompress.inspect.onnx_graph import OnnxGraph, OnnxNode, read_model
 
 

@@ -12,10 +12,10 @@ import shutil
 import subprocess
 from typing import Iterable
 
-from fxcompress.inspect.graph_diff import GraphDiff
+from fxcompress.analysis.graph_diff import GraphDiff
 from fxcompress.inspect.onnx_diff import OnnxDiff
 from fxcompress.inspect.onnx_graph import OnnxGraph
-from fxcompress.inspect.snapshot import GraphSnapshot
+from fxcompress.analysis.snapshot import GraphSnapshot
 
 _FILL = {"added": "#c8f7c5", "removed": "#f9c4c4", "changed": "#fff1a8", "same": "#ffffff", "io": "#dde8f7"}
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from fxcompress.inspect.graph_diff import GraphDiff
+from fxcompress.analysis.graph_diff import GraphDiff
 from fxcompress.inspect.onnx_diff import OnnxDiff
-from fxcompress.inspect.snapshot import GraphSnapshot
+from fxcompress.analysis.snapshot import GraphSnapshot, NodeInfo
 from fxcompress.inspect.why_not import NearMiss, why_not
 
 
@@ -183,6 +183,23 @@ def variants_svg(variants: Sequence[Variant]) -> str:
     return "".join(out)
 
 
+def _weight_of(layer: NodeInfo, by_name: dict[str, NodeInfo]) -> NodeInfo | None:
+    """The stored weight a conv/linear/matmul/embedding reads as its second input.
+
+    Quantization and sparsity put ops between the layer and its parameter (fake-quantize with its
+    scale and zero point, the mask multiply, a transpose): their first input leads on to the
+    weight. Reading whichever attribute is nearest would report a zero-point buffer as the weight.
+    """
+    if len(layer.inputs) < 2 or layer.inputs[1] not in by_name:
+        return None
+    node = by_name[layer.inputs[1]]
+    while node.op != "get_attr":
+        if node.op != "call_function" or not node.inputs or node.inputs[0] not in by_name:
+            return None
+        node = by_name[node.inputs[0]]
+    return node
+
+
 def layer_table_rows(result: Any) -> list[tuple[str, str, str, str]]:
     """Per layer with MACs in the final graph: precision, weight elements, zero share, MACs."""
     final: GraphSnapshot = result.snapshots.snapshots[-1]
@@ -192,7 +209,7 @@ def layer_table_rows(result: Any) -> list[tuple[str, str, str, str]]:
     for n in final.nodes:
         if not n.macs:
             continue
-        weight = next((by_name[i] for i in n.inputs if i in by_name and by_name[i].op == "get_attr"), None)
+        weight = _weight_of(n, by_name)
         zeros, total = "-", "-"
         if weight is not None:
             try:
@@ -254,7 +271,7 @@ def _timeline(result: Any, misses: Mapping[str, Sequence[NearMiss]]) -> str:
 
 def render_report_html(result: Any, *, variants: Sequence[Variant] = (), title: str | None = None) -> str:
     """The full compile report of a :class:`~fxcompress.api.CompileResult` as one HTML page."""
-    from fxcompress import __version__
+    from fxcompress.version import __version__
 
     report = result.report
     snaps = result.snapshots.snapshots

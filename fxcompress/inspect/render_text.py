@@ -10,7 +10,7 @@ import os
 import sys
 from typing import IO, Mapping, Sequence
 
-from fxcompress.inspect.graph_diff import GraphDiff
+from fxcompress.analysis.graph_diff import GraphDiff
 from fxcompress.inspect.model_info import ModelInfo
 from fxcompress.inspect.onnx_diff import OnnxDiff
 from fxcompress.inspect.why_not import NearMiss

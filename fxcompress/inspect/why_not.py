@@ -13,8 +13,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-from fxcompress.infra.manager import PassRecord
-from fxcompress.inspect.snapshot import GraphSnapshot
+from fxcompress.infra.instrument import PassRecord
+from fxcompress.analysis.snapshot import GraphSnapshot
 
 
 @dataclass(frozen=True)
@@ -57,10 +57,3 @@ def why_not(result: Any) -> dict[str, list[NearMiss]]:
     report = getattr(result, "report", result)
     recorder = getattr(result, "snapshots", None)
     return near_misses(report.records, recorder.snapshots if recorder is not None else ())
-
-
-def explain(model: Any, example_inputs: Any, recipe: Any = "default") -> dict[str, list[NearMiss]]:
-    """Compile ``model`` with ``recipe`` and return why each fusion rule did not fire where it matched."""
-    from fxcompress.api import compile as compile_model
-
-    return why_not(compile_model(model, example_inputs, recipe))

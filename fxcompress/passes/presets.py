@@ -5,9 +5,8 @@ Each preset is a function returning a fresh Recipe, so callers may edit what the
 
 from __future__ import annotations
 
-from typing import Callable
-
 from fxcompress.infra.recipe import PassStep, Recipe
+from fxcompress.infra.registry import PRESETS, register_preset
 
 
 def default() -> Recipe:
@@ -29,11 +28,16 @@ def default() -> Recipe:
     )
 
 
+def _renamed(recipe: Recipe, name: str) -> Recipe:
+    recipe.name = name
+    return recipe
+
+
 def _after_default(name: str, description: str, *steps: PassStep, tolerance: float) -> Recipe:
     # The default passes run nested (to their own fixed point) and strictly before the lossy
     # pass: repeating cleanup after quantization could constant-fold the fake-quantized weights.
     return Recipe(name=name, description=description, tolerance=tolerance, max_iterations=1,
-                  steps=[PassStep("default", instance=default().build()), *steps])
+                  steps=[default(), *steps])
 
 
 # Lossy tolerances bound drift = max |error| / max |reference output| (numerics.compare_output).
@@ -70,14 +74,13 @@ def prune() -> Recipe:
     """
     return Recipe(name="prune", description="default, prune-channels (ratio 0.5), default again",
                   tolerance=float("inf"), max_iterations=1,
-                  steps=[PassStep("default", instance=default().build()), PassStep("prune-channels"),
-                         PassStep("cleanup", instance=default().build())])
+                  steps=[default(), PassStep("prune-channels"), _renamed(default(), "cleanup")])
 
 
 def _sparse(name: str, description: str, step: PassStep) -> Recipe:
     # Cleanup only before: the mask multiply must stay in the graph so fine-tuning keeps it.
     return Recipe(name=name, description=description, tolerance=float("inf"), max_iterations=1,
-                  steps=[PassStep("default", instance=default().build()), step])
+                  steps=[default(), step])
 
 
 def sparse_24() -> Recipe:
@@ -90,5 +93,8 @@ def sparse() -> Recipe:
     return _sparse("sparse", "default, then unstructured magnitude masks", PassStep("sparsify-magnitude"))
 
 
-PRESETS: dict[str, Callable[[], Recipe]] = {"default": default, "int8": int8, "int8-dynamic": int8_dynamic, "fp16": fp16,
-                                            "prune": prune, "sparse-2:4": sparse_24, "sparse": sparse}
+for _name, _factory in {"default": default, "int8": int8, "int8-dynamic": int8_dynamic, "fp16": fp16,
+                         "prune": prune, "sparse-2:4": sparse_24, "sparse": sparse}.items():
+    register_preset(_name, _factory)
+
+__all__ = ["PRESETS", "default", "fp16", "int8", "int8_dynamic", "prune", "sparse", "sparse_24"]

@@ -15,6 +15,7 @@ import torch
 from torch import fx, nn
 
 from fxcompress.analysis.aliasing import alias_set, mutated_inputs
+from fxcompress.analysis.graph_stats import attribute
 
 aten = torch.ops.aten
 
@@ -73,14 +74,6 @@ def static_shape(node: Any) -> tuple[int, ...] | None:
     if val is None or not all(type(s) is int for s in val.shape):
         return None
     return tuple(val.shape)
-
-
-def attribute(root: nn.Module, target: str) -> Any:
-    """The object at dotted path ``target`` below ``root`` (what a get_attr node reads)."""
-    obj: Any = root
-    for atom in target.split("."):
-        obj = getattr(obj, atom)
-    return obj
 
 
 def writers(node: fx.Node) -> list[fx.Node]:

@@ -8,8 +8,8 @@ import torch
 
 import fxcompress
 from fxcompress.capture import capture
-from fxcompress.inspect.graph_diff import diff_snapshots
-from fxcompress.inspect.snapshot import GraphSnapshot
+from fxcompress.analysis.graph_diff import diff_snapshots
+from fxcompress.analysis.snapshot import GraphSnapshot
 from tests.inspect.helpers import FoldBatchNormForTests, RenameNodesForTests, residual
 from tests.models import ConvBnRelu
 

@@ -110,7 +110,7 @@ def test_embedding_table_is_stored_as_int8_and_dequantized_after_the_lookup(tmp_
     targets = Counter(n.target for n in result.module.graph.nodes if n.op == "call_function")
     assert targets[int8_embedding] == 1 and targets[torch.ops.aten.embedding.default] == 0
     layers = result.report.records[0].stats["layers"]
-    assert {"name": "embed", "kind": "embedding", "precision": "int8"} in layers
+    assert {"name": "embed", "node": "embedding", "kind": "embedding", "precision": "int8"} in layers
     path = result.export_onnx(tmp_path / "emb.onnx")
     assert result.report.parity.drift < 1e-4  # the same integers in PyTorch and ORT
     graph = onnx.load(str(path)).graph

@@ -111,7 +111,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
             raise InputError("Give either two ONNX files or --passes SPEC, not both.",
                              "fxcompress diff A.onnx B.onnx, or fxcompress diff --passes torchvision:resnet18 --recipe default.")
         from fxcompress.api import compile as compile_model
-        from fxcompress.inspect.graph_diff import diff_snapshots
+        from fxcompress.analysis.graph_diff import diff_snapshots
         from fxcompress.inspect.render_dot import snapshot_dot
         from fxcompress.loading import load_model
 

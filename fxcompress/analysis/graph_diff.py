@@ -1,6 +1,6 @@
 """Differences between two graph snapshots: added, removed, rewired, retyped and renamed nodes.
 
-Nodes are aligned (:mod:`fxcompress.inspect.align`) by name first: fx keeps a node's name for its
+Nodes are aligned (:mod:`fxcompress.analysis.align`) by name first: fx keeps a node's name for its
 lifetime, so a node present in both snapshots is the same node. Nodes a pass re-created under a
 new name are recognised by the provenance the pass stamped (``fxcompress_provenance``), by having
 the same operation on the same (aligned) inputs, and finally by operation and layer
@@ -14,8 +14,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 
 from fxcompress.analysis.graph_stats import COMPUTE_OPS
-from fxcompress.inspect.align import Item, align
-from fxcompress.inspect.snapshot import GraphSnapshot, NodeInfo, layer_totals
+from fxcompress.analysis.align import Item, align
+from fxcompress.analysis.snapshot import GraphSnapshot, NodeInfo, layer_totals
 
 #: Node kinds a diff lists individually (outputs are implied by their inputs).
 _LISTED = (*COMPUTE_OPS, "get_attr", "placeholder")

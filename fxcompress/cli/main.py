@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from fxcompress.errors import FxCompressError
-from fxcompress.inspect.commands import add_diff_parser, add_inspect_parser, cmd_diff, cmd_inspect
+from fxcompress.cli.inspect_commands import add_diff_parser, add_inspect_parser, cmd_diff, cmd_inspect
 
 
 def _add_compile(sub) -> None:
@@ -82,7 +82,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
           f"on inputs {[tuple(t.shape) for t in loaded.example_inputs]}")
     result = compile_model(loaded.model, loaded.example_inputs, args.recipe, calibration,
                            tolerance=args.tolerance, dynamic_batch=args.dynamic_batch, dump_dir=args.dump_dir)
-    print(result.report.table())
+    result.report.print_table()
     path = result.export_onnx(args.out, simplify=args.simplify)
     print(f"\nParity (ONNX in ORT vs compiled module): {result.report.parity.summary()}")
     parity_orig = fxcompress.validate(path, loaded.model, loaded.example_inputs, tolerance=max(result.recipe.tolerance, 1e-4))
