@@ -17,7 +17,7 @@ from typing import IO, Any, Callable, Sequence
 import torch
 from torch import fx, nn
 
-from fxcompress.capture import capture, normalize_inputs, private_copy, run_eager
+from fxcompress.capture import capture, holding_tracing_lock, normalize_inputs, private_copy, run_eager
 from fxcompress.errors import DriftError, ExportError, InputError
 from fxcompress.export.onnx_export import export_model_proto, save_model, set_metadata
 from fxcompress.export.sparse import bake_weight_masks, compress_initializers
@@ -95,6 +95,7 @@ class CompileResult:
         return (f"CompileResult(recipe={self.recipe.name!r}, nodes {self.report.nodes_before}->{self.report.nodes_after}, "
                 f"drift {self.report.drift:.2e})")
 
+    @holding_tracing_lock
     def export_onnx(
         self,
         path: str | os.PathLike,
@@ -174,6 +175,7 @@ def _user_metric(evaluate: Any, max_metric_drop: float | None) -> UserMetric | N
     return UserMetric(evaluate, max_metric_drop)
 
 
+@holding_tracing_lock
 def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torch.compile
     model: nn.Module,
     example_inputs: Any,

@@ -12,7 +12,9 @@ parameters, buffers and training flag are untouched, and passes may rewrite weig
 from __future__ import annotations
 
 import copy
+import functools
 import os
+import threading
 import traceback
 from typing import Any, Sequence
 
@@ -22,6 +24,25 @@ from torch import fx, nn
 from fxcompress.errors import CaptureError, InputError
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+#: torch.export, torch.onnx.export and fake-tensor shape propagation keep process-wide tracing
+#: state (the dispatch-mode stack): two threads tracing at once corrupt each other ("Trying to pop
+#: empty mode stack", "ProxyTorchDispatchMode slot already occupied"). Every fxcompress call that
+#: traces holds this lock, so compiling from several threads of one process is safe: the calls
+#: queue and run one at a time (use processes to compile in parallel).
+TRACING_LOCK = threading.RLock()
+
+
+def holding_tracing_lock(function):
+    """Decorator: run ``function`` while holding :data:`TRACING_LOCK` (re-entrant)."""
+
+    @functools.wraps(function)
+    def serialized(*args, **kwargs):
+        with TRACING_LOCK:
+            return function(*args, **kwargs)
+
+    return serialized
 
 
 def normalize_inputs(example_inputs: Any, what: str = "example_inputs") -> tuple[torch.Tensor, ...]:
@@ -155,6 +176,7 @@ class ReloadTracer(fx.Tracer):
         super().__init__(autowrap_functions=tuple(_LEAF_FUNCTIONS))
 
 
+@holding_tracing_lock
 def capture(model: nn.Module, example_inputs: Any, *, dynamic_batch: bool = False) -> fx.GraphModule:
     """Capture ``model`` as a plain, trainable ``torch.fx.GraphModule`` of ATen ops.
 

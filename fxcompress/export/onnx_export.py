@@ -19,6 +19,7 @@ import onnx
 import torch
 from torch import fx
 
+from fxcompress.capture import holding_tracing_lock
 from fxcompress.errors import ExportError, ModelFileError
 from fxcompress.export.atomic import write_atomically
 from fxcompress.export.int8_weights import store_int8_weights
@@ -32,6 +33,7 @@ def _dynamic_shapes(inputs: Sequence[torch.Tensor]) -> tuple[dict[int, Any], ...
     return tuple({0: batch} if t.dim() > 0 else {} for t in inputs)
 
 
+@holding_tracing_lock
 def export_model_proto(
     graph_module: fx.GraphModule,
     example_inputs: Sequence[torch.Tensor],
