@@ -40,9 +40,9 @@ from torch import fx
 from fxcompress.rewrite import (
     PERMUTE_OPS,
     Rule,
+    RewritePass,
     RewriteContext,
     WeightedLayer,
-    apply_rules,
     argument,
     describe_constant_problem,
     other_users,
@@ -75,14 +75,6 @@ def _layer_problem(ctx: RewriteContext, layer: WeightedLayer) -> str | None:
         if reason:
             return reason
     return None
-
-
-def _apply(graph_module: fx.GraphModule, pass_name: str, *rules: tuple[bool, Rule]) -> PassResult:
-    """Run the enabled ``(enabled, rule)`` pairs; stats: one count per rule and the graph nodes removed."""
-    before = len(graph_module.graph.nodes)
-    outcome = apply_rules(graph_module, [rule for enabled, rule in rules if enabled], pass_name)
-    stats = {**outcome.counts, "nodes_removed": before - len(graph_module.graph.nodes)}
-    return PassResult(graph_module, outcome.modified, stats, outcome.rejections)
 
 
 def _out_channels(layer: WeightedLayer) -> int | None:
@@ -257,7 +249,7 @@ class FoldBatchNormOptions:
 
 
 @register
-class FoldBatchNormPass(Pass):
+class FoldBatchNormPass(RewritePass):
     """Fold eval-mode batch norm into the preceding conv, conv-transpose or linear layer.
 
     Also folds a per-output-channel affine by constants (``conv(x) * a + d``) the same way. The
@@ -269,9 +261,8 @@ class FoldBatchNormPass(Pass):
     Options = FoldBatchNormOptions
     lossless = True
 
-    def call(self, graph_module: fx.GraphModule) -> PassResult:
-        affine = (self.options.fold_affine, _ChannelAffineRule())
-        return _apply(graph_module, self.name, (True, _BatchNormRule()), affine)
+    def rules(self) -> list[Rule]:
+        return [_BatchNormRule(), *([_ChannelAffineRule()] if self.options.fold_affine else [])]
 
 
 # --- fuse-linear-chains --------------------------------------------------------------------------
@@ -432,29 +423,19 @@ class FuseLinearChainsOptions:
 
 
 @register
-class FuseLinearChainsPass(Pass):
+class FuseLinearChainsPass(RewritePass):
     """Merge consecutive linear layers and rewrite matmul + bias as linear (math in the module docstring)."""
 
     name = "fuse-linear-chains"
     Options = FuseLinearChainsOptions
     lossless = True
 
-    def call(self, graph_module: fx.GraphModule) -> PassResult:
+    # Walks repeat to a fixed point (RewritePass): in 3 -> 1 -> 2 -> 1 the first pair is refused
+    # (it would add MACs) until the second pair has fused into 1 -> 1.
+    def rules(self) -> list[Rule]:
         options = self.options
-        rules = ((options.matmul_to_linear, _MatmulBiasRule()), (options.chains, _LinearChainRule()))
-        # One walk is not enough: in 3 -> 1 -> 2 -> 1 the first pair is refused (it would add MACs)
-        # until the second pair has fused into 1 -> 1. Walk until nothing changes, so that the pass
-        # is idempotent; every walk removes a node, so this ends.
-        totals: dict[str, int] = {}
-        modified = False
-        while True:
-            result = _apply(graph_module, self.name, *rules)
-            for key, value in result.stats.items():
-                totals[key] = totals.get(key, 0) + value
-            modified = modified or result.modified
-            if not result.modified:
-                # Rejections of the last walk only: earlier ones may have been resolved since.
-                return PassResult(graph_module, modified, totals, result.rejections)
+        return [*([_MatmulBiasRule()] if options.matmul_to_linear else []),
+                *([_LinearChainRule()] if options.chains else [])]
 
 
 # --- mark-fused-activations --------------------------------------------------------------------
@@ -645,7 +626,7 @@ class CollapseReshapesOptions:
 
 
 @register
-class CollapseReshapesPass(Pass):
+class CollapseReshapesPass(RewritePass):
     """Collapse chains of shape-only ops and of dimension permutations.
 
     Reshape-like ops keep the row-major order of elements, so a chain of them equals one reshape
@@ -658,8 +639,7 @@ class CollapseReshapesPass(Pass):
     Options = CollapseReshapesOptions
     lossless = True
 
-    def call(self, graph_module: fx.GraphModule) -> PassResult:
+    def rules(self) -> list[Rule]:
         options = self.options
-        return _apply(
-            graph_module, self.name, (options.reshapes, _ReshapeChainRule()), (options.permutes, _PermuteChainRule())
-        )
+        return [*([_ReshapeChainRule()] if options.reshapes else []),
+                *([_PermuteChainRule()] if options.permutes else [])]

@@ -35,12 +35,12 @@ import torch
 from torch import fx
 
 from fxcompress.rewrite import (
-    RewriteContext, Rule, WeightedLayer, argument, apply_rules, describe_constant_problem, static_shape,
+    RewriteContext, RewritePass, Rule, WeightedLayer, argument, describe_constant_problem, static_shape,
     tensor_val, weighted_layer,
 )
 from fxcompress.analysis.shapes import refresh_shapes
 from fxcompress.capture import register_leaf_function
-from fxcompress.infra.pass_base import Pass, PassResult, option
+from fxcompress.infra.pass_base import PassResult, option
 from fxcompress.infra.registry import register
 from fxcompress.passes.cleanup import drop_unused_state
 
@@ -173,7 +173,7 @@ class ConvSpaceToDepthOptions:
 
 
 @register
-class ConvSpaceToDepthPass(Pass):
+class ConvSpaceToDepthPass(RewritePass):
     """Rewrite strided 2-D convs on few input channels (network stems) as space-to-depth + stride-1 conv.
 
     Exact up to fp32 summation order. Speeds up ORT's int8 convolution, whose per-patch gathers
@@ -184,9 +184,12 @@ class ConvSpaceToDepthPass(Pass):
     Options = ConvSpaceToDepthOptions
     lossless = True
 
+    def rules(self) -> list[Rule]:
+        return [_SpaceToDepthRule(self.options.max_in_channels)]
+
     def call(self, graph_module: fx.GraphModule) -> PassResult:
-        outcome = apply_rules(graph_module, [_SpaceToDepthRule(self.options.max_in_channels)], self.name)
-        if outcome.modified:
+        result = super().call(graph_module)
+        if result.modified:
             refresh_shapes(graph_module)  # the new pad / space_to_depth nodes get their values
             drop_unused_state(graph_module)  # the replaced weights, so the export does not carry them
-        return PassResult(graph_module, outcome.modified, dict(outcome.counts), outcome.rejections)
+        return result

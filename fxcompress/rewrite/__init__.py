@@ -22,10 +22,11 @@ from fxcompress.rewrite.matchers import (
     weighted_layer,
     writers,
 )
+from fxcompress.rewrite.rewrite_pass import RewritePass
 from fxcompress.rewrite.rule import Rule, RuleOutcome, apply_rules
 
 __all__ = [
-    "PERMUTE_OPS", "Rejection", "RewriteContext", "Rule", "RuleOutcome", "WeightedLayer", "apply_rules",
+    "PERMUTE_OPS", "Rejection", "RewriteContext", "RewritePass", "Rule", "RuleOutcome", "WeightedLayer", "apply_rules",
     "argument", "attribute", "constant_tensor", "describe_constant_problem", "other_readers", "other_users",
     "permutation", "set_argument", "sharing_problem", "static_shape", "tensor_val", "weighted_layer", "writers",
 ]
