@@ -3,7 +3,11 @@
 from fxcompress.passes import cleanup  # noqa: F401
 from fxcompress.passes import prune  # noqa: F401
 from fxcompress.passes import sparsity  # noqa: F401
-from fxcompress.passes import dead_branches  # noqa: F401
+from fxcompress.passes import guards  # noqa: F401
+from fxcompress.passes import fold_constants  # noqa: F401
+from fxcompress.passes import simplify_algebra  # noqa: F401
+from fxcompress.passes import cse  # noqa: F401
+from fxcompress.passes import zero_branches  # noqa: F401
 from fxcompress.passes import fuse  # noqa: F401
 from fxcompress.passes import quantize  # noqa: F401
 from fxcompress.passes import quantize_dynamic  # noqa: F401

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from fxcompress.analysis.aliasing import has_side_effects, may_be_mutated
+from fxcompress.analysis.aliasing import inactive_dropout, may_be_mutated
 from fxcompress.infra.pass_base import Pass, PassResult, option
 from fxcompress.infra.registry import register
+from fxcompress.rewrite import RewriteContext, same_type, tensor_val
 
 aten = torch.ops.aten
 
@@ -45,40 +46,19 @@ class EliminateDeadCodeOptions:
 class EliminateDeadCodePass(Pass):
     """Remove nodes whose results are unused and that have no side effects.
 
-    In-place ops (``relu_``, ``add_``), asserts and module calls are side effects and are kept;
-    unused parameters and buffers are dropped from the module.
+    In-place ops (``relu_``, ``add_``), asserts, random draws and module calls are side effects
+    and are kept; unused parameters and buffers are dropped from the module.
     """
 
     name = "eliminate-dead-code"
     Options = EliminateDeadCodeOptions
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
-        removed = 0
-        for node in reversed(list(graph_module.graph.nodes)):
-            if not node.users and not has_side_effects(node):
-                graph_module.graph.erase_node(node)
-                removed += 1
+        removed = RewriteContext(graph_module, self.name).erase_dead()
         dropped = drop_unused_state(graph_module) if self.options.drop_unused_state else 0
         return PassResult(graph_module, bool(removed or dropped), {"removed": removed, "state_dropped": dropped})
 
 
-def _val(node: object):
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
-
-
-def _same_type(a: fx.Node, b: fx.Node) -> bool:
-    va, vb = _val(a), _val(b)
-    return (
-        isinstance(va, torch.Tensor)
-        and isinstance(vb, torch.Tensor)
-        and va.shape == vb.shape
-        and va.dtype == vb.dtype
-        and va.device == vb.device
-    )
-
-
-_DROPOUTS = {aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default,
-             aten.feature_alpha_dropout.default}
 # Ops that return their input itself (or a view of it) when the result type is unchanged.
 _ALIAS_WHEN_SAME = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default,
                     aten.flatten.using_ints, aten.to.dtype, aten.to.dtype_layout, aten.to.device,
@@ -94,59 +74,36 @@ def no_op_source(node: fx.Node) -> fx.Node | None:
         return None
     source = node.args[0]
     target = node.target
-    if target in _DROPOUTS:
-        p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p")
-        train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train")
-        return source if (train is False or p == 0) else None
-    if target in _ALIAS_WHEN_SAME and _same_type(node, source):
+    if inactive_dropout(node):
         return source
-    if target in _COPY_WHEN_SAME and _same_type(node, source):
-        if target is aten.contiguous.default and not _val(source).is_contiguous():
+    if target in _ALIAS_WHEN_SAME and same_type(node, source):
+        return source
+    if target in _COPY_WHEN_SAME and same_type(node, source):
+        if target is aten.contiguous.default and not tensor_val(source).is_contiguous():
             return None
         if not may_be_mutated(node) and not may_be_mutated(source):
             return source
     return None
 
 
-def _assert_is_static_true(node: fx.Node) -> bool:
-    """``_assert_tensor_metadata`` whose checked dtype/device/layout the captured types already satisfy."""
-    if node.target is not aten._assert_tensor_metadata.default:
-        return False
-    val = _val(node.args[0]) if node.args else None
-    if not isinstance(val, torch.Tensor):
-        return False
-    dtype = node.kwargs.get("dtype")
-    device = node.kwargs.get("device")
-    layout = node.kwargs.get("layout")
-    return (
-        (dtype is None or dtype == val.dtype)
-        and (device is None or torch.device(device).type == val.device.type)
-        and (layout is None or layout == val.layout)
-    )
-
-
 @register
 class RemoveNoOpsPass(Pass):
     """Replace nodes that compute nothing by their input.
 
-    Eval-mode dropout, same-shape view/reshape/expand/flatten, same-dtype casts, copies nobody
-    mutates, and metadata asserts that the captured types already prove true.
+    Eval-mode dropout, same-shape view/reshape/expand/flatten, same-dtype casts and copies nobody
+    mutates. (Asserts the captured types prove true are ``remove-guards``' job.)
     """
 
     name = "remove-no-ops"
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
-        removed = asserts = 0
+        removed = 0
         for node in list(graph_module.graph.nodes):
             if node.op != "call_function":
-                continue
-            if _assert_is_static_true(node):
-                graph_module.graph.erase_node(node)
-                asserts += 1
                 continue
             source = no_op_source(node)
             if source is not None:
                 node.replace_all_uses_with(source)
                 graph_module.graph.erase_node(node)
                 removed += 1
-        return PassResult(graph_module, bool(removed or asserts), {"removed": removed, "asserts_dropped": asserts})
+        return PassResult(graph_module, bool(removed), {"removed": removed})

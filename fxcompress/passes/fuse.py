@@ -595,8 +595,13 @@ class _PermuteChainRule(Rule[_ChainOfViews]):
         chain = _chain_ending_at(node, PERMUTE_OPS)
         if chain is None or any(permutation(n) is None for n in chain):
             return None
+        if _is_identity(_compose(chain)):
+            return _ChainOfViews(chain)
+        cancelling = _cancelling_extension(chain)
+        if cancelling is not None:
+            return _ChainOfViews(cancelling)
         # a lone permute is only worth touching when it does nothing
-        return _ChainOfViews(chain) if len(chain) >= 2 or _is_identity(_compose(chain)) else None
+        return _ChainOfViews(chain) if len(chain) >= 2 else None
 
     def check(self, ctx: RewriteContext, match: _ChainOfViews) -> str | None:
         return _mutation_problem(match)
@@ -608,6 +613,23 @@ class _PermuteChainRule(Rule[_ChainOfViews]):
 
 def _is_identity(order: tuple[int, ...]) -> bool:
     return order == tuple(range(len(order)))
+
+
+def _cancelling_extension(chain: list[fx.Node]) -> list[fx.Node] | None:
+    """``chain`` extended back through permutes that have other users, up to where it all cancels.
+
+    Merging through a shared permute would add a copy (ONNX transposes materialize), but a chain
+    that cancels is removed outright: the shared permutes stay for their other users and
+    ``chain``'s end reads their source directly, which costs nothing.
+    """
+    extended = list(chain)
+    current = chain[0].args[0]
+    while permutation(current) is not None:
+        extended.insert(0, current)
+        if _is_identity(_compose(extended)):
+            return extended
+        current = current.args[0]
+    return None
 
 
 def _compose(chain: list[fx.Node]) -> tuple[int, ...]:

@@ -12,9 +12,11 @@ from fxcompress.rewrite.matchers import (
     attribute,
     constant_tensor,
     describe_constant_problem,
+    has_argument,
     other_readers,
     other_users,
     permutation,
+    same_type,
     set_argument,
     sharing_problem,
     static_shape,
@@ -27,6 +29,7 @@ from fxcompress.rewrite.rule import Rule, RuleOutcome, apply_rules
 
 __all__ = [
     "PERMUTE_OPS", "Rejection", "RewriteContext", "RewritePass", "Rule", "RuleOutcome", "WeightedLayer", "apply_rules",
-    "argument", "attribute", "constant_tensor", "describe_constant_problem", "other_readers", "other_users",
-    "permutation", "set_argument", "sharing_problem", "static_shape", "tensor_val", "weighted_layer", "writers",
+    "argument", "attribute", "constant_tensor", "describe_constant_problem", "has_argument", "other_readers",
+    "other_users", "permutation", "same_type", "set_argument", "sharing_problem", "static_shape", "tensor_val",
+    "weighted_layer", "writers",
 ]

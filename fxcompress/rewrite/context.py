@@ -1,16 +1,22 @@
 """The rewrite context: what a rule's ``check`` and ``rewrite`` work with.
 
-It creates nodes and state with valid ``meta["val"]``, erases what a rewrite replaced, and stamps
-provenance (``meta["fxcompress_provenance"]``) so graph diffs can align old and new nodes.
+It creates nodes and state with valid ``meta["val"]``, erases what a rewrite replaced (and the
+dead subgraphs it leaves), and stamps provenance (``meta["fxcompress_provenance"]``) so graph
+diffs can align old and new nodes.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Any, Iterable
 
 import torch
 from torch import fx, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
+from fxcompress.analysis.aliasing import has_side_effects
+from fxcompress.analysis.constant_eval import ConstantEvaluator
 from fxcompress.graph_meta import PROVENANCE_KEY
 from fxcompress.rewrite.matchers import attribute, constant_tensor, sharing_problem
 
@@ -30,6 +36,27 @@ class RewriteContext:
         self._fake_mode = next(
             (v.fake_mode for n in self.graph.nodes if hasattr(v := n.meta.get("val"), "fake_mode")), None
         )
+        self._constants: ConstantEvaluator | None = None
+
+    @property
+    def fake_mode(self) -> FakeTensorMode:
+        """The fake mode of the graph's ``meta["val"]`` tensors (a fresh one if there are none).
+
+        New values must come from the same mode: analyses that combine vals reject mixed modes.
+        """
+        if self._fake_mode is None:
+            self._fake_mode = FakeTensorMode()
+        return self._fake_mode
+
+    @property
+    def constants(self) -> ConstantEvaluator:
+        """Which nodes are compile-time constants, and their values; computed once per context.
+
+        The facts are those of the graph when first asked (see :class:`ConstantEvaluator`).
+        """
+        if self._constants is None:
+            self._constants = ConstantEvaluator(self.graph_module)
+        return self._constants
 
     def constant(self, value: Any) -> torch.Tensor | None:
         return constant_tensor(self.graph_module, value)
@@ -37,6 +64,43 @@ class RewriteContext:
     def sharing_problem(self, value: Any, consumer: fx.Node, what: str) -> str | None:
         """:func:`sharing_problem` with a storage cache kept for this run (attributes are only added)."""
         return sharing_problem(self.graph_module, value, consumer, what, self._storage_cache)
+
+    def set_val(self, node: fx.Node, val: torch.Tensor) -> None:
+        """Record ``val`` (a fake tensor of this graph's mode) as ``node``'s value and tensor metadata."""
+        node.meta["val"] = val
+        node.meta["tensor_meta"] = _extract_tensor_metadata(val)
+
+    def _register(self, owner: nn.Module, base: str, tensor: torch.Tensor, parameter: bool, requires_grad: bool) -> str:
+        """Register ``tensor`` on ``owner`` under ``base`` made unique; returns the name used."""
+        name, i = base, 1
+        while hasattr(owner, name):
+            name, i = f"{base}_{i}", i + 1
+        if parameter:
+            owner.register_parameter(name, nn.Parameter(tensor, requires_grad=requires_grad))
+        else:
+            owner.register_buffer(name, tensor)
+        return name
+
+    def new_constant(
+        self, tensor: torch.Tensor, hint: str, before: fx.Node, replaced: list[fx.Node], as_parameter: bool = False
+    ) -> fx.Node:
+        """Store ``tensor`` on the root module and return a get_attr reading it, inserted before ``before``.
+
+        The attribute is named after ``hint`` (non-identifier characters replaced, made unique).
+        ``as_parameter`` registers a floating-point tensor as an ``nn.Parameter`` (a folded weight
+        stays a weight for fine-tuning); otherwise it is a persistent buffer. The node gets a fake
+        ``val`` and is stamped as made from ``replaced``.
+        """
+        base = re.sub(r"\W", "_", hint).strip("_") or "constant"
+        data = tensor.detach().clone(memory_format=torch.contiguous_format)
+        parameter = as_parameter and data.is_floating_point()
+        name = self._register(self.graph_module, base, data, parameter, requires_grad=True)
+        with self.graph.inserting_before(before):
+            node = self.graph.get_attr(name)
+        self.set_val(node, self.fake_mode.from_tensor(data, static_shapes=True))
+        self.stamp(node, replaced)
+        self.created.add(name)
+        return node
 
     def new_state(
         self, like: fx.Node, base: str, tensor: torch.Tensor, before: fx.Node, replaces: Any = None
@@ -50,15 +114,9 @@ class RewriteContext:
         """
         owner_path = str(like.target).rpartition(".")[0]
         owner = self.graph_module.get_submodule(owner_path) if owner_path else self.graph_module
-        name, i = base, 1
-        while hasattr(owner, name):
-            name, i = f"{base}_{i}", i + 1
         old = attribute(self.graph_module, str(like.target))
-        tensor = tensor.detach().contiguous()
-        if isinstance(old, nn.Parameter):
-            owner.register_parameter(name, nn.Parameter(tensor, requires_grad=old.requires_grad))
-        else:
-            owner.register_buffer(name, tensor)
+        parameter = isinstance(old, nn.Parameter)
+        name = self._register(owner, base, tensor.detach().contiguous(), parameter, parameter and old.requires_grad)
         target = f"{owner_path}.{name}" if owner_path else name
         with self.graph.inserting_before(before):
             node = self.graph.get_attr(target)
@@ -68,13 +126,13 @@ class RewriteContext:
         self.created.add(target)
         return node
 
-    def call(self, target: Any, args: tuple, like: fx.Node, before: fx.Node) -> fx.Node:
+    def call(self, target: Any, args: tuple, like: fx.Node, before: fx.Node, kwargs: dict | None = None) -> fx.Node:
         """A new call of ``target`` before ``before``, carrying ``like``'s metadata (val, layer, trace).
 
         Our own ``fxcompress_*`` annotations are not copied: they describe ``like``, not the new node.
         """
         with self.graph.inserting_before(before):
-            node = self.graph.call_function(target, args)
+            node = self.graph.call_function(target, args, kwargs)
         node.meta.update({k: v for k, v in like.meta.items() if not k.startswith("fxcompress_")})
         return node
 
@@ -124,4 +182,25 @@ class RewriteContext:
                 pending.extend(i for i in inputs if i not in pending)
                 progress = True
 
+    def erase_dead(self, candidates: Iterable[fx.Node] | None = None) -> int:
+        """Erase ``candidates`` that are unused and side-effect free, then, transitively, the inputs
+        that leaves unused; returns how many nodes went. ``None`` means every node of the graph.
 
+        This is the one dead-code sweep: ``eliminate-dead-code`` runs it over the whole graph, and
+        passes over the inputs of what they replaced. Unlike :meth:`erase`, it never removes a node
+        with side effects (an in-place write, an assert, a random draw).
+        """
+        stack = list(self.graph.nodes) if candidates is None else list(candidates)
+        removed = 0
+        while stack:  # last first: erasing a consumer can free its producers, which are then retried
+            node = stack.pop()
+            if node in self.erased or node.users or has_side_effects(node):
+                continue
+            inputs = node.all_input_nodes
+            self.graph.erase_node(node)
+            self.erased.add(node)
+            removed += 1
+            if node.op == "get_attr" and node.target in self.created:
+                self._drop_created(str(node.target))
+            stack.extend(inputs)
+        return removed

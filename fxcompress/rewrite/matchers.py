@@ -15,49 +15,10 @@ import torch
 from torch import fx, nn
 
 from fxcompress.analysis.aliasing import alias_set, mutated_inputs
+from fxcompress.analysis.arguments import argument, has_argument, set_argument  # re-exported for rules
 from fxcompress.analysis.graph_stats import attribute
 
 aten = torch.ops.aten
-
-
-# --- arguments by schema name -------------------------------------------------------------------
-
-def _schema_arguments(node: fx.Node) -> list:
-    target = node.target
-    if not isinstance(target, torch._ops.OpOverload):
-        raise TypeError(f"node '{node.name}' does not call an ATen operator")
-    return list(target._schema.arguments)
-
-
-def argument(node: fx.Node, name: str) -> Any:
-    """The value of ``node``'s argument ``name``, positional, keyword or the schema's default."""
-    for i, arg in enumerate(_schema_arguments(node)):
-        if arg.name != name:
-            continue
-        if i < len(node.args) and not arg.kwarg_only:
-            return node.args[i]
-        if name in node.kwargs:
-            return node.kwargs[name]
-        return arg.default_value if arg.has_default_value() else None
-    raise KeyError(f"{node.target} has no argument '{name}'")
-
-
-def set_argument(node: fx.Node, name: str, value: Any) -> None:
-    """Set ``node``'s argument ``name``, extending the positional arguments with defaults if needed."""
-    schema_args = _schema_arguments(node)
-    for i, arg in enumerate(schema_args):
-        if arg.name != name:
-            continue
-        if arg.kwarg_only or name in node.kwargs:
-            node.kwargs = {**node.kwargs, name: value}
-            return
-        args = list(node.args)
-        while len(args) <= i:  # the skipped positions take their schema defaults
-            args.append(schema_args[len(args)].default_value)
-        args[i] = value
-        node.args = tuple(args)
-        return
-    raise KeyError(f"{node.target} has no argument '{name}'")
 
 
 # --- types and constants ------------------------------------------------------------------------
@@ -66,6 +27,12 @@ def tensor_val(node: Any) -> torch.Tensor | None:
     """The (fake) tensor a node produces, if capture recorded one."""
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
     return val if isinstance(val, torch.Tensor) else None
+
+
+def same_type(a: Any, b: Any) -> bool:
+    """True if nodes ``a`` and ``b`` produce tensors of the same shape, dtype and device."""
+    va, vb = tensor_val(a), tensor_val(b)
+    return va is not None and vb is not None and (va.shape, va.dtype, va.device) == (vb.shape, vb.dtype, vb.device)
 
 
 def static_shape(node: Any) -> tuple[int, ...] | None:

@@ -26,6 +26,10 @@ class Rule(Generic[M]):
     name: ClassVar[str] = ""
     stat: ClassVar[str] = ""
 
+    def prepare(self, ctx: RewriteContext) -> None:
+        """Called once at the start of every walk, before any ``pattern``: compute here the analyses
+        ``pattern`` needs (``ctx.constants``, facts over the whole graph). Nothing by default."""
+
     def pattern(self, node: fx.Node) -> M | None:
         raise NotImplementedError
 
@@ -58,6 +62,8 @@ def apply_rules(graph_module: fx.GraphModule, rules: list[Rule], pass_name: str)
     ctx = RewriteContext(graph_module, pass_name)
     counts = {rule.stat: 0 for rule in rules}
     rejections: list[Rejection] = []
+    for rule in rules:
+        rule.prepare(ctx)
     for node in list(graph_module.graph.nodes):
         if node in ctx.erased:
             continue

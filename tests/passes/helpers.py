@@ -1,11 +1,15 @@
-"""Shared by the pass tests: run one pass the way the PassManager does, and check idempotence."""
+"""Shared by the pass tests: run one pass the way the PassManager does (checking idempotence), compare
+numerics, find what a pass made."""
 
 from __future__ import annotations
 
-from torch import fx
+import torch
+from torch import fx, nn
 
+from fxcompress.graph_meta import PROVENANCE_KEY
 from fxcompress.infra.pass_base import PassResult
 from fxcompress.infra.registry import create_pass
+from fxcompress.numerics import compare_outputs, flatten_outputs, worst_drift
 
 
 def run_pass(name: str, gm: fx.GraphModule, **options) -> PassResult:
@@ -17,3 +21,15 @@ def run_pass(name: str, gm: fx.GraphModule, **options) -> PassResult:
     again = create_pass(name, options)(result.graph_module)
     assert not again.modified, f"{name} is not idempotent: second run {again.stats}"
     return result
+
+
+def assert_matches(model: nn.Module, gm: fx.GraphModule, *inputs: torch.Tensor, tol: float = 1e-5) -> None:
+    """``gm`` computes what ``model`` does on ``inputs``, within drift ``tol``."""
+    with torch.no_grad():
+        reference, got = flatten_outputs(model(*inputs)), flatten_outputs(gm(*inputs))
+    assert worst_drift(compare_outputs(reference, got)) <= tol
+
+
+def provenance_of(gm: fx.GraphModule, pass_name: str) -> list[fx.Node]:
+    """The nodes pass ``pass_name`` made (their provenance stamp names it)."""
+    return [n for n in gm.graph.nodes if n.meta.get(PROVENANCE_KEY, {}).get("pass") == pass_name]
