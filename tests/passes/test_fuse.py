@@ -490,6 +490,39 @@ def test_collapse_reshapes_structure_numerics():
     assert not run_pass("collapse-reshapes", capture(model, (x,)), reshapes=False, permutes=False).modified
 
 
+class SharedTranspose(nn.Module):
+    def forward(self, x):
+        t = x.transpose(1, 2)  # read twice: by the transpose that cancels it, and by the sum
+        back = t.transpose(2, 1)
+        return back * 2, t.sum(-1)
+
+
+def test_collapse_reshapes_cancels_through_a_shared_permute():
+    x = torch.randn(2, 3, 4)
+    model = SharedTranspose()
+    result = run_pass("collapse-reshapes", capture(model, (x,)))
+    assert result.stats["permute_chains"] == 1
+    after = ops(result.graph_module)
+    assert after["aten.transpose"] == 1  # the shared one stays for the sum; `back` reads x itself
+    mul = next(n for n in result.graph_module.graph.nodes if n.target is aten.mul.Tensor)
+    assert mul.args[0].op == "placeholder"
+    assert drift(model, result.graph_module, x) == 0
+    merged = run_pass("collapse-reshapes", capture(model, (x,)), permutes=False)
+    assert not merged.modified
+
+
+def test_default_preset_cancels_permute_pairs():
+    class Pairs(nn.Module):
+        def forward(self, x):
+            return torch.relu(x.permute(2, 0, 1).permute(1, 2, 0)) + x.transpose(0, 1).transpose(1, 0)
+
+    x = torch.randn(2, 3, 4)
+    model = Pairs()
+    out = default().build()(capture(model, (x,))).graph_module
+    assert not any(ops(out)[k] for k in ("aten.permute", "aten.transpose"))
+    assert drift(model, out, x) == 0
+
+
 def test_collapse_reshapes_respects_in_place_writes():
     class Mutated(nn.Module):
         def forward(self, x):
