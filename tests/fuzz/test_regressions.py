@@ -66,8 +66,8 @@ CASES = {
     ), output="tensor", seed=0),
     # Found by the 2,000-model run of the default preset (shrunk): x*0 feeding a non-affine BN and
     # an MLP residual. On the second iteration fold-constants raises KeyError 'folded_batch_norm'
-    # (dead_branches.py cone(): the node-order map is built before the pass adds nodes), so
-    # compile() failed with a PassError on a valid model. Fixed in dead_branches.py.
+    # (ConstantEvaluator.cone(), now in analysis/constant_eval.py: the node-order map is built
+    # before the pass adds nodes), so compile() failed with a PassError on a valid model.
     "fold-constants-keyerror": ModelSpec(input_shape=(1, 1), layers=(
         ("scale", {"mul": 0.0, "add": 0.0}),
         ("bn1d", {"affine": False}),

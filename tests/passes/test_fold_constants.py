@@ -8,6 +8,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from fxcompress.analysis.graph_stats import op_histogram
 from fxcompress.capture import capture
+from fxcompress.graph_meta import PROVENANCE_KEY
 from fxcompress.passes.cleanup import EliminateDeadCodePass
 from tests.passes.helpers import assert_matches, provenance_of, run_pass
 
@@ -83,7 +84,7 @@ def test_fold_constants_structure_numerics_and_state():
         val = node.meta["val"]
         assert isinstance(val, FakeTensor) and val.device.type == "cpu"
         assert tuple(val.shape) == tuple(getattr(result.graph_module, node.target).shape)
-        assert node.meta["fxcompress_provenance"]["from"]
+        assert node.meta[PROVENANCE_KEY]["from"]
     assert_matches(model, result.graph_module, x)
     cleaned = EliminateDeadCodePass()(result.graph_module).graph_module
     names = set(cleaned.state_dict())

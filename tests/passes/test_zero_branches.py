@@ -7,6 +7,7 @@ from torch import fx, nn
 
 from fxcompress.analysis.graph_stats import op_histogram
 from fxcompress.capture import capture
+from fxcompress.graph_meta import PROVENANCE_KEY
 from fxcompress.infra.recipe import resolve_recipe
 from fxcompress.passes.cleanup import EliminateDeadCodePass
 from tests.passes.helpers import assert_matches, run_pass
@@ -86,7 +87,7 @@ def test_remove_zero_branches_replaces_zero_conv_and_zero_product():
     assert after["aten.zeros"] == 2 and after["aten.relu"] == 0 and after["aten.mul"] == 0
     zeros = [n for n in result.graph_module.graph.nodes if n.target is aten.zeros.default]
     assert sorted(tuple(n.meta["val"].shape) for n in zeros) == [(1, 4, 8, 8), (1, 4, 8, 8)]
-    assert all(n.meta["fxcompress_provenance"]["pass"] == "remove-zero-branches" for n in zeros)
+    assert all(n.meta[PROVENANCE_KEY]["pass"] == "remove-zero-branches" for n in zeros)
     assert_matches(model, result.graph_module, x, tol=0.0)
 
 
