@@ -136,3 +136,21 @@ def test_option_keeps_unused_state():
     gm = capture(Unused(), (torch.randn(1, 2),))
     EliminateDeadCodePass(drop_unused_state=False)(gm)
     assert "b.weight" in dict(gm.named_parameters())
+
+
+def test_dead_code_elimination_drops_unused_deterministic_attention_but_keeps_random_draws():
+    """torch tags SDPA and dropout as random whatever their arguments; called deterministically they are pure."""
+
+    class UnusedBranches(nn.Module):
+        def forward(self, q, k, v):
+            torch.nn.functional.scaled_dot_product_attention(q, k, v)  # dropout_p=0: pure, unused
+            torch.ops.aten.dropout(q, 0.5, True)  # draws random numbers: the RNG state moves
+            return q * 2
+
+    gm = capture(UnusedBranches(), tuple(torch.randn(1, 2, 5, 4) for _ in range(3)))
+    assert _ops(gm)["aten.scaled_dot_product_attention"] == 1 and _ops(gm)["aten.dropout"] == 1
+    result = EliminateDeadCodePass()(gm)
+    assert result.modified
+    after = _ops(result.graph_module)
+    assert after["aten.scaled_dot_product_attention"] == 0 and after["aten.dropout"] == 1
+    assert not EliminateDeadCodePass()(result.graph_module).modified
