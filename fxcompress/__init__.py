@@ -8,11 +8,13 @@ export verified ONNX:
     result.export_onnx("model.onnx")
     fxcompress.validate("model.onnx", model, (example,)).passed
     fxcompress.benchmark("model.onnx", (example,), provider="cpu").p50_ms
+    print(fxcompress.compare(result, model))   # vs the plain export: parity, interleaved latency, size
 """
 
 from fxcompress.version import __version__  # noqa: E402,F401
 
 from fxcompress.api import CompileReport, CompileResult, benchmark, compile, diff, validate  # noqa: E402
+from fxcompress.comparison import ComparisonReport, compare  # noqa: E402
 from fxcompress.errors import (  # noqa: E402
     CaptureError,
     DriftError,
@@ -29,7 +31,7 @@ from fxcompress.infra.recipe import Recipe  # noqa: E402
 import fxcompress.passes  # noqa: E402,F401 - registers the built-in passes, presets and leaf functions
 
 __all__ = [
-    "CaptureError", "CompileReport", "CompileResult", "DriftError", "ExportError", "FxCompressError",
+    "CaptureError", "ComparisonReport", "CompileReport", "CompileResult", "DriftError", "ExportError", "FxCompressError",
     "InputError", "ModelFileError", "PassError", "Recipe", "RecipeError", "RuntimeProviderError",
-    "UntrustedFileError", "benchmark", "compile", "diff", "validate",
+    "UntrustedFileError", "benchmark", "compare", "compile", "diff", "validate",
 ]

@@ -12,7 +12,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable, Sequence
+from typing import IO, TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import fx, nn
@@ -31,6 +31,9 @@ from fxcompress.numerics import LOSSLESS_TOLERANCE, compare_outputs, flatten_out
 from fxcompress.inspect.pass_table import pass_rows, print_table, render_plain
 from fxcompress.runtime.parity import ParityReport, validate
 from fxcompress.runtime.timing import benchmark
+
+if TYPE_CHECKING:
+    import onnx
 
 
 @dataclass
@@ -96,9 +99,8 @@ class CompileResult:
                 f"drift {self.report.drift:.2e})")
 
     @holding_tracing_lock
-    def export_onnx(
+    def export_proto(
         self,
-        path: str | os.PathLike,
         *,
         simplify: bool = False,
         dynamic_batch: bool | None = None,
@@ -106,16 +108,15 @@ class CompileResult:
         tolerance: float | None = None,
         metadata: dict[str, Any] | None = None,
         sparse: bool = False,
-    ) -> Path:
-        """Export ``module`` to a checked ONNX file at ``path`` and return the path.
+    ) -> "onnx.ModelProto":
+        """Export ``module`` to a checked ONNX ``ModelProto`` in memory (what :meth:`export_onnx` writes).
 
         Sparsity masks are baked into their weights; ``sparse=True`` also stores weights with
         enough zeros in a smaller encoding (fxcompress.export.sparse.compress_initializers).
 
-        Before anything is written, the ONNX model is run in ORT (optimizations off) on the
-        example inputs and random inputs of the same shapes and compared with ``module``; a
-        mismatch raises ExportError and writes nothing. The parity figures, recipe and version
-        are stored as metadata props. The write is atomic.
+        With ``validate`` (the default) the model is run in ORT (optimizations off) on the example
+        inputs and random inputs of the same shapes and compared with ``module``; a mismatch raises
+        ExportError. The parity figures, recipe and version are stored as metadata props.
         """
         dynamic = self.dynamic_batch if dynamic_batch is None else dynamic_batch
         model, notes = export_model_proto(bake_weight_masks(self.module), self.example_inputs, dynamic_batch=dynamic, simplify=simplify)
@@ -140,8 +141,18 @@ class CompileResult:
         from fxcompress.version import __version__
 
         set_metadata(model, {"fxcompress_version": __version__, **stamp, **(metadata or {})})
-        return save_model(model, path)
+        return model
 
+    @holding_tracing_lock
+    def export_onnx(self, path: str | os.PathLike, **options: Any) -> Path:
+        """Export ``module`` to a checked ONNX file at ``path`` and return the path.
+
+        ``options`` are :meth:`export_proto`'s (``simplify``, ``dynamic_batch``, ``validate``,
+        ``tolerance``, ``metadata``, ``sparse``). The model is built and checked there before
+        anything is written: a mismatch in ONNX Runtime raises ExportError and writes nothing.
+        The write is atomic.
+        """
+        return save_model(self.export_proto(**options), path)
 
     def _export_tolerance(self) -> float:
         """Lossless unless a kept pass exports inexactly (quantization, fp16): then the recipe's.

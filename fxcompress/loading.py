@@ -230,3 +230,29 @@ def load_calibration(spec: str | None, example_inputs: tuple[torch.Tensor, ...])
         module_name, _, func_name = spec.partition(":")
         return getattr(importlib.import_module(module_name), func_name)()
     raise InputError(f"Cannot tell what calibration data {spec!r} names.", "use random:N, a .pt file, or package.module:function.")
+
+
+def onnx_inputs(model: Any, shapes: Sequence[tuple[int, ...]] | None = None) -> tuple[torch.Tensor, ...]:
+    """Inputs for an ONNX model: one tensor per graph input, of the given ``shapes`` or the file's own.
+
+    Symbolic dimensions (a dynamic batch) become 1. Floating inputs are seeded normal noise,
+    integer inputs zeros (valid token ids and masks); dtypes follow the file.
+    """
+    import numpy as np
+    import onnx
+
+    graph_inputs = list(model.graph.input)
+    if shapes is not None and len(shapes) != len(graph_inputs):
+        raise InputError(f"{len(shapes)} input shapes given for an ONNX model with {len(graph_inputs)} inputs "
+                         f"({', '.join(v.name for v in graph_inputs)}).", "give one --input-shape per input, in order.")
+    tensors = []
+    for i, value in enumerate(graph_inputs):
+        tensor_type = value.type.tensor_type
+        dims = shapes[i] if shapes else tuple(d.dim_value if d.dim_value > 0 else 1 for d in tensor_type.shape.dim)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        if np.issubdtype(dtype, np.floating):
+            array = np.random.default_rng(i).standard_normal(dims).astype(dtype)
+        else:
+            array = np.zeros(dims, dtype)
+        tensors.append(torch.from_numpy(array))
+    return tuple(tensors)

@@ -78,3 +78,31 @@ def test_bad_input_exits_2_with_one_paragraph(tmp_path, capsys, argv, fragment):
     assert fragment in err
     assert "Traceback" not in err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_import_registers_the_users_pass(tmp_path, capsys, monkeypatch):
+    package = tmp_path / "user_passes_cli"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "from fxcompress.infra.pass_base import Pass, PassResult\n"
+        "from fxcompress.infra.registry import register\n\n"
+        "@register\n"
+        "class CountNodes(Pass):\n"
+        "    '''Counts the graph's nodes and changes nothing.'''\n"
+        "    name = 'count-nodes-cli'\n\n"
+        "    def call(self, graph_module):\n"
+        "        return PassResult(graph_module, False, {'nodes_seen': len(graph_module.graph.nodes)})\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('passes = [{ pipeline = "default" }, "count-nodes-cli"]\n')
+    assert main(["passes", "--import", "user_passes_cli"]) == 0
+    assert "count-nodes-cli" in capsys.readouterr().out
+    out = tmp_path / "m.onnx"
+    assert main(["compile", "tests.models:conv_bn_relu", "--import", "user_passes_cli", "--recipe", str(recipe),
+                 "--out", str(out), "--no-baseline", "--iters", "8"]) == 0
+    assert "nodes_seen" in capsys.readouterr().out
+    code = main(["compile", "tests.models:conv_bn_relu", "--import", "no_such_module_xyz", "--out", str(tmp_path / "x.onnx")])
+    err = capsys.readouterr().err
+    assert code == 2 and "no_such_module_xyz" in err and "PYTHONPATH" in err
+    assert not (tmp_path / "x.onnx").exists()

@@ -6,7 +6,6 @@ Errors the user can fix are printed as one paragraph (no stack trace) with exit 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -32,6 +31,8 @@ def _add_compile(sub) -> None:
     p.add_argument("--dump-dir", default=None, help="write the graph after every changed pass into this folder")
     p.add_argument("--report", default=None, help="write a self-contained HTML report (passes, diffs, figures) here")
     p.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled module (runs code from the file)")
+    p.add_argument("--import", dest="imports", action="append", default=None, metavar="MODULE",
+                   help="import this module first (it registers your own passes); repeat for several")
 
 
 def _add_bench(sub) -> None:
@@ -52,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     add_diff_parser(sub)
     add_inspect_parser(sub)
-    sub.add_parser("passes", help="list registered passes, their options and the presets")
+    passes = sub.add_parser("passes", help="list registered passes, their options and the presets")
+    passes.add_argument("--import", dest="imports", action="append", default=None, metavar="MODULE",
+                        help="import this module first, so that the passes it registers are listed too")
     demo = sub.add_parser("demo", help="train a digits CNN, compile it with every preset, compare accuracy/size/latency")
     demo.add_argument("--out-dir", default="out", help="where the ONNX files go (default: out/)")
     demo.add_argument("--epochs", type=int, default=8)
@@ -65,17 +68,23 @@ def _shapes(values: Sequence[str] | None):
     return [parse_shape(v) for v in values] if values else None
 
 
+def _import_user_modules(args: argparse.Namespace) -> None:
+    from fxcompress.infra.recipe import import_modules
+
+    if args.imports:
+        import_modules(args.imports, "--import")
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
-    import fxcompress
     from fxcompress.api import compile as compile_model
-    from fxcompress.loading import load_calibration, load_model
-    from fxcompress.runtime.session import create_session
-    from fxcompress.runtime.timing import make_runner, time_interleaved
+    from fxcompress.comparison import compare
     from fxcompress.export.atomic import check_output_path
+    from fxcompress.loading import load_calibration, load_model
 
     check_output_path(args.out)
     if args.report:
         check_output_path(args.report)
+    _import_user_modules(args)
     loaded = load_model(args.spec, _shapes(args.input_shape), trust_pickle=args.trust_pickle)
     calibration = load_calibration(args.calibration, loaded.example_inputs)
     print(f"Compiling {loaded.description} with recipe '{args.recipe}' "
@@ -85,64 +94,35 @@ def cmd_compile(args: argparse.Namespace) -> int:
     result.report.print_table()
     path = result.export_onnx(args.out, simplify=args.simplify)
     print(f"\nParity (ONNX in ORT vs compiled module): {result.report.parity.summary()}")
-    parity_orig = fxcompress.validate(path, loaded.model, loaded.example_inputs, tolerance=max(result.recipe.tolerance, 1e-4))
-    print(f"Parity (ONNX in ORT vs original model):  {parity_orig.summary()}")
-    runners = {}
-    sessions = {}
-    if not args.no_baseline:
-        baseline = compile_model(loaded.model, loaded.example_inputs, [], dynamic_batch=args.dynamic_batch)
-        from fxcompress.export.onnx_export import export_model_proto
-
-        proto, _ = export_model_proto(baseline.module, loaded.example_inputs, dynamic_batch=args.dynamic_batch)
-        sessions["plain torch.onnx.export"] = (create_session(proto, args.provider), proto.ByteSize())
-    sessions[f"fxcompress {args.recipe}"] = (create_session(path, args.provider), os.path.getsize(path))
-    for label, (session, _) in sessions.items():
-        runners[label] = make_runner(session, loaded.example_inputs)
-    rounds = max(1, args.iters // 8)
-    stats = time_interleaved(runners, rounds=rounds, block=8)
-    provider = next(iter(sessions.values()))[0]
-    print(f"\nLatency on ONNX Runtime ({provider.provider} provider{', FELL BACK from ' + args.provider if provider.fell_back else ''}; "
-          f"{rounds * 8} runs each, interleaved):")
-    print(f"{'variant':<28} {'p50 ms':>9} {'p90 ms':>9} {'size MB':>9}")
-    for label, s in stats.items():
-        print(f"{label:<28} {s['p50_ms']:>9.3f} {s['p90_ms']:>9.3f} {sessions[label][1] / 1e6:>9.2f}")
+    comparison = compare(result, loaded.model, path, provider=args.provider, baseline=not args.no_baseline, runs=args.iters)
+    print(f"Parity (ONNX in ORT vs original model):  {comparison.compiled.parity.summary()}")
+    print(f"\n{comparison.to_text()}")
     print(f"\nWrote {path}")
     if args.report:
-        from fxcompress.inspect.render_html import Variant, write_report
+        from fxcompress.inspect.render_html import write_report
 
-        variants = [Variant(label, s["p50_ms"], s["p90_ms"], sessions[label][1], sessions[label][0].provider) for label, s in stats.items()]
-        print(f"Wrote {write_report(args.report, result, variants=variants)}")
+        print(f"Wrote {write_report(args.report, result, variants=comparison.report_variants())}")
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
-
     from fxcompress.export.onnx_export import load_onnx
+    from fxcompress.loading import onnx_inputs
     from fxcompress.runtime.timing import benchmark
 
     model = load_onnx(args.model)
-    shapes = _shapes(args.input_shape)
-    inputs = []
-    for i, value in enumerate(model.graph.input):
-        tensor_type = value.type.tensor_type
-        dims = shapes[i] if shapes else tuple(d.dim_value if d.dim_value > 0 else 1 for d in tensor_type.shape.dim)
-        import onnx
-
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
-        array = np.random.default_rng(i).standard_normal(dims).astype(dtype) if np.issubdtype(dtype, np.floating) else np.zeros(dims, dtype)
-        inputs.append(torch.from_numpy(array))
-    report = benchmark(model, tuple(inputs), provider=args.provider, warmup=args.warmup, iters=args.iters)
+    inputs = onnx_inputs(model, _shapes(args.input_shape))
+    report = benchmark(model, inputs, provider=args.provider, warmup=args.warmup, iters=args.iters)
     print(f"{args.model}: {report.summary()}")
     if args.ops:
         from fxcompress.runtime.profiling import op_times
 
-        print(op_times(model, tuple(inputs), args.provider, runs=max(1, args.iters // 5), threads=args.threads).table())
+        print(op_times(model, inputs, args.provider, runs=max(1, args.iters // 5), threads=args.threads).table())
     return 0
 
 
 def cmd_passes(args: argparse.Namespace) -> int:
+    _import_user_modules(args)
     from fxcompress.infra.pass_base import option_help
     from fxcompress.infra.registry import available_passes
     from fxcompress.passes.presets import PRESETS

@@ -223,7 +223,7 @@ def _pipeline_from_entry(entry: Mapping[str, Any], where: str) -> "Recipe":
     return nested
 
 
-def _import_modules(modules: Any, where: str) -> list[str]:
+def import_modules(modules: Any, where: str) -> list[str]:
     """Import the modules a recipe names in ``imports`` (they register a user's passes)."""
     if not (isinstance(modules, list) and all(isinstance(m, str) for m in modules)):
         raise RecipeError(f"{where}: imports must be a list of module names, got {modules!r}.",
@@ -252,7 +252,7 @@ def load_recipe_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> Recipe:
     if unknown:
         raise RecipeError(f"Recipe {path} has unknown keys {sorted(unknown)}.",
                           f"valid keys: {', '.join(sorted(_TOP_LEVEL_KEYS))}.")
-    imports = _import_modules(data["imports"], str(path)) if "imports" in data else []
+    imports = import_modules(data["imports"], str(path)) if "imports" in data else []
     steps: list[Step] = []
     base: Recipe | None = None
     if "extends" in data:
