@@ -178,3 +178,17 @@ def test_cuda_request_without_a_gpu_is_labelled_as_fallback(runner, tmp_path):
     assert row["provider"] == "cpu" and row["fell_back"] is True
     assert row["placement"]["fell_back"] is True  # every compute op reported as off the GPU
     assert "FELL BACK" in (tmp_path / "results.md").read_text()
+
+
+def test_reparameterization_quick_run_writes_the_peer_comparison(tmp_path):
+    pytest.importorskip("timm")
+    result = subprocess.run([sys.executable, str(BENCH / "reparameterization.py"), "--quick", "--out", str(tmp_path)],
+                            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads((tmp_path / "reparameterization.json").read_text())
+    row = data["reparameterizable"][0]
+    assert row["model"] == "repvgg_a0" and row["merged"] > 0
+    assert set(row["variants"]) == {"plain", "fxcompress default", "timm reparameterize"}
+    assert row["variants"]["fxcompress default"]["relative"] < 1e-5
+    assert data["zoo"][0]["merged"] == 0  # nothing to merge in ResNet-18: its graph is what it was
+    assert "| repvgg_a0 |" in (tmp_path / "reparameterization.md").read_text()

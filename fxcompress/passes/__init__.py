@@ -9,6 +9,7 @@ from fxcompress.passes import simplify_algebra  # noqa: F401
 from fxcompress.passes import cse  # noqa: F401
 from fxcompress.passes import zero_branches  # noqa: F401
 from fxcompress.passes import fuse  # noqa: F401
+from fxcompress.passes import reparameterize  # noqa: F401
 from fxcompress.passes import quantize  # noqa: F401
 from fxcompress.passes import quantize_dynamic  # noqa: F401
 from fxcompress.passes import precision  # noqa: F401

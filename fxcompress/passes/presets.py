@@ -13,12 +13,14 @@ def default() -> Recipe:
     """Lossless cleanup: outputs within fp32 noise, never more nodes."""
     return Recipe(
         name="default",
-        description="lossless: remove guards, fuse linear chains, fold constants and batch norms, simplify algebra "
-                    "and reshapes, remove no-ops, zero branches, common subexpressions and dead code",
+        description="lossless: remove guards, fuse linear chains, fold constants and batch norms, merge parallel conv "
+                    "branches, simplify algebra and reshapes, remove no-ops, zero branches, common subexpressions and dead code",
         steps=[
             # fuse-linear-chains first: it reads ``t(weight)`` as linear's weight, which fold-constants would copy
             PassStep("remove-guards"), PassStep("fuse-linear-chains"), PassStep("fold-constants"),
-            PassStep("simplify-algebra"), PassStep("fold-batchnorm"), PassStep("collapse-reshapes"),
+            PassStep("simplify-algebra"), PassStep("fold-batchnorm"),
+            PassStep("merge-parallel-convs"),  # after fold-batchnorm: each branch is then a plain conv
+            PassStep("collapse-reshapes"),
             PassStep("remove-no-ops"),
             PassStep("remove-zero-branches"), PassStep("eliminate-common-subexpressions"),
             PassStep("eliminate-dead-code"),
