@@ -17,7 +17,10 @@ from typing import IO, TYPE_CHECKING, Any, Callable, Sequence
 import torch
 from torch import fx, nn
 
-from fxcompress.capture import capture, holding_tracing_lock, normalize_inputs, private_copy, run_eager
+from fxcompress.capture import (
+    FlatCall, ModelCall, StructuredModule, capture, check_finite_outputs, check_tolerance, holding_tracing_lock, model_call,
+    private_copy, run_eager,
+)
 from fxcompress.errors import DriftError, ExportError, InputError
 from fxcompress.export.onnx_export import export_model_proto, save_model, set_metadata
 from fxcompress.export.sparse import bake_weight_masks, compress_initializers
@@ -86,13 +89,29 @@ class CompileResult:
     """
 
     def __init__(self, module: fx.GraphModule, report: CompileReport, recipe: Recipe,
-                 example_inputs: tuple[torch.Tensor, ...], snapshots: RecordDiff, dynamic_batch: bool) -> None:
-        self.module = module
+                 example_inputs: tuple[torch.Tensor, ...], snapshots: RecordDiff, dynamic_batch: bool,
+                 call: ModelCall | None = None, tolerance: float | None = None) -> None:
+        # A model called with keyword or nested inputs gets a module called the same way, over
+        # the compiled graph (shared parameters: fine-tune either, export sees the change).
+        self.module = StructuredModule(module, call) if call is not None and call.structured else module
         self.report = report
         self.recipe = recipe
         self.example_inputs = example_inputs
         self.snapshots = snapshots
         self.dynamic_batch = dynamic_batch
+        self.call = call
+        #: the tolerance compile was given (argument, else the recipe's); export parity honours it
+        self.tolerance = recipe.tolerance if tolerance is None else tolerance
+
+    @property
+    def model_inputs(self) -> Any:
+        """The example inputs in the form the original model takes (``(args, kwargs)`` for keyword inputs)."""
+        return (self.call.args, self.call.kwargs) if self.call is not None and self.call.structured else self.example_inputs
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        """The compiled ``torch.fx.GraphModule`` over the flat input tensors (what export reads)."""
+        return self.module.graph_module if isinstance(self.module, StructuredModule) else self.module
 
     def __repr__(self) -> str:
         return (f"CompileResult(recipe={self.recipe.name!r}, nodes {self.report.nodes_before}->{self.report.nodes_after}, "
@@ -119,7 +138,9 @@ class CompileResult:
         ExportError. The parity figures, recipe and version are stored as metadata props.
         """
         dynamic = self.dynamic_batch if dynamic_batch is None else dynamic_batch
-        model, notes = export_model_proto(bake_weight_masks(self.module), self.example_inputs, dynamic_batch=dynamic, simplify=simplify)
+        names = (self.call.names, self.call.output_names) if self.call is not None and self.call.structured else (None, None)
+        model, notes = export_model_proto(bake_weight_masks(self.graph_module), self.example_inputs, dynamic_batch=dynamic,
+                                          simplify=simplify, input_names=names[0], output_names=names[1])
         if sparse:  # lossless: ORT rebuilds the dense weights when the session is created
             model = compress_initializers(model)[0]
         stamp: dict[str, Any] = {
@@ -130,7 +151,7 @@ class CompileResult:
         }
         if validate:
             allowed = tolerance if tolerance is not None else self._export_tolerance()
-            parity = _validate_proto(model, self.module, self.example_inputs, allowed)
+            parity = _validate_proto(model, self.graph_module, self.example_inputs, allowed)
             self.report.parity = parity
             if not parity.passed:
                 raise ExportError(
@@ -162,7 +183,7 @@ class CompileResult:
         """
         if all(r.exports_exactly for r in self.report.records if r.modified):
             return LOSSLESS_TOLERANCE
-        return max(LOSSLESS_TOLERANCE, self.recipe.tolerance)
+        return max(LOSSLESS_TOLERANCE, self.tolerance)
 
 
 def _validate_proto(model, module: fx.GraphModule, inputs, tolerance: float) -> ParityReport:
@@ -205,13 +226,17 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
 
     Args:
         model: the PyTorch model; never modified (work happens on a deep copy in eval mode).
-        example_inputs: a tensor or tuple of tensors, one per positional argument of forward().
+        example_inputs: what the model takes: a tensor, a tuple of positional tensors, a dict of
+            keyword tensors (a tokenizer's ``BatchEncoding``), an ``(args, kwargs)`` pair, or
+            nested lists/tuples of tensors. With keyword or nested inputs, ONNX inputs take the
+            keyword names, outputs the model's field names, and ``result.module`` is called like
+            the model (a :class:`~fxcompress.capture.StructuredModule`).
         recipe: a preset name ("default", see ``fxcompress passes``), a path to a TOML recipe,
             a Recipe, or a list of pass names / Pass objects.
-        calibration: input tuples for data-driven passes (quantization): a list, a DataLoader,
+        calibration: inputs for data-driven passes (quantization), each in the example's form: a list, a DataLoader,
             any re-iterable, or a callable returning an iterator. Streamed, not copied.
         tolerance: largest whole-model drift accepted (default: the recipe's); a result beyond
-            it raises DriftError instead of being returned.
+            it raises DriftError instead of being returned. ``export_onnx`` honours it too.
         dynamic_batch: capture with a symbolic batch dimension so the ONNX batch axis is dynamic
             (needs an example batch of at least 2).
         instruments: extra instruments run around every pass.
@@ -230,22 +255,31 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
         explanation and the fix.
     """
     start = time.perf_counter()
-    inputs = normalize_inputs(example_inputs)
+    check_tolerance(tolerance)
+    call = model_call(model if isinstance(model, nn.Module) else None, example_inputs)
+    inputs = call.flat
     resolved = resolve_recipe(recipe)  # unknown passes/options fail before any work
     allowed = resolved.tolerance if tolerance is None else tolerance
     metric = _user_metric(evaluate, max_metric_drop)
     reference_model = private_copy(model)
-    reference = run_eager(reference_model, inputs)
+    reference = run_eager(FlatCall(reference_model, call) if call.structured else reference_model, inputs)
+    check_finite_outputs(model, reference)
     if metric is not None:
         metric.baseline = metric.score(reference_model, "the original model")
-    graph_module = capture(reference_model, inputs, dynamic_batch=dynamic_batch)
+        if call.structured:
+            metric.as_user_module = lambda module: StructuredModule(module, call)
+    graph_module = capture(reference_model, example_inputs, dynamic_batch=dynamic_batch)
     nodes_before, params_before = count_compute_nodes(graph_module), count_parameters(graph_module)
     recorder = RecordDiff()
     all_instruments: list[Instrument] = [Timing(), recorder, VerifyNumerics(inputs, reference), *instruments]
     if dump_dir is not None:
         all_instruments.append(DumpIR(dump_dir))
     manager = resolved.build(all_instruments)
-    manager.bind(CompileContext(inputs, calibration_source(calibration), reference, progress, metric))
+    calibration_batches = calibration_source(calibration)
+    if call.structured and calibration_batches is not None:  # each batch in the example's form, flattened alike
+        source = calibration_batches
+        calibration_batches = lambda: (call.flatten(batch) for batch in source())  # noqa: E731
+    manager.bind(CompileContext(inputs, calibration_batches, reference, progress, metric))
     result = manager(graph_module)
     compiled = result.graph_module
     drift = _final_drift(compiled, inputs, reference)
@@ -262,7 +296,7 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
         converged=manager.converged,
     )
     if metric is not None:
-        compiled_metric = metric.score(compiled, "the compiled module")
+        compiled_metric = metric.score(metric.as_user_module(compiled), "the compiled module")
         report.metric = {"baseline": metric.baseline, "compiled": compiled_metric,
                          "drop": metric.baseline - compiled_metric, "max_drop": metric.max_drop}
         if metric.max_drop is not None and not report.metric["drop"] <= metric.max_drop:
@@ -282,7 +316,7 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
             "raise the tolerance (tolerance=... or `tolerance` in the recipe) if that accuracy is acceptable, "
             "or use a less aggressive recipe (e.g. keep sensitive layers in float).",
         )
-    return CompileResult(compiled, report, resolved, inputs, recorder, dynamic_batch)
+    return CompileResult(compiled, report, resolved, inputs, recorder, dynamic_batch, call, tolerance)
 
 
 def diff(a: Any, b: Any) -> Any:

@@ -142,7 +142,7 @@ def compare(
                          "pass the model you compiled.")
     if not isinstance(runs, int) or runs < 1:
         raise InputError(f"compare: runs must be a positive integer, got {runs!r}.", "use e.g. runs=48.")
-    inputs = result.example_inputs
+    inputs = result.model_inputs
     tolerance = max(result.recipe.tolerance, LOSSLESS_TOLERANCE)
     models: dict[str, tuple[onnx.ModelProto | str, int]] = {}
     if baseline:
@@ -155,7 +155,8 @@ def compare(
     sessions = {label: create_session(model, provider) for label, (model, _) in models.items()}
     parity = {label: validate(model, original, inputs, tolerance=tolerance) for label, (model, _) in models.items()}
     rounds = max(1, runs // _BLOCK)
-    stats = time_interleaved({label: make_runner(s, inputs) for label, s in sessions.items()}, rounds=rounds, block=_BLOCK)
+    stats = time_interleaved({label: make_runner(s, result.example_inputs) for label, s in sessions.items()},
+                             rounds=rounds, block=_BLOCK)
     variants = [VariantFigures(label, models[label][1], parity[label], stats[label]["p50_ms"], stats[label]["p90_ms"],
                                sessions[label].provider) for label in models]
     first = next(iter(sessions.values()))

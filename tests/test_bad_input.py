@@ -67,7 +67,7 @@ def refused(exc_type, match: str, call, model: nn.Module | None = None, folder: 
     ((torch.randn(1, 4, 8, 8),), r"fails on the example inputs \(float32\[1, 4, 8, 8\]\).*expected input\[1, 4, 8, 8\] to have 3 channels"),
     ((X.long(),), r"fails on the example inputs \(int64\[1, 3, 8, 8\]\)"),
     ((X.double(),), r"fails on the example inputs \(float64"),
-    (([1, 2],), r"example_inputs\[0\] is a list, not a torch.Tensor"),
+    (([1, 2],), r"the input at 'x_0' is of type int, not a torch.Tensor"),
     ((), r"example_inputs is empty"),
     ("x", r"must be a tensor or a tuple of tensors, got str"),
 ])

@@ -40,8 +40,13 @@ def export_model_proto(
     *,
     dynamic_batch: bool = False,
     simplify: bool = False,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Export to an in-memory, checked ModelProto.
+
+    ``input_names`` / ``output_names`` name the graph's inputs and outputs (a model called with
+    keyword inputs: ``input_ids``, ``attention_mask``; its output fields: ``last_hidden_state``).
 
     Returns the model and notes (``simplified``: whether onnxsim's result was kept, node counts).
     Raises ExportError with the exporter's first line and a hint when export fails.
@@ -61,6 +66,8 @@ def export_model_proto(
                 verbose=False,
                 external_data=False,
                 dynamic_shapes=_dynamic_shapes(example_inputs) if dynamic_batch else None,
+                input_names=list(input_names) if input_names else None,
+                output_names=list(output_names) if output_names else None,
             )
     except Exception as exc:  # noqa: BLE001 - the exporter raises many types
         raise _export_failure(exc, graph_module) from None

@@ -34,6 +34,9 @@ class UserMetric:
         self.evaluate = evaluate
         self.max_drop = max_drop
         self.baseline: float | None = None
+        #: turns a candidate graph module into what ``evaluate`` calls (the model's own call form,
+        #: for models taking keyword inputs); identity by default
+        self.as_user_module: Callable[[Any], Any] = lambda module: module
 
     def score(self, module: Any, what: str) -> float:
         """``evaluate(module)`` as a float; InputError if it raises or returns no finite number."""
@@ -54,7 +57,7 @@ class UserMetric:
     def drop_of(self, module: Any) -> tuple[float, float]:
         """``(metric, baseline - metric)`` of a candidate module."""
         assert self.baseline is not None, "the baseline is scored before any pass runs"
-        metric = self.score(module, "a candidate compiled module")
+        metric = self.score(self.as_user_module(module), "a candidate compiled module")
         return metric, self.baseline - metric
 
 

@@ -18,7 +18,7 @@ import onnx
 import torch
 from torch import nn
 
-from fxcompress.capture import normalize_inputs, run_eager
+from fxcompress.capture import FlatCall, model_call, run_eager
 from fxcompress.numerics import LOSSLESS_TOLERANCE, OutputComparison, compare_outputs, flatten_outputs
 from fxcompress.runtime.session import create_session
 
@@ -88,18 +88,22 @@ def validate(
         onnx_model: path, bytes or ModelProto.
         model: the PyTorch model (or compiled GraphModule) to compare with; it is copied and run
             in eval mode, never modified.
-        example_inputs: a tensor or tuple of tensors.
+        example_inputs: the model's inputs in any form ``compile`` takes (tensor, tuple, dict of
+            keyword tensors, ``(args, kwargs)``, nested lists).
         tolerance: largest accepted drift (max abs error / max magnitude, per output).
         random_inputs: extra random input sets of the same shapes.
         provider: "cpu" or "cuda".
     """
-    inputs = normalize_inputs(example_inputs)
+    call = model_call(model if isinstance(model, nn.Module) else None, example_inputs)
+    inputs = call.flat
     if isinstance(onnx_model, (str, os.PathLike)):
         from fxcompress.export.onnx_export import load_onnx
 
         onnx_model = load_onnx(onnx_model)
     session = create_session(onnx_model, provider, optimize=False)
     reference_model = copy.deepcopy(model).eval()
+    if call.structured:
+        reference_model = FlatCall(reference_model, call)
     all_runs = []
     for feed in input_sets(inputs, random_inputs):
         expected = flatten_outputs(run_eager(reference_model, feed))

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import onnx
 
-from fxcompress.capture import normalize_inputs
+from fxcompress.capture import model_call
 from fxcompress.errors import InputError
 from fxcompress.runtime.session import RuntimeSession, create_session, to_numpy
 
@@ -117,7 +117,7 @@ def benchmark(
     The report names the provider that actually ran; if CUDA was requested but unavailable,
     ``fell_back`` is True and a ProviderFallbackWarning was issued.
     """
-    inputs = normalize_inputs(example_inputs)
+    inputs = model_call(None, example_inputs).flat  # keyword / nested inputs: in the ONNX file's order
     if not (isinstance(iters, int) and iters >= 1 and isinstance(warmup, int) and warmup >= 0):
         raise InputError(f"benchmark needs iters >= 1 and warmup >= 0, got iters={iters!r}, warmup={warmup!r}.",
                          "use e.g. iters=100, warmup=10 (--iters / --warmup on the command line).")

@@ -1,0 +1,127 @@
+"""Inputs as users pass them: keyword dicts (a tokenizer's BatchEncoding), (args, kwargs), nested
+lists; structured outputs; ONNX names; calibration in the same form; and the bad-input errors."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import fxcompress
+
+
+class KeywordModel(nn.Module):
+    """Called as model(input_ids=..., attention_mask=...) and returns a dict, like a HF encoder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.proj = nn.Linear(16, 16)
+
+    def forward(self, input_ids, attention_mask=None):
+        hidden = self.proj(self.embed(input_ids))
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1)
+        return {"last_hidden_state": hidden, "pooled": pooled}
+
+
+class ImageList(nn.Module):
+    """Takes a list of images (torchvision detection style) and a scale, returns a nested tuple."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, images, scale):
+        features = [self.conv(image.unsqueeze(0)) * scale for image in images]
+        return features[0], (features[1].mean(), features[1])
+
+
+def _batch(seed: int = 0, length: int = 6):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 50, (2, length), generator=g)
+    mask = torch.ones(2, length, dtype=torch.long)
+    mask[1, length - 2:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_keyword_inputs_compile_export_and_call_like_the_model(tmp_path):
+    model = KeywordModel().eval()
+    batch = _batch()
+    result = fxcompress.compile(model, batch, "default")
+    out = result.module(**batch)
+    assert set(out) == {"last_hidden_state", "pooled"}
+    torch.testing.assert_close(out["pooled"], model(**batch)["pooled"])
+    path = result.export_onnx(tmp_path / "kw.onnx")
+    proto = onnx.load(str(path))
+    assert [i.name for i in proto.graph.input] == ["input_ids", "attention_mask"]
+    assert [o.name for o in proto.graph.output] == ["last_hidden_state", "pooled"]
+    assert fxcompress.validate(path, model, batch).passed
+    assert fxcompress.benchmark(path, batch, iters=3, warmup=1).p50_ms > 0
+
+
+def test_args_kwargs_pair_and_batch_encoding():
+    transformers = pytest.importorskip("transformers")
+    model = KeywordModel().eval()
+    batch = _batch()
+    encoding = transformers.BatchEncoding(batch)
+    by_pair = fxcompress.compile(model, ((batch["input_ids"],), {"attention_mask": batch["attention_mask"]}), "default")
+    by_encoding = fxcompress.compile(model, encoding, "default")
+    torch.testing.assert_close(by_pair.module(batch["input_ids"], attention_mask=batch["attention_mask"])["pooled"],
+                               by_encoding.module(**encoding)["pooled"])
+
+
+def test_nested_list_inputs_and_nested_outputs(tmp_path):
+    model = ImageList().eval()
+    images = [torch.randn(3, 8, 8), torch.randn(3, 8, 8)]
+    scale = torch.tensor(2.0)
+    result = fxcompress.compile(model, (images, scale), "default")
+    first, (mean, second) = result.module(images, scale)
+    torch.testing.assert_close(second, model(images, scale)[1][1])
+    proto = onnx.load(str(result.export_onnx(tmp_path / "list.onnx")))
+    assert [i.name for i in proto.graph.input] == ["images_0", "images_1", "scale"]
+
+
+def test_calibration_batches_in_the_keyword_form():
+    model = KeywordModel().eval()
+    calibration = [_batch(seed) for seed in range(4)]
+    result = fxcompress.compile(model, _batch(), "int8-dynamic", calibration=calibration)
+    assert result.report.drift < 0.05
+    with pytest.raises(fxcompress.InputError, match="structured differently"):
+        fxcompress.compile(model, _batch(), "int8", calibration=[{"input_ids": _batch()["input_ids"]}], tolerance=1.0)
+
+
+def test_compile_tolerance_governs_export(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    x = torch.randn(4, 16)
+    result = fxcompress.compile(model, (x,), "int8-dynamic", tolerance=0.5)
+    assert result.tolerance == 0.5 and result._export_tolerance() == 0.5
+    assert result.export_onnx(tmp_path / "m.onnx").exists()
+
+
+def _user_model_state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("inputs, fragment", [
+    ({"input_ids": torch.zeros(2, 6, dtype=torch.long), "token_mask": torch.ones(2, 6)}, "does not take"),
+    ({"input_ids": torch.zeros(2, 6, dtype=torch.long), "attention_mask": [torch.ones(2, 6), "x"]}, "is of type str"),
+    ({"input_ids": torch.zeros(2, 6, dtype=torch.long), "attention_mask": torch.zeros(2, 6)}, "NaN or inf"),
+], ids=["unknown-key", "ragged", "nan-outputs"])
+def test_bad_inputs_are_one_clear_error(inputs, fragment, tmp_path):
+    model = KeywordModel().eval()
+    before = _user_model_state(model)
+    with pytest.raises(fxcompress.InputError, match=fragment) as info:
+        fxcompress.compile(model, inputs, "default")
+    if fragment == "does not take":
+        assert "['input_ids', 'attention_mask']" in str(info.value)  # forward()'s parameters listed
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("tolerance", [-1.0, float("nan"), "0.1"])
+def test_negative_or_nan_tolerance_is_refused_before_any_work(tolerance):
+    with pytest.raises(fxcompress.InputError, match="tolerance must be a number >= 0"):
+        fxcompress.compile(KeywordModel().eval(), _batch(), "default", tolerance=tolerance)
