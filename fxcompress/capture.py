@@ -22,6 +22,7 @@ import torch
 from torch import fx, nn
 
 from fxcompress.errors import CaptureError, InputError
+from fxcompress.graph_meta import CAPTURE_INPUTS
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
@@ -215,5 +216,5 @@ def capture(model: nn.Module, example_inputs: Any, *, dynamic_batch: bool = Fals
     # A plain GraphModule (not the unlifted subclass, which refuses .train()) over the same graph.
     graph_module = fx.GraphModule(unlifted, unlifted.graph, class_name="GraphModule")
     graph_module._tracer_cls = ReloadTracer
-    graph_module.meta["fxcompress_inputs"] = [(tuple(t.shape), t.dtype) for t in inputs]
+    graph_module.meta[CAPTURE_INPUTS] = [(tuple(t.shape), t.dtype) for t in inputs]
     return graph_module

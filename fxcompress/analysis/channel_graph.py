@@ -35,6 +35,7 @@ import torch
 from torch import fx
 
 from fxcompress.analysis.shapes import concrete_size, numel, tensor_shape
+from fxcompress.graph_meta import layer_name
 
 aten = torch.ops.aten
 
@@ -213,10 +214,6 @@ _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default,
 #: Ops that read tensors but make no tensor (metadata checks): they never constrain channels.
 _IGNORED = {aten._assert_tensor_metadata.default, aten.sym_size.int, aten.sym_numel.default,
             aten.sym_stride.int, aten._assert_scalar.default}
-
-
-def _layer_of(target: str) -> str:
-    return target.rpartition(".")[0] or target
 
 
 def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
@@ -408,7 +405,7 @@ class _Analysis:
             if d != 1:
                 self.cg.block(layout_spaces(in_layouts[d]), f"used as a spatial/batch dim by convolution '{node.name}'")
         c_in, c_out = x_shape[1], w_shape[0]
-        layer = _layer_of(weight.target)
+        layer = layer_name(weight, fallback=str(weight.target))
         if groups == 1:
             layout_in = self.unify([(x, 1), (weight, 1)], node)
             self.record_param(weight, 1, "in", node)
@@ -452,7 +449,7 @@ class _Analysis:
         last = len(x_shape) - 1
         self.unify([(x, last), (weight, 1)], node)
         self.record_param(weight, 1, "in", node)
-        space = self.cg.new_space(w_shape[0], node, _layer_of(weight.target), "linear")
+        space = self.cg.new_space(w_shape[0], node, layer_name(weight, fallback=str(weight.target)), "linear")
         out = (Segment(space, w_shape[0]),)
         self.cg.layouts.setdefault(weight.name, {})[0] = out
         self.record_param(weight, 0, "out", node)
@@ -471,7 +468,7 @@ class _Analysis:
         if w_shape is None or not isinstance(weight, fx.Node) or weight.op != "get_attr" or self.get(indices):
             self.block_inputs(node, f"embedding '{node.name}' is not a plain table lookup")
             return
-        space = self.cg.new_space(w_shape[1], node, _layer_of(weight.target), "embedding")
+        space = self.cg.new_space(w_shape[1], node, layer_name(weight, fallback=str(weight.target)), "embedding")
         out = (Segment(space, w_shape[1]),)
         self.cg.layouts.setdefault(weight.name, {})[1] = out
         self.record_param(weight, 1, "out", node)

@@ -17,10 +17,10 @@ import torch
 from torch import fx
 
 from fxcompress.analysis.graph_stats import COMPUTE_OPS, count_parameters, op_name
-from fxcompress.graph_meta import PROVENANCE_KEY
+from fxcompress.graph_meta import LAYER_KEY, PRECISION_KEY, PROVENANCE_KEY, is_own_key, layer_name
 
 #: Meta keys that are not annotations (they are read into their own fields).
-_OWN_KEYS = {PROVENANCE_KEY, "fxcompress_layer", "fxcompress_precision"}
+_OWN_KEYS = {PROVENANCE_KEY, LAYER_KEY, PRECISION_KEY}
 
 
 @dataclass(frozen=True)
@@ -52,18 +52,6 @@ class NodeInfo:
         """``name (operation)`` with the type, e.g. ``conv2d (aten.conv2d) float32[1, 8, 4, 4]``."""
         kind = f" {self.precision or self.dtype}{list(self.shape)}" if self.shape is not None else ""
         return f"{self.name} ({self.operation}){kind}"
-
-
-def node_layer(node: fx.Node) -> str:
-    """The dotted module path that produced ``node`` (``layer1.0.bn1``), or '' for top-level code."""
-    if node.op == "get_attr":
-        return str(node.target).rsplit(".", 1)[0] if "." in str(node.target) else ""
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        path = list(stack.values())[-1][0]
-        return str(path).replace("L['self'].", "")
-    provenance = node.meta.get("fxcompress_layer")
-    return provenance or ""
 
 
 def _type_of(node: fx.Node) -> tuple[tuple[int, ...] | None, str | None]:
@@ -120,10 +108,10 @@ def _is_fake_quant(node: object) -> bool:
 
 
 def node_precision(node: fx.Node, dtype: str | None) -> str | None:
-    """The numeric format of a node: an explicit ``fxcompress_precision``, int8 when it is a
+    """The numeric format of a node: an explicit ``PRECISION_KEY``, int8 when it is a
     fake-quantize op or a conv/linear/matmul fed by one (what ONNX Runtime runs as an int8
     kernel), else its dtype."""
-    explicit = node.meta.get("fxcompress_precision")
+    explicit = node.meta.get(PRECISION_KEY)
     if explicit:
         return str(explicit)
     if _is_fake_quant(node):
@@ -145,7 +133,7 @@ def _provenance(node: fx.Node) -> tuple[str, tuple[str, ...]] | None:
 
 def _annotations(node: fx.Node) -> tuple[tuple[str, str], ...]:
     return tuple(
-        sorted((k, str(v)) for k, v in node.meta.items() if k.startswith("fxcompress_") and k not in _OWN_KEYS)
+        sorted((k, str(v)) for k, v in node.meta.items() if is_own_key(k) and k not in _OWN_KEYS)
     )
 
 
@@ -160,7 +148,7 @@ def node_info(node: fx.Node) -> NodeInfo:
         inputs=tuple(a.name for a in node.all_input_nodes),
         shape=shape,
         dtype=dtype,
-        layer=node_layer(node),
+        layer=layer_name(node, fallback=""),
         provenance=_provenance(node),
         macs=node_macs(node),
         numel=numel,

@@ -31,7 +31,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from torch import fx
 
-from fxcompress.passes.sparsity import MASK_META
+from fxcompress.graph_meta import MASK_META
 
 Encoding = Literal["auto", "sparse", "bitmask"]
 #: Bytes the decoding nodes of one bitmask-encoded tensor add (names, attributes, shape constants).

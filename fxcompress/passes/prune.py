@@ -25,7 +25,6 @@ Pruning is lossy: outputs change until the model is fine-tuned (``result.module`
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -37,13 +36,10 @@ from fxcompress.analysis.channel_graph import ChannelGraph, ChannelGroup, build_
 from fxcompress.analysis.macs import count_macs
 from fxcompress.analysis.shapes import refresh_shapes
 from fxcompress.errors import RecipeError
+from fxcompress.graph_meta import PRUNED_META, layer_override
 from fxcompress.infra.context import CompileContext
 from fxcompress.infra.pass_base import Pass, PassResult, Rejection, option
 from fxcompress.infra.registry import register
-
-#: Marks a graph this pass already pruned, so a second run (idempotence) changes nothing.
-PRUNED_META = "fxcompress_pruned"
-
 
 @dataclass(frozen=True)
 class PruneChannelsOptions:
@@ -121,10 +117,8 @@ def _keep_count(channels: int, ratio: float, round_to: int) -> int:
 
 
 def _group_ratio(group: ChannelGroup, options: PruneChannelsOptions) -> float:
-    for pattern, value in (options.overrides or {}).items():
-        if any(fnmatch.fnmatchcase(layer, pattern) for layer in group.layers):
-            return float(value)
-    return options.ratio
+    value = layer_override(options.overrides, group.layers)
+    return options.ratio if value is None else float(value)
 
 
 def _select(gm: fx.GraphModule, cg: ChannelGraph, groups: list[ChannelGroup],

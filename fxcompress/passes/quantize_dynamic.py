@@ -20,7 +20,6 @@ rounding level.
 from __future__ import annotations
 
 import copy
-import fnmatch
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +34,8 @@ from fxcompress.infra.context import CompileContext, UserMetric
 from fxcompress.infra.pass_base import Pass, PassResult, option
 from fxcompress.infra.registry import register
 from fxcompress.passes.calibrators import symmetric_weight_scales
-from fxcompress.passes.quantize import QUANT_META, is_quantized, layer_name
+from fxcompress.graph_meta import QUANT_META, layer_name, matches_layer
+from fxcompress.passes.quantize import is_quantized
 
 aten = torch.ops.aten
 
@@ -236,7 +236,7 @@ class QuantizeInt8DynamicPass(Pass):
 
     def _skipped(self, name: str, node: fx.Node) -> bool:
         """Whether option ``skip`` names this layer (by module path or node name)."""
-        return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(node.name, p) for p in self.options.skip)
+        return matches_layer(self.options.skip, (name, node.name))
 
     def _embedding(self, graph_module: fx.GraphModule, node: fx.Node, index: int, kept_float: set[str]) -> list[dict]:
         """Rewrite one ``aten.embedding`` of a constant float table; its entry for the layer report."""

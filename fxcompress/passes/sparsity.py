@@ -19,7 +19,6 @@ Both are lossy (outputs change until fine-tuned).
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,13 +26,12 @@ import torch
 from torch import fx
 
 from fxcompress.errors import RecipeError
+from fxcompress.graph_meta import MASK_META, layer_override
 from fxcompress.infra.pass_base import Pass, PassResult, Rejection, option
 from fxcompress.infra.registry import register
 
 aten = torch.ops.aten
 
-#: node.meta key on the ``aten.mul`` that applies a mask (the export bakes these).
-MASK_META = "fxcompress_weight_mask"
 _MASKABLE = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.linear.default}
 
 
@@ -126,11 +124,8 @@ class SparsifyMagnitudeOptions:
 
 
 def _layer_override(target: str, overrides: dict | None) -> float | None:
-    layer = target.rpartition(".")[0]
-    for pattern, value in (overrides or {}).items():
-        if fnmatch.fnmatchcase(layer, pattern) or fnmatch.fnmatchcase(target, pattern):
-            return float(value)
-    return None
+    value = layer_override(overrides, (target.rpartition(".")[0], target))
+    return None if value is None else float(value)
 
 
 @register
@@ -191,5 +186,5 @@ class SparsifyMagnitudePass(Pass):
         return PassResult(graph_module, bool(masked), stats, rejections)
 
 
-__all__ = ["MASK_META", "SparsifyMagnitudeOptions", "SparsifyMagnitudePass", "SparsifyTwoFourPass",
+__all__ = ["SparsifyMagnitudeOptions", "SparsifyMagnitudePass", "SparsifyTwoFourPass",
            "apply_mask", "masked_weights", "two_four_mask"]

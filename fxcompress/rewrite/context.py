@@ -1,7 +1,7 @@
 """The rewrite context: what a rule's ``check`` and ``rewrite`` work with.
 
 It creates nodes and state with valid ``meta["val"]``, erases what a rewrite replaced (and the
-dead subgraphs it leaves), and stamps provenance (``meta["fxcompress_provenance"]``) so graph
+dead subgraphs it leaves), and stamps provenance (``meta[PROVENANCE_KEY]``) so graph
 diffs can align old and new nodes.
 """
 
@@ -17,7 +17,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from fxcompress.analysis.aliasing import has_side_effects
 from fxcompress.analysis.constant_eval import ConstantEvaluator
-from fxcompress.graph_meta import PROVENANCE_KEY
+from fxcompress.graph_meta import PROVENANCE_KEY, is_own_key
 from fxcompress.rewrite.matchers import attribute, constant_tensor, sharing_problem
 
 
@@ -129,11 +129,11 @@ class RewriteContext:
     def call(self, target: Any, args: tuple, like: fx.Node, before: fx.Node, kwargs: dict | None = None) -> fx.Node:
         """A new call of ``target`` before ``before``, carrying ``like``'s metadata (val, layer, trace).
 
-        Our own ``fxcompress_*`` annotations are not copied: they describe ``like``, not the new node.
+        Our own annotations (``graph_meta.is_own_key``) are not copied: they describe ``like``, not the new node.
         """
         with self.graph.inserting_before(before):
             node = self.graph.call_function(target, args, kwargs)
-        node.meta.update({k: v for k, v in like.meta.items() if not k.startswith("fxcompress_")})
+        node.meta.update({k: v for k, v in like.meta.items() if not is_own_key(k)})
         return node
 
     def stamp(self, node: fx.Node, replaced: list[fx.Node]) -> None:
