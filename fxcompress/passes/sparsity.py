@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import fx
 
+from fxcompress.analysis.attributes import attribute_owner
 from fxcompress.errors import RecipeError
 from fxcompress.graph_meta import MASK_META, layer_override
 from fxcompress.infra.pass_base import Pass, PassResult, Rejection, option
@@ -33,11 +34,6 @@ from fxcompress.infra.registry import register
 aten = torch.ops.aten
 
 _MASKABLE = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.linear.default}
-
-
-def _owner(root: torch.nn.Module, target: str) -> tuple[torch.nn.Module, str]:
-    path, _, name = target.rpartition(".")
-    return (root.get_submodule(path) if path else root), name
 
 
 def masked_weights(graph_module: fx.GraphModule) -> list[fx.Node]:
@@ -59,7 +55,7 @@ def _candidates(graph_module: fx.GraphModule) -> dict[fx.Node, list[fx.Node]]:
 
 def apply_mask(graph_module: fx.GraphModule, weight: fx.Node, users: list[fx.Node], mask: torch.Tensor) -> None:
     """Register ``mask`` beside the weight, zero the weight there and route ``users`` through ``W * M``."""
-    owner, name = _owner(graph_module, weight.target)
+    owner, name = attribute_owner(graph_module, weight.target)
     param = getattr(owner, name)
     mask = mask.to(dtype=param.dtype, device=param.device)
     buffer_name = f"{name}_mask"

@@ -17,6 +17,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from fxcompress.analysis.aliasing import has_side_effects
 from fxcompress.analysis.constant_eval import ConstantEvaluator
+from fxcompress.analysis.attributes import attribute_owner, delete_attribute
 from fxcompress.graph_meta import PROVENANCE_KEY, is_own_key
 from fxcompress.rewrite.matchers import attribute, constant_tensor, sharing_problem
 
@@ -113,7 +114,7 @@ class RewriteContext:
         the old one are untouched. ``replaces`` (a node or None) goes into the provenance stamp.
         """
         owner_path = str(like.target).rpartition(".")[0]
-        owner = self.graph_module.get_submodule(owner_path) if owner_path else self.graph_module
+        owner, _ = attribute_owner(self.graph_module, str(like.target))
         old = attribute(self.graph_module, str(like.target))
         parameter = isinstance(old, nn.Parameter)
         name = self._register(owner, base, tensor.detach().contiguous(), parameter, parameter and old.requires_grad)
@@ -155,8 +156,7 @@ class RewriteContext:
     def _drop_created(self, target: str) -> None:
         if any(n.op == "get_attr" and n.target == target for n in self.graph.nodes):
             return
-        owner_path, _, name = target.rpartition(".")
-        delattr(self.graph_module.get_submodule(owner_path) if owner_path else self.graph_module, name)
+        delete_attribute(self.graph_module, target)
         self.created.discard(target)
         self._storage_cache.pop(target, None)  # the name may be reused for a new tensor
 
