@@ -54,6 +54,15 @@ def is_own_key(key: str) -> bool:
     return key.startswith(KEY_PREFIX)
 
 
+def inherit_meta(node: fx.Node, like: fx.Node) -> None:
+    """Give ``node``, which replaces ``like``, its torch meta (``val``, ``nn_module_stack``, trace...).
+
+    Our own annotations are not copied: they describe ``like`` (its fusion, its provenance), not
+    the node that now computes its value.
+    """
+    node.meta.update({k: v for k, v in like.meta.items() if not is_own_key(k)})
+
+
 # --- layers ------------------------------------------------------------------------------------
 
 def layer_name(node: fx.Node, fallback: str | None = None) -> str:

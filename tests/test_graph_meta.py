@@ -13,7 +13,8 @@ from torch import fx, nn
 import fxcompress
 from fxcompress import graph_meta
 from fxcompress.capture import capture
-from fxcompress.graph_meta import LAYER_KEY, MODULE_STACK, is_own_key, layer_name, layer_override, matches_layer
+from fxcompress.graph_meta import (FUSED_ACTIVATION, LAYER_KEY, MODULE_STACK, PROVENANCE_KEY, inherit_meta, is_own_key,
+                                  layer_name, layer_override, matches_layer)
 
 PACKAGE = Path(fxcompress.__file__).parent
 #: Modules allowed to spell an ``fxcompress_*`` string: the owner, and api.py whose keys are ONNX
@@ -91,3 +92,14 @@ def test_layer_override_first_matching_pattern_wins():
     assert layer_override(overrides, ["layer1.0.conv1", "x"]) == 0.1
     assert layer_override(overrides, "fc") is None
     assert layer_override(None, "fc") is None
+
+
+def test_inherit_meta_copies_torch_meta_but_not_our_annotations():
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    old, new = graph.call_function(torch.relu, (x,)), graph.call_function(torch.relu, (x,))
+    old.meta.update({"val": 1, MODULE_STACK: {"a": ("fc", nn.Linear)}, FUSED_ACTIVATION: "relu",
+                     PROVENANCE_KEY: {"pass": "p", "from": []}})
+    inherit_meta(new, old)
+    assert new.meta == {"val": 1, MODULE_STACK: {"a": ("fc", nn.Linear)}}
+    assert layer_name(new) == "fc"

@@ -36,6 +36,20 @@ def replace_attribute(root: torch.nn.Module, target: str, value: torch.Tensor) -
     setattr(owner, name, value)  # Module.__setattr__ keeps a registered buffer in _buffers
 
 
+def add_attribute(owner: torch.nn.Module, base: str, tensor: torch.Tensor, parameter: bool = False,
+                  requires_grad: bool = True) -> str:
+    """Register ``tensor`` on ``owner`` as a buffer (or a Parameter) named ``base``, made unique
+    (``base_1``, ``base_2``...) when taken; returns the name used."""
+    name, i = base, 1
+    while hasattr(owner, name):
+        name, i = f"{base}_{i}", i + 1
+    if parameter:
+        owner.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=requires_grad))
+    else:
+        owner.register_buffer(name, tensor)
+    return name
+
+
 def delete_attribute(root: torch.nn.Module, target: str) -> None:
     """Remove the parameter, buffer or plain attribute at ``target``."""
     owner, name = attribute_owner(root, target)

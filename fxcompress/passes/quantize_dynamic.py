@@ -34,7 +34,7 @@ from fxcompress.infra.context import CompileContext, UserMetric
 from fxcompress.infra.pass_base import Pass, PassResult, option
 from fxcompress.infra.registry import register
 from fxcompress.passes.calibrators import symmetric_weight_scales
-from fxcompress.graph_meta import QUANT_META, layer_name, matches_layer
+from fxcompress.graph_meta import QUANT_META, inherit_meta, layer_name, matches_layer
 from fxcompress.passes.quantize import is_quantized
 
 aten = torch.ops.aten
@@ -225,7 +225,7 @@ class QuantizeInt8DynamicPass(Pass):
                 s.meta["val"] = scale
                 s.meta[QUANT_META] = {"role": "weight-param", "layer": name}
                 q = graph.call_function(dynamic_int8_linear, (x, w, s, bias))
-            q.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
+            inherit_meta(q, node)
             q.meta[QUANT_META] = {"role": "dynamic-linear", "layer": name}
             layers.append({"name": name, "node": node.name, "kind": "linear", "precision": "int8-dynamic"})
             node.replace_all_uses_with(q)
@@ -261,7 +261,7 @@ class QuantizeInt8DynamicPass(Pass):
             s.meta["val"] = scale
             s.meta[QUANT_META] = {"role": "weight-param", "layer": name}
             q = graph.call_function(int8_embedding, (ids, weight_node, s, int(padding_idx)))
-        q.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
+        inherit_meta(q, node)
         q.meta[QUANT_META] = {"role": "int8-embedding", "layer": name}
         node.replace_all_uses_with(q)
         graph.erase_node(node)

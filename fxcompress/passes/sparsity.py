@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import fx
 
-from fxcompress.analysis.attributes import attribute_owner
+from fxcompress.analysis.attributes import add_attribute, attribute_owner
 from fxcompress.errors import RecipeError
 from fxcompress.graph_meta import MASK_META, layer_override
 from fxcompress.infra.pass_base import Pass, PassResult, Rejection, option
@@ -58,10 +58,7 @@ def apply_mask(graph_module: fx.GraphModule, weight: fx.Node, users: list[fx.Nod
     owner, name = attribute_owner(graph_module, weight.target)
     param = getattr(owner, name)
     mask = mask.to(dtype=param.dtype, device=param.device)
-    buffer_name = f"{name}_mask"
-    while hasattr(owner, buffer_name):
-        buffer_name += "_"
-    owner.register_buffer(buffer_name, mask)
+    buffer_name = add_attribute(owner, f"{name}_mask", mask)
     with torch.no_grad():
         param.mul_(mask)
     mask_target = f"{weight.target.rpartition('.')[0]}.{buffer_name}".lstrip(".")
