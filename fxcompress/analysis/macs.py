@@ -14,6 +14,7 @@ import torch
 from torch import fx
 
 from fxcompress.analysis.shapes import tensor_shape
+from fxcompress.graph_meta import layer_name
 
 aten = torch.ops.aten
 
@@ -76,6 +77,6 @@ def macs_by_layer(graph_module: fx.GraphModule) -> dict[str, int]:
         if not macs:
             continue
         weight = node.args[1] if len(node.args) > 1 else None
-        key = weight.target.rpartition(".")[0] if isinstance(weight, fx.Node) and weight.op == "get_attr" else node.name
+        key = layer_name(weight, fallback="") if isinstance(weight, fx.Node) and weight.op == "get_attr" else node.name
         out[key] = out.get(key, 0) + macs
     return out
