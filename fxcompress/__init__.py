@@ -28,10 +28,11 @@ from fxcompress.errors import (  # noqa: E402
     UntrustedFileError,
 )
 from fxcompress.infra.recipe import Recipe  # noqa: E402
+from fxcompress.infra.registry import register  # noqa: E402 - the decorator that makes a user's pass usable by name
 import fxcompress.passes  # noqa: E402,F401 - registers the built-in passes, presets and leaf functions
 
 __all__ = [
     "CaptureError", "ComparisonReport", "CompileReport", "CompileResult", "DriftError", "ExportError", "FxCompressError",
     "InputError", "ModelFileError", "PassError", "Recipe", "RecipeError", "RuntimeProviderError",
-    "UntrustedFileError", "benchmark", "compare", "compile", "diff", "validate",
+    "UntrustedFileError", "benchmark", "compare", "compile", "diff", "register", "validate",
 ]

@@ -28,6 +28,7 @@ import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from fxcompress.errors import CaptureError, InputError
+from fxcompress.graph_meta import CAPTURE_INPUTS
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
@@ -411,5 +412,5 @@ def capture(model: nn.Module, example_inputs: Any, *, dynamic_batch: bool = Fals
         graph_module.graph._codegen = fx.graph.CodeGen()
         graph_module.recompile()
     graph_module._tracer_cls = ReloadTracer
-    graph_module.meta["fxcompress_inputs"] = [(tuple(t.shape), t.dtype) for t in inputs]
+    graph_module.meta[CAPTURE_INPUTS] = [(tuple(t.shape), t.dtype) for t in inputs]
     return graph_module

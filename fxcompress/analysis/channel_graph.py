@@ -34,7 +34,9 @@ import networkx as nx
 import torch
 from torch import fx
 
+from fxcompress.analysis.arguments import argument
 from fxcompress.analysis.shapes import concrete_size, numel, tensor_shape
+from fxcompress.graph_meta import layer_name
 
 aten = torch.ops.aten
 
@@ -215,16 +217,6 @@ _IGNORED = {aten._assert_tensor_metadata.default, aten.sym_size.int, aten.sym_nu
             aten.sym_stride.int, aten._assert_scalar.default}
 
 
-def _layer_of(target: str) -> str:
-    return target.rpartition(".")[0] or target
-
-
-def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
-    if index < len(node.args):
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
 def _op_label(node: fx.Node) -> str:
     target = node.target
     if isinstance(target, torch._ops.OpOverload):
@@ -293,7 +285,7 @@ class _Analysis:
         elif node.target in (aten.expand.default, aten.unsqueeze.default):
             offset = len(shape) - len(source_shape)
             if node.target is aten.unsqueeze.default:
-                where = _arg(node, 1, "dim") % len(shape)
+                where = argument(node, "dim") % len(shape)
                 back = dim if dim < where else dim - 1
                 if dim == where:
                     return False
@@ -397,8 +389,8 @@ class _Analysis:
 
     # -- handlers --
     def conv(self, node: fx.Node) -> None:
-        x, weight, bias = node.args[0], node.args[1], _arg(node, 2, "bias")
-        groups = _arg(node, 6, "groups", 1)
+        x, weight, bias = node.args[0], node.args[1], argument(node, "bias")
+        groups = argument(node, "groups")
         w_shape, x_shape = tensor_shape(weight), tensor_shape(x)
         if w_shape is None or x_shape is None or not isinstance(weight, fx.Node) or weight.op != "get_attr":
             self.block_inputs(node, f"convolution '{node.name}' has a computed weight")
@@ -408,7 +400,7 @@ class _Analysis:
             if d != 1:
                 self.cg.block(layout_spaces(in_layouts[d]), f"used as a spatial/batch dim by convolution '{node.name}'")
         c_in, c_out = x_shape[1], w_shape[0]
-        layer = _layer_of(weight.target)
+        layer = layer_name(weight, fallback=str(weight.target))
         if groups == 1:
             layout_in = self.unify([(x, 1), (weight, 1)], node)
             self.record_param(weight, 1, "in", node)
@@ -444,7 +436,7 @@ class _Analysis:
             self.set(node, {1: (Segment(space, c_out),)})
 
     def linear(self, node: fx.Node) -> None:
-        x, weight, bias = node.args[0], node.args[1], _arg(node, 2, "bias")
+        x, weight, bias = node.args[0], node.args[1], argument(node, "bias")
         x_shape, w_shape = tensor_shape(x), tensor_shape(weight)
         if w_shape is None or x_shape is None or not isinstance(weight, fx.Node) or weight.op != "get_attr":
             self.block_inputs(node, f"linear '{node.name}' has a computed weight")
@@ -452,7 +444,7 @@ class _Analysis:
         last = len(x_shape) - 1
         self.unify([(x, last), (weight, 1)], node)
         self.record_param(weight, 1, "in", node)
-        space = self.cg.new_space(w_shape[0], node, _layer_of(weight.target), "linear")
+        space = self.cg.new_space(w_shape[0], node, layer_name(weight, fallback=str(weight.target)), "linear")
         out = (Segment(space, w_shape[0]),)
         self.cg.layouts.setdefault(weight.name, {})[0] = out
         self.record_param(weight, 0, "out", node)
@@ -471,7 +463,7 @@ class _Analysis:
         if w_shape is None or not isinstance(weight, fx.Node) or weight.op != "get_attr" or self.get(indices):
             self.block_inputs(node, f"embedding '{node.name}' is not a plain table lookup")
             return
-        space = self.cg.new_space(w_shape[1], node, _layer_of(weight.target), "embedding")
+        space = self.cg.new_space(w_shape[1], node, layer_name(weight, fallback=str(weight.target)), "embedding")
         out = (Segment(space, w_shape[1]),)
         self.cg.layouts.setdefault(weight.name, {})[1] = out
         self.record_param(weight, 1, "out", node)
@@ -481,8 +473,8 @@ class _Analysis:
         x = node.args[0]
         layout = self.get(x).get(1)
         if layout is not None:
-            for i, role in ((1, "scale"), (2, "shift"), (3, "stat"), (4, "stat")):
-                p = _arg(node, i, "")
+            for name, role in (("weight", "scale"), ("bias", "shift"), ("running_mean", "stat"), ("running_var", "stat")):
+                p = argument(node, name)
                 if isinstance(p, fx.Node):
                     if not self.adopt(p, 0, layout):
                         self.cg.block(layout_spaces(layout), f"batch norm '{node.name}' parameters cannot be sliced")
@@ -501,8 +493,8 @@ class _Analysis:
             if len(normalized) != 1:
                 self.cg.block(layout_spaces(layout), f"layer norm '{node.name}' normalizes several dims together")
                 continue
-            for i, role in ((2, "scale"), (3, "shift")):
-                p = _arg(node, i, "")
+            for name, role in (("weight", "scale"), ("bias", "shift")):
+                p = argument(node, name)
                 if isinstance(p, fx.Node):
                     if not self.adopt(p, 0, layout):
                         self.cg.block(layout_spaces(layout), f"layer norm '{node.name}' parameters cannot be sliced")
@@ -546,10 +538,10 @@ class _Analysis:
     def reduction(self, node: fx.Node) -> None:
         x = node.args[0]
         rank = len(tensor_shape(x))
-        dims = _arg(node, 1, "dim")
+        dims = argument(node, "dim")
         dims = [dims] if isinstance(dims, int) else list(dims or range(rank))
         dims = {d % rank for d in dims}
-        keepdim = _arg(node, 2, "keepdim", False)
+        keepdim = argument(node, "keepdim")
         layouts: dict[int, Layout] = {}
         out_d = 0
         for d in range(rank):
@@ -611,7 +603,7 @@ class _Analysis:
     def slice(self, node: fx.Node) -> None:
         x = node.args[0]
         rank = len(tensor_shape(x))
-        dim = _arg(node, 1, "dim", 0) % rank
+        dim = argument(node, "dim") % rank
         layouts = dict(self.get(x))
         if dim in layouts and tensor_shape(node)[dim] != tensor_shape(x)[dim]:
             self.cg.block(layout_spaces(layouts.pop(dim)), f"a channel range is sliced by '{node.name}'")
@@ -620,8 +612,7 @@ class _Analysis:
     def split(self, node: fx.Node) -> None:
         x = node.args[0]
         rank = len(tensor_shape(x))
-        dim = _arg(node, 2, "dim", 0) if node.target is not aten.unbind.int else _arg(node, 1, "dim", 0)
-        dim %= rank
+        dim = argument(node, "dim") % rank
         layouts = dict(self.get(x))
         if dim in layouts:
             self.cg.block(layout_spaces(layouts.pop(dim)), f"channels are split by '{node.name}'")
@@ -632,7 +623,7 @@ class _Analysis:
     def cat(self, node: fx.Node) -> None:
         tensors = [t for t in node.args[0] if isinstance(t, fx.Node)]
         rank = len(tensor_shape(node))
-        dim = _arg(node, 1, "dim", 0) % rank
+        dim = argument(node, "dim") % rank
         layouts: dict[int, Layout] = {}
         for d in range(rank):
             if d == dim:
@@ -684,7 +675,7 @@ class _Analysis:
     def roll(self, node: fx.Node) -> None:
         x = node.args[0]
         rank = len(tensor_shape(x))
-        dims = _arg(node, 2, "dims", ())
+        dims = argument(node, "dims")
         dims = [dims] if isinstance(dims, int) else list(dims)
         self.along_dims(node, {d % rank for d in dims} if dims else set(range(rank)), "rolled")
 

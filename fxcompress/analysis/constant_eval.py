@@ -15,7 +15,7 @@ import torch
 from torch import fx
 
 from fxcompress.analysis.aliasing import is_pure_call, may_be_mutated
-from fxcompress.analysis.graph_stats import attribute
+from fxcompress.analysis.attributes import attribute
 
 
 def nbytes(tensor: torch.Tensor) -> int:

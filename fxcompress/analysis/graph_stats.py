@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
 
 import torch
 from torch import fx
+
+from fxcompress.analysis.attributes import attribute
 
 COMPUTE_OPS = ("call_function", "call_method", "call_module")
 
@@ -49,14 +50,6 @@ def count_parameters(module: torch.nn.Module) -> int:
         if isinstance(tensor, torch.nn.Parameter) or (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()):
             total += tensor.numel()
     return total
-
-
-def attribute(root: torch.nn.Module, target: str) -> Any:
-    """The object at dotted path ``target`` below ``root`` (what a get_attr node reads)."""
-    obj: Any = root
-    for atom in target.split("."):
-        obj = getattr(obj, atom)
-    return obj
 
 
 def op_histogram(graph_module: fx.GraphModule) -> Counter:

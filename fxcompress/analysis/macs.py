@@ -14,10 +14,13 @@ import torch
 from torch import fx
 
 from fxcompress.analysis.shapes import tensor_shape
+from fxcompress.graph_meta import layer_name
 
 aten = torch.ops.aten
 
-_CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default}
+_CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
+          aten._convolution.default}
+_GENERIC_CONVS = {aten.convolution.default, aten._convolution.default}  # (..., transposed, ...) at index 6
 _MATMULS = {aten.matmul.default, aten.mm.default, aten.bmm.default}
 _BIASED_MATMULS = {aten.addmm.default, aten.baddbmm.default}  # (bias, a, b): GPT-2's Conv1D is addmm
 #: Functions with ``aten.linear``'s (input, weight[out, in], ...) signature that passes insert
@@ -42,6 +45,8 @@ def node_macs(node: fx.Node) -> int:
         weight = tensor_shape(node.args[1])
         if weight is None:
             return 0
+        if target in _GENERIC_CONVS and len(node.args) > 6 and node.args[6]:
+            return 0  # transposed convolution: its weight is [in, out/groups, ...]; not counted rather than wrong
         # weight is [out, in/groups, *kernel]: each output element reads in/groups x kernel inputs.
         return math.prod(out) * math.prod(weight[1:])
     if target in _LINEAR_LIKE:
@@ -72,6 +77,6 @@ def macs_by_layer(graph_module: fx.GraphModule) -> dict[str, int]:
         if not macs:
             continue
         weight = node.args[1] if len(node.args) > 1 else None
-        key = weight.target.rpartition(".")[0] if isinstance(weight, fx.Node) and weight.op == "get_attr" else node.name
+        key = layer_name(weight, fallback="") if isinstance(weight, fx.Node) and weight.op == "get_attr" else node.name
         out[key] = out.get(key, 0) + macs
     return out

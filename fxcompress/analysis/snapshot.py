@@ -17,10 +17,11 @@ import torch
 from torch import fx
 
 from fxcompress.analysis.graph_stats import COMPUTE_OPS, count_parameters, op_name
-from fxcompress.graph_meta import PROVENANCE_KEY
+from fxcompress.analysis.macs import node_macs
+from fxcompress.graph_meta import LAYER_KEY, PRECISION_KEY, PROVENANCE_KEY, is_own_key, layer_name
 
 #: Meta keys that are not annotations (they are read into their own fields).
-_OWN_KEYS = {PROVENANCE_KEY, "fxcompress_layer", "fxcompress_precision"}
+_OWN_KEYS = {PROVENANCE_KEY, LAYER_KEY, PRECISION_KEY}
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class NodeInfo:
     """One node: name, operation, inputs, result type, layer, and what passes said about it.
 
     ``provenance`` is ``(pass, (replaced node names...))`` for nodes a pass created; ``macs`` the
-    multiply-accumulates of one call (conv, linear, matmul; 0 otherwise); ``numel`` the element
+    multiply-accumulates of one call (:func:`fxcompress.analysis.macs.node_macs`); ``numel`` the element
     count of a floating-point attribute (parameter) for ``get_attr`` nodes; ``precision`` the
     numeric format the node computes in (``float32``, ``int8 (fake-quant)``...); ``annotations``
     the ``fxcompress_*`` meta entries passes set (e.g. a fused activation).
@@ -54,18 +55,6 @@ class NodeInfo:
         return f"{self.name} ({self.operation}){kind}"
 
 
-def node_layer(node: fx.Node) -> str:
-    """The dotted module path that produced ``node`` (``layer1.0.bn1``), or '' for top-level code."""
-    if node.op == "get_attr":
-        return str(node.target).rsplit(".", 1)[0] if "." in str(node.target) else ""
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        path = list(stack.values())[-1][0]
-        return str(path).replace("L['self'].", "")
-    provenance = node.meta.get("fxcompress_layer")
-    return provenance or ""
-
-
 def _type_of(node: fx.Node) -> tuple[tuple[int, ...] | None, str | None]:
     val = node.meta.get("val")
     if isinstance(val, torch.Tensor):
@@ -77,42 +66,9 @@ def _type_of(node: fx.Node) -> tuple[tuple[int, ...] | None, str | None]:
     return None, None
 
 
-def _shape(node: object) -> tuple[int, ...] | None:
-    return _type_of(node)[0] if isinstance(node, fx.Node) else None
-
-
 def _product(shape: tuple[int, ...] | None) -> int:
     # Symbolic dimensions are recorded as -1; a MAC count over them would be meaningless.
     return math.prod(shape) if shape and all(s >= 0 for s in shape) else 0
-
-
-def node_macs(node: fx.Node) -> int:
-    """Multiply-accumulates of one call of a conv, linear or matrix-multiply node (0 for others).
-
-    conv: output elements x (input channels / groups) x kernel area; linear: output elements x
-    input features; matmul family: output elements x the contracted dimension.
-    """
-    if node.op != "call_function":
-        return 0
-    name = op_name(node)
-    out = _product(_shape(node))
-    args = node.args
-    if name in ("aten.conv1d", "aten.conv2d", "aten.conv3d", "aten.convolution", "aten._convolution"):
-        weight = _shape(args[1]) if len(args) > 1 else None
-        if not weight or not out:
-            return 0
-        if name in ("aten.convolution", "aten._convolution") and len(args) > 6 and args[6]:
-            return 0  # transposed convolution: not counted rather than counted wrongly
-        # weight is (out_channels, in_channels / groups, *kernel): per output element we multiply
-        # in_channels/groups * kernel_area values.
-        return out * _product(weight[1:])
-    if name == "aten.linear":
-        weight = _shape(args[1]) if len(args) > 1 else None
-        return out * weight[-1] if weight and out else 0
-    if name in ("aten.matmul", "aten.mm", "aten.bmm", "aten.addmm", "aten.baddbmm"):
-        first = _shape(args[1] if name in ("aten.addmm", "aten.baddbmm") else args[0])
-        return out * first[-1] if first and out else 0
-    return 0
 
 
 def _is_fake_quant(node: object) -> bool:
@@ -120,10 +76,10 @@ def _is_fake_quant(node: object) -> bool:
 
 
 def node_precision(node: fx.Node, dtype: str | None) -> str | None:
-    """The numeric format of a node: an explicit ``fxcompress_precision``, int8 when it is a
+    """The numeric format of a node: an explicit ``PRECISION_KEY``, int8 when it is a
     fake-quantize op or a conv/linear/matmul fed by one (what ONNX Runtime runs as an int8
     kernel), else its dtype."""
-    explicit = node.meta.get("fxcompress_precision")
+    explicit = node.meta.get(PRECISION_KEY)
     if explicit:
         return str(explicit)
     if _is_fake_quant(node):
@@ -145,7 +101,7 @@ def _provenance(node: fx.Node) -> tuple[str, tuple[str, ...]] | None:
 
 def _annotations(node: fx.Node) -> tuple[tuple[str, str], ...]:
     return tuple(
-        sorted((k, str(v)) for k, v in node.meta.items() if k.startswith("fxcompress_") and k not in _OWN_KEYS)
+        sorted((k, str(v)) for k, v in node.meta.items() if is_own_key(k) and k not in _OWN_KEYS)
     )
 
 
@@ -160,7 +116,7 @@ def node_info(node: fx.Node) -> NodeInfo:
         inputs=tuple(a.name for a in node.all_input_nodes),
         shape=shape,
         dtype=dtype,
-        layer=node_layer(node),
+        layer=layer_name(node, fallback=""),
         provenance=_provenance(node),
         macs=node_macs(node),
         numel=numel,

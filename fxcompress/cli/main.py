@@ -33,6 +33,7 @@ def _add_compile(sub) -> None:
     p.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled module (runs code from the file)")
     p.add_argument("--import", dest="imports", action="append", default=None, metavar="MODULE",
                    help="import this module first (it registers your own passes); repeat for several")
+    p.add_argument("--why-not", action="store_true", help="also print where rules matched but declined to rewrite, and why")
 
 
 def _add_bench(sub) -> None:
@@ -92,6 +93,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
     result = compile_model(loaded.model, loaded.example_inputs, args.recipe, calibration,
                            tolerance=args.tolerance, dynamic_batch=args.dynamic_batch, dump_dir=args.dump_dir)
     result.report.print_table()
+    if args.why_not:
+        from fxcompress.inspect.render_text import render_near_misses
+        from fxcompress.inspect.why_not import why_not
+
+        print("\nWhy not (rules that matched but declined):\n" + render_near_misses(why_not(result)))
     path = result.export_onnx(args.out, simplify=args.simplify)
     print(f"\nParity (ONNX in ORT vs compiled module): {result.report.parity.summary()}")
     comparison = compare(result, loaded.model, path, provider=args.provider, baseline=not args.no_baseline, runs=args.iters)

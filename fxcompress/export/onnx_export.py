@@ -23,6 +23,7 @@ from fxcompress.capture import holding_tracing_lock
 from fxcompress.errors import ExportError, ModelFileError
 from fxcompress.export.atomic import write_atomically
 from fxcompress.export.int8_weights import store_int8_weights
+from fxcompress.graph_meta import layer_name
 
 #: Protobuf cannot serialise a single message over 2 GiB.
 _PROTOBUF_LIMIT = 2 * 1024**3
@@ -101,8 +102,7 @@ def _export_failure(exc: Exception, graph_module: fx.GraphModule) -> ExportError
     if node_line:
         name, target = node_line.groups()
         node = next((n for n in graph_module.graph.nodes if n.name == name), None)
-        stack = (node.meta.get("nn_module_stack") or {}) if node is not None else {}
-        layer = next(reversed(stack.values()))[0] if stack else ""
+        layer = layer_name(node, fallback="") if node is not None else ""
         where = f"node '{name}'" + (f" in layer '{layer}'" if layer else "")
         reason = f": {cause.group(1).strip().rstrip('.')}" if cause else ""
         return ExportError(

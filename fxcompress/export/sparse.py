@@ -31,7 +31,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from torch import fx
 
-from fxcompress.passes.sparsity import MASK_META
+from fxcompress.analysis.attributes import attribute, delete_attribute
+from fxcompress.graph_meta import MASK_META
 
 Encoding = Literal["auto", "sparse", "bitmask"]
 #: Bytes the decoding nodes of one bitmask-encoded tensor add (names, attributes, shape constants).
@@ -48,17 +49,13 @@ def bake_weight_masks(graph_module: fx.GraphModule) -> fx.GraphModule:
     changed = False
     for mul in [n for n in graph.nodes if n.meta.get(MASK_META)]:
         weight, mask = mul.args
-        owner_path, _, name = weight.target.rpartition(".")
-        owner = baked.get_submodule(owner_path) if owner_path else baked
         mask_value = baked.get_buffer(mask.target)
-        getattr(owner, name).data.mul_(mask_value)
+        attribute(baked, weight.target).data.mul_(mask_value)
         mul.replace_all_uses_with(weight)
         graph.erase_node(mul)
         if not mask.users:
             graph.erase_node(mask)
-            mask_owner_path, _, mask_name = mask.target.rpartition(".")
-            mask_owner = baked.get_submodule(mask_owner_path) if mask_owner_path else baked
-            del mask_owner._buffers[mask_name]
+            delete_attribute(baked, mask.target)
         changed = True
     if changed:
         graph.lint()

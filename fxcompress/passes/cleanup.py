@@ -13,17 +13,12 @@ import torch
 from torch import fx
 
 from fxcompress.analysis.aliasing import inactive_dropout, may_be_mutated
+from fxcompress.analysis.attributes import delete_attribute
 from fxcompress.infra.pass_base import Pass, PassResult, option
 from fxcompress.infra.registry import register
 from fxcompress.rewrite import RewriteContext, same_type, tensor_val
 
 aten = torch.ops.aten
-
-
-def _delete_attribute(root: torch.nn.Module, target: str) -> None:
-    owner_path, _, attr = target.rpartition(".")
-    owner = root.get_submodule(owner_path) if owner_path else root
-    delattr(owner, attr)
 
 
 def drop_unused_state(graph_module: fx.GraphModule) -> int:
@@ -32,7 +27,7 @@ def drop_unused_state(graph_module: fx.GraphModule) -> int:
     unused = [name for name, _ in graph_module.named_parameters() if name not in used]
     unused += [name for name, _ in graph_module.named_buffers() if name not in used]
     for name in unused:
-        _delete_attribute(graph_module, name)
+        delete_attribute(graph_module, name)
     graph_module.delete_all_unused_submodules()
     return len(unused)
 

@@ -26,7 +26,7 @@ weight and a constant 1-D bias are ``linear(x, W, b)``.
 
 Every rewrite makes new weight tensors (layers sharing the old ones are untouched), leaves the old
 parameters unread so ``eliminate-dead-code`` drops them, keeps ``meta["val"]`` valid and stamps
-``meta["fxcompress_provenance"] = {"pass": ..., "from": [replaced node names]}``.
+``meta[PROVENANCE_KEY] = {"pass": ..., "from": [replaced node names]}`` (keys: ``fxcompress.graph_meta``).
 """
 
 from __future__ import annotations
@@ -53,13 +53,12 @@ from fxcompress.rewrite import (
     weighted_layer,
     writers,
 )
+from fxcompress.graph_meta import FUSED_ACTIVATION, FUSED_INTO
 from fxcompress.infra.pass_base import Pass, PassResult, Rejection, option
 from fxcompress.infra.registry import register
 
 aten = torch.ops.aten
 
-FUSED_ACTIVATION = "fxcompress_fused_activation"
-FUSED_INTO = "fxcompress_fused_into"
 TRAINING_MODE = "batch norm runs in training mode (training=True): it normalizes with batch statistics, not constants"
 
 
@@ -463,8 +462,8 @@ def _is_unit(layer: fx.Node | None, activation: fx.Node | None) -> bool:
 class MarkFusedActivationsPass(Pass):
     """Annotate conv/linear + activation pairs as one unit; the graph itself is unchanged.
 
-    Sets ``meta["fxcompress_fused_activation"] = <activation name>`` on the layer and
-    ``meta["fxcompress_fused_into"] = <layer name>`` on the activation, so quantization places no
+    Sets ``meta[FUSED_ACTIVATION] = <activation name>`` on the layer and
+    ``meta[FUSED_INTO] = <layer name>`` on the activation, so quantization places no
     Q/DQ between them (ONNX Runtime runs such pairs as one kernel). Marks whose pair no longer
     holds (a later rewrite changed it) are removed.
     """

@@ -20,7 +20,7 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from fxcompress.rewrite.matchers import attribute
+from fxcompress.analysis.attributes import attribute, replace_attribute
 from fxcompress.infra.pass_base import Pass, PassResult, option
 from fxcompress.infra.registry import register
 
@@ -84,15 +84,6 @@ def _with_dtype(val: Any, dtype: torch.dtype) -> Any:
 
 
 
-def _store(module: torch.nn.Module, target: str, value: torch.Tensor) -> None:
-    owner_path, _, attr = target.rpartition(".")
-    owner = module.get_submodule(owner_path) if owner_path else module
-    if isinstance(getattr(owner, attr), torch.nn.Parameter):
-        setattr(owner, attr, torch.nn.Parameter(value, requires_grad=getattr(owner, attr).requires_grad))
-    else:
-        setattr(owner, attr, value)
-
-
 @dataclass(frozen=True)
 class ConvertFp16Options:
     keep_fp32: tuple[str, ...] = option((), "extra ATen op names kept in fp32, e.g. ('aten.gelu.default',)")
@@ -135,7 +126,7 @@ class ConvertFp16Pass(Pass):
                     all(u.target in _HALF_COMPUTE and str(u.target) not in keep for u in node.users):
                 half_weights.add(node)
         for node in half_weights:
-            _store(graph_module, node.target, attribute(graph_module, node.target).detach().to(torch.float16))
+            replace_attribute(graph_module, node.target, attribute(graph_module, node.target).detach().to(torch.float16))
             node.meta["val"] = _with_dtype(_val(node), torch.float16)
             precision[node] = torch.float16
 

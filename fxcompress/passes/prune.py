@@ -25,25 +25,22 @@ Pruning is lossy: outputs change until the model is fine-tuned (``result.module`
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from torch import fx, nn
+from torch import fx
 
+from fxcompress.analysis.attributes import attribute, replace_attribute
 from fxcompress.analysis.channel_graph import ChannelGraph, ChannelGroup, build_channel_graph, keep_indices, pruned_length
 from fxcompress.analysis.macs import count_macs
 from fxcompress.analysis.shapes import refresh_shapes
 from fxcompress.errors import RecipeError
+from fxcompress.graph_meta import PRUNED_META, layer_override
 from fxcompress.infra.context import CompileContext
 from fxcompress.infra.pass_base import Pass, PassResult, Rejection, option
 from fxcompress.infra.registry import register
-
-#: Marks a graph this pass already pruned, so a second run (idempotence) changes nothing.
-PRUNED_META = "fxcompress_pruned"
-
 
 @dataclass(frozen=True)
 class PruneChannelsOptions:
@@ -67,24 +64,6 @@ def _validate(options: PruneChannelsOptions) -> None:
                           "use 1 (no rounding) or a multiple such as 8.")
 
 
-def _tensor(root: nn.Module, target: str) -> torch.Tensor:
-    owner, _, name = target.rpartition(".")
-    return getattr(root.get_submodule(owner) if owner else root, name)
-
-
-def _replace_tensor(root: nn.Module, target: str, value: torch.Tensor) -> None:
-    """Swap a parameter/buffer for a smaller one, keeping its kind and requires_grad."""
-    owner_path, _, name = target.rpartition(".")
-    owner = root.get_submodule(owner_path) if owner_path else root
-    old = getattr(owner, name)
-    if isinstance(old, nn.Parameter):
-        setattr(owner, name, nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad))
-    elif name in owner._buffers:
-        owner._buffers[name] = value.detach().clone()
-    else:
-        setattr(owner, name, value.detach().clone())
-
-
 def _channel_scores(gm: fx.GraphModule, cg: ChannelGraph, group: ChannelGroup, importance: str) -> torch.Tensor:
     """One score per channel of ``group`` (higher = keep)."""
     members = set(group.spaces)
@@ -95,7 +74,7 @@ def _channel_scores(gm: fx.GraphModule, cg: ChannelGraph, group: ChannelGroup, i
         for pd in cg.param_dims:
             if pd.role not in attempt or not any(s.space in members for s in pd.layout):
                 continue
-            tensor = _tensor(gm, pd.target).detach().to(torch.float64)
+            tensor = attribute(gm, pd.target).detach().to(torch.float64)
             if tensor.dim() <= pd.dim:
                 continue
             moved = tensor.movedim(pd.dim, 0).reshape(tensor.shape[pd.dim], -1)
@@ -121,10 +100,8 @@ def _keep_count(channels: int, ratio: float, round_to: int) -> int:
 
 
 def _group_ratio(group: ChannelGroup, options: PruneChannelsOptions) -> float:
-    for pattern, value in (options.overrides or {}).items():
-        if any(fnmatch.fnmatchcase(layer, pattern) for layer in group.layers):
-            return float(value)
-    return options.ratio
+    value = layer_override(options.overrides, group.layers)
+    return options.ratio if value is None else float(value)
 
 
 def _select(gm: fx.GraphModule, cg: ChannelGraph, groups: list[ChannelGroup],
@@ -167,7 +144,7 @@ def apply_channel_selection(gm: fx.GraphModule, cg: ChannelGraph, kept: dict[int
         per_target.setdefault(pd.target, {})[pd.dim] = pd.layout
     replaced = 0
     for target, dims in per_target.items():
-        tensor = _tensor(gm, target)
+        tensor = attribute(gm, target)
         new = tensor.detach()
         changed = False
         for dim, layout in dims.items():
@@ -176,7 +153,7 @@ def apply_channel_selection(gm: fx.GraphModule, cg: ChannelGraph, kept: dict[int
             new = new.index_select(dim, keep_indices(layout, kept).to(new.device))
             changed = True
         if changed:
-            _replace_tensor(gm, target, new)
+            replace_attribute(gm, target, new.detach().clone())  # a smaller copy, same kind
             replaced += 1
     nodes = {n.name: n for n in gm.graph.nodes}
     for sa in cg.size_args:

@@ -25,7 +25,6 @@ one at a time on the calibration data, go back to float until the whole model is
 from __future__ import annotations
 
 import copy
-import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
@@ -38,6 +37,7 @@ from fxcompress.analysis.sensitivity import (
     MetricTrial, layer_sensitivities, report_trial, select_float_layers, select_float_layers_by_metric,
 )
 from fxcompress.errors import RecipeError
+from fxcompress.graph_meta import QUANT_META, layer_name, matches_layer
 from fxcompress.infra.context import CompileContext
 from fxcompress.infra.pass_base import Pass, PassResult, option
 from fxcompress.infra.registry import register
@@ -53,9 +53,6 @@ from fxcompress.passes.calibrators import (
 )
 
 aten = torch.ops.aten
-
-#: Marks every node a quantization pass inserted (its role and layer): how a second run knows.
-QUANT_META = "fxcompress_quant"
 
 LAYER_KINDS: tuple[str, ...] = ("conv", "linear", "matmul", "add", "concat", "pool")
 
@@ -99,16 +96,6 @@ def _val(node: Any) -> Any:
 def _is_float(node: Any) -> bool:
     val = _val(node)
     return isinstance(val, torch.Tensor) and val.is_floating_point()
-
-
-def layer_name(node: fx.Node) -> str:
-    """The module path of the layer that produced ``node`` (``layer1.0.conv1``), else the node's name."""
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        path = list(stack.values())[-1][0]
-        if path:
-            return str(path)
-    return node.name
 
 
 def functionalize_inplace(graph: fx.Graph) -> int:
@@ -335,8 +322,7 @@ def is_quantized(graph_module: fx.GraphModule) -> bool:
 
 
 def _matches(layer: QuantLayer, patterns: Sequence[str]) -> bool:
-    return any(p == layer.kind or fnmatch.fnmatchcase(layer.name, p) or fnmatch.fnmatchcase(layer.node.name, p)
-               for p in patterns)
+    return matches_layer(patterns, (layer.name, layer.node.name), kind=layer.kind)
 
 
 @dataclass(frozen=True)
@@ -463,4 +449,4 @@ class QuantizeInt8Pass(Pass):
 
 
 __all__ = ["QuantizeInt8Pass", "QuantPlan", "QuantLayer", "build_quantized", "plan_static", "functionalize_inplace",
-           "is_quantized", "layer_name"]
+           "is_quantized"]

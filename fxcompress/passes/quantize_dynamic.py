@@ -20,7 +20,6 @@ rounding level.
 from __future__ import annotations
 
 import copy
-import fnmatch
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +34,8 @@ from fxcompress.infra.context import CompileContext, UserMetric
 from fxcompress.infra.pass_base import Pass, PassResult, option
 from fxcompress.infra.registry import register
 from fxcompress.passes.calibrators import symmetric_weight_scales
-from fxcompress.passes.quantize import QUANT_META, is_quantized, layer_name
+from fxcompress.graph_meta import QUANT_META, inherit_meta, layer_name, matches_layer
+from fxcompress.passes.quantize import is_quantized
 
 aten = torch.ops.aten
 
@@ -225,7 +225,7 @@ class QuantizeInt8DynamicPass(Pass):
                 s.meta["val"] = scale
                 s.meta[QUANT_META] = {"role": "weight-param", "layer": name}
                 q = graph.call_function(dynamic_int8_linear, (x, w, s, bias))
-            q.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
+            inherit_meta(q, node)
             q.meta[QUANT_META] = {"role": "dynamic-linear", "layer": name}
             layers.append({"name": name, "node": node.name, "kind": "linear", "precision": "int8-dynamic"})
             node.replace_all_uses_with(q)
@@ -236,7 +236,7 @@ class QuantizeInt8DynamicPass(Pass):
 
     def _skipped(self, name: str, node: fx.Node) -> bool:
         """Whether option ``skip`` names this layer (by module path or node name)."""
-        return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(node.name, p) for p in self.options.skip)
+        return matches_layer(self.options.skip, (name, node.name))
 
     def _embedding(self, graph_module: fx.GraphModule, node: fx.Node, index: int, kept_float: set[str]) -> list[dict]:
         """Rewrite one ``aten.embedding`` of a constant float table; its entry for the layer report."""
@@ -261,7 +261,7 @@ class QuantizeInt8DynamicPass(Pass):
             s.meta["val"] = scale
             s.meta[QUANT_META] = {"role": "weight-param", "layer": name}
             q = graph.call_function(int8_embedding, (ids, weight_node, s, int(padding_idx)))
-        q.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
+        inherit_meta(q, node)
         q.meta[QUANT_META] = {"role": "int8-embedding", "layer": name}
         node.replace_all_uses_with(q)
         graph.erase_node(node)

@@ -19,27 +19,21 @@ Both are lossy (outputs change until fine-tuned).
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import fx
 
+from fxcompress.analysis.attributes import add_attribute, attribute_owner
 from fxcompress.errors import RecipeError
+from fxcompress.graph_meta import MASK_META, layer_override
 from fxcompress.infra.pass_base import Pass, PassResult, Rejection, option
 from fxcompress.infra.registry import register
 
 aten = torch.ops.aten
 
-#: node.meta key on the ``aten.mul`` that applies a mask (the export bakes these).
-MASK_META = "fxcompress_weight_mask"
 _MASKABLE = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.linear.default}
-
-
-def _owner(root: torch.nn.Module, target: str) -> tuple[torch.nn.Module, str]:
-    path, _, name = target.rpartition(".")
-    return (root.get_submodule(path) if path else root), name
 
 
 def masked_weights(graph_module: fx.GraphModule) -> list[fx.Node]:
@@ -61,13 +55,10 @@ def _candidates(graph_module: fx.GraphModule) -> dict[fx.Node, list[fx.Node]]:
 
 def apply_mask(graph_module: fx.GraphModule, weight: fx.Node, users: list[fx.Node], mask: torch.Tensor) -> None:
     """Register ``mask`` beside the weight, zero the weight there and route ``users`` through ``W * M``."""
-    owner, name = _owner(graph_module, weight.target)
+    owner, name = attribute_owner(graph_module, weight.target)
     param = getattr(owner, name)
     mask = mask.to(dtype=param.dtype, device=param.device)
-    buffer_name = f"{name}_mask"
-    while hasattr(owner, buffer_name):
-        buffer_name += "_"
-    owner.register_buffer(buffer_name, mask)
+    buffer_name = add_attribute(owner, f"{name}_mask", mask)
     with torch.no_grad():
         param.mul_(mask)
     mask_target = f"{weight.target.rpartition('.')[0]}.{buffer_name}".lstrip(".")
@@ -126,11 +117,8 @@ class SparsifyMagnitudeOptions:
 
 
 def _layer_override(target: str, overrides: dict | None) -> float | None:
-    layer = target.rpartition(".")[0]
-    for pattern, value in (overrides or {}).items():
-        if fnmatch.fnmatchcase(layer, pattern) or fnmatch.fnmatchcase(target, pattern):
-            return float(value)
-    return None
+    value = layer_override(overrides, (target.rpartition(".")[0], target))
+    return None if value is None else float(value)
 
 
 @register
@@ -191,5 +179,5 @@ class SparsifyMagnitudePass(Pass):
         return PassResult(graph_module, bool(masked), stats, rejections)
 
 
-__all__ = ["MASK_META", "SparsifyMagnitudeOptions", "SparsifyMagnitudePass", "SparsifyTwoFourPass",
+__all__ = ["SparsifyMagnitudeOptions", "SparsifyMagnitudePass", "SparsifyTwoFourPass",
            "apply_mask", "masked_weights", "two_four_mask"]

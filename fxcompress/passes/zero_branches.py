@@ -18,7 +18,7 @@ by a zero weight would have given NaN (``multiply_by_zero=False`` keeps such pro
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 from torch import fx
@@ -153,6 +153,19 @@ class _ZeroFacts:
         return isinstance(value, fx.Node) and self.zero.get(value, False)
 
 
+M = TypeVar("M")
+
+
+class _ZeroRule(Rule[M]):
+    """A rule of this pass: it reads the shared :class:`_ZeroFacts`, refreshed once per walk."""
+
+    def __init__(self, zero: _ZeroFacts) -> None:
+        self.zero = zero
+
+    def prepare(self, ctx: RewriteContext) -> None:
+        self.zero.refresh(ctx)
+
+
 # --- x + 0  =>  x --------------------------------------------------------------------------------------
 
 @dataclass
@@ -209,17 +222,11 @@ def _copy_problem(match: _Absorption) -> str | None:
     return None
 
 
-class _AbsorbZeroRule(Rule[_Absorption]):
+class _AbsorbZeroRule(_ZeroRule[_Absorption]):
     """``x + 0``, ``x - 0``, ``0 + x``, ``x += 0``, ``0 += x``  =>  ``x`` (or a clone of it)."""
 
     name = "absorb-zero"
     stat = "absorbed"
-
-    def __init__(self, zero: _ZeroFacts) -> None:
-        self.zero = zero
-
-    def prepare(self, ctx: RewriteContext) -> None:
-        self.zero.refresh(ctx)
 
     def pattern(self, node: fx.Node) -> _Absorption | None:
         return _absorption(node, self.zero)
@@ -246,17 +253,11 @@ class _ZeroUse:
     users: list[fx.Node]  # the users that need a zeros tensor (not zero themselves, not absorbing it)
 
 
-class _ZerosRule(Rule[_ZeroUse]):
+class _ZerosRule(_ZeroRule[_ZeroUse]):
     """A computed all-zero tensor read by a node that needs its value  =>  ``aten.zeros`` of its shape."""
 
     name = "zero-branch"
     stat = "zero_branches"
-
-    def __init__(self, zero: _ZeroFacts) -> None:
-        self.zero = zero
-
-    def prepare(self, ctx: RewriteContext) -> None:
-        self.zero.refresh(ctx)
 
     def _absorbs(self, user: fx.Node) -> bool:
         """``user`` will be rewritten by :class:`_AbsorbZeroRule` (so it needs no zeros tensor)."""
@@ -286,17 +287,11 @@ class _ZerosRule(Rule[_ZeroUse]):
         ctx.erase_dead([node])
 
 
-class _DeadZeroWriteRule(Rule[fx.Node]):
+class _DeadZeroWriteRule(_ZeroRule[fx.Node]):
     """An unused zero-preserving in-place op on a zero (``relu_`` of it writes zero)  =>  nothing."""
 
     name = "drop-zero-write"
     stat = "zero_writes_dropped"
-
-    def __init__(self, zero: _ZeroFacts) -> None:
-        self.zero = zero
-
-    def prepare(self, ctx: RewriteContext) -> None:
-        self.zero.refresh(ctx)
 
     def pattern(self, node: fx.Node) -> fx.Node | None:
         if node.op != "call_function" or node.users or not self.zero(node) or not mutated_inputs(node):

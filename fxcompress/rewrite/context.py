@@ -1,7 +1,7 @@
 """The rewrite context: what a rule's ``check`` and ``rewrite`` work with.
 
 It creates nodes and state with valid ``meta["val"]``, erases what a rewrite replaced (and the
-dead subgraphs it leaves), and stamps provenance (``meta["fxcompress_provenance"]``) so graph
+dead subgraphs it leaves), and stamps provenance (``meta[PROVENANCE_KEY]``) so graph
 diffs can align old and new nodes.
 """
 
@@ -17,7 +17,8 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from fxcompress.analysis.aliasing import has_side_effects
 from fxcompress.analysis.constant_eval import ConstantEvaluator
-from fxcompress.graph_meta import PROVENANCE_KEY
+from fxcompress.analysis.attributes import add_attribute, attribute_owner, delete_attribute
+from fxcompress.graph_meta import PROVENANCE_KEY, inherit_meta
 from fxcompress.rewrite.matchers import attribute, constant_tensor, sharing_problem
 
 
@@ -70,17 +71,6 @@ class RewriteContext:
         node.meta["val"] = val
         node.meta["tensor_meta"] = _extract_tensor_metadata(val)
 
-    def _register(self, owner: nn.Module, base: str, tensor: torch.Tensor, parameter: bool, requires_grad: bool) -> str:
-        """Register ``tensor`` on ``owner`` under ``base`` made unique; returns the name used."""
-        name, i = base, 1
-        while hasattr(owner, name):
-            name, i = f"{base}_{i}", i + 1
-        if parameter:
-            owner.register_parameter(name, nn.Parameter(tensor, requires_grad=requires_grad))
-        else:
-            owner.register_buffer(name, tensor)
-        return name
-
     def new_constant(
         self, tensor: torch.Tensor, hint: str, before: fx.Node, replaced: list[fx.Node], as_parameter: bool = False
     ) -> fx.Node:
@@ -94,7 +84,7 @@ class RewriteContext:
         base = re.sub(r"\W", "_", hint).strip("_") or "constant"
         data = tensor.detach().clone(memory_format=torch.contiguous_format)
         parameter = as_parameter and data.is_floating_point()
-        name = self._register(self.graph_module, base, data, parameter, requires_grad=True)
+        name = add_attribute(self.graph_module, base, data, parameter, requires_grad=True)
         with self.graph.inserting_before(before):
             node = self.graph.get_attr(name)
         self.set_val(node, self.fake_mode.from_tensor(data, static_shapes=True))
@@ -113,10 +103,10 @@ class RewriteContext:
         the old one are untouched. ``replaces`` (a node or None) goes into the provenance stamp.
         """
         owner_path = str(like.target).rpartition(".")[0]
-        owner = self.graph_module.get_submodule(owner_path) if owner_path else self.graph_module
-        old = attribute(self.graph_module, str(like.target))
+        owner, old_name = attribute_owner(self.graph_module, str(like.target))
+        old = getattr(owner, old_name)
         parameter = isinstance(old, nn.Parameter)
-        name = self._register(owner, base, tensor.detach().contiguous(), parameter, parameter and old.requires_grad)
+        name = add_attribute(owner, base, tensor.detach().contiguous(), parameter, parameter and old.requires_grad)
         target = f"{owner_path}.{name}" if owner_path else name
         with self.graph.inserting_before(before):
             node = self.graph.get_attr(target)
@@ -129,11 +119,11 @@ class RewriteContext:
     def call(self, target: Any, args: tuple, like: fx.Node, before: fx.Node, kwargs: dict | None = None) -> fx.Node:
         """A new call of ``target`` before ``before``, carrying ``like``'s metadata (val, layer, trace).
 
-        Our own ``fxcompress_*`` annotations are not copied: they describe ``like``, not the new node.
+        Our own annotations are not copied (:func:`fxcompress.graph_meta.inherit_meta`).
         """
         with self.graph.inserting_before(before):
             node = self.graph.call_function(target, args, kwargs)
-        node.meta.update({k: v for k, v in like.meta.items() if not k.startswith("fxcompress_")})
+        inherit_meta(node, like)
         return node
 
     def stamp(self, node: fx.Node, replaced: list[fx.Node]) -> None:
@@ -155,8 +145,7 @@ class RewriteContext:
     def _drop_created(self, target: str) -> None:
         if any(n.op == "get_attr" and n.target == target for n in self.graph.nodes):
             return
-        owner_path, _, name = target.rpartition(".")
-        delattr(self.graph_module.get_submodule(owner_path) if owner_path else self.graph_module, name)
+        delete_attribute(self.graph_module, target)
         self.created.discard(target)
         self._storage_cache.pop(target, None)  # the name may be reused for a new tensor
 

@@ -16,7 +16,7 @@ from torch import fx, nn
 
 from fxcompress.analysis.aliasing import alias_set, mutated_inputs
 from fxcompress.analysis.arguments import argument, has_argument, set_argument  # re-exported for rules
-from fxcompress.analysis.graph_stats import attribute
+from fxcompress.analysis.attributes import attribute
 
 aten = torch.ops.aten
 

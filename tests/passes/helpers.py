@@ -8,19 +8,13 @@ from torch import fx, nn
 
 from fxcompress.graph_meta import PROVENANCE_KEY
 from fxcompress.infra.pass_base import PassResult
-from fxcompress.infra.registry import create_pass
+from fxcompress.testing import check_idempotent
 from fxcompress.numerics import compare_outputs, flatten_outputs, worst_drift
 
 
 def run_pass(name: str, gm: fx.GraphModule, **options) -> PassResult:
     """Run pass ``name`` (lint + recompile after a change), then assert a second run changes nothing."""
-    result = create_pass(name, options)(gm)
-    if result.modified:
-        result.graph_module.graph.lint()
-        result.graph_module.recompile()
-    again = create_pass(name, options)(result.graph_module)
-    assert not again.modified, f"{name} is not idempotent: second run {again.stats}"
-    return result
+    return check_idempotent(name, gm, **options)
 
 
 def assert_matches(model: nn.Module, gm: fx.GraphModule, *inputs: torch.Tensor, tol: float = 1e-5) -> None:

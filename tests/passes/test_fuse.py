@@ -14,7 +14,8 @@ from fxcompress.capture import capture
 from fxcompress.graph_meta import PROVENANCE_KEY as PROVENANCE
 from fxcompress.numerics import compare_outputs, flatten_outputs, worst_drift
 from fxcompress.passes.cleanup import EliminateDeadCodePass
-from fxcompress.passes.fuse import FUSED_ACTIVATION, FUSED_INTO, TRAINING_MODE
+from fxcompress.graph_meta import FUSED_ACTIVATION, FUSED_INTO
+from fxcompress.passes.fuse import TRAINING_MODE
 from fxcompress.passes.presets import default
 from tests.models import ConvBnRelu, Residual, randomize_bn
 from tests.passes.helpers import run_pass

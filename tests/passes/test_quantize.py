@@ -14,7 +14,8 @@ from fxcompress.errors import InputError, RecipeError
 from fxcompress.infra.context import CompileContext
 from fxcompress.infra.registry import create_pass
 from fxcompress.passes.calibrators import TensorStats, affine_params, choose_range
-from fxcompress.passes.quantize import QUANT_META, QuantizeInt8Pass
+from fxcompress.graph_meta import QUANT_META
+from fxcompress.passes.quantize import QuantizeInt8Pass
 from fxcompress.runtime.session import create_session
 from tests.models import Residual, randomize_bn
 

@@ -12,7 +12,8 @@ from fxcompress.capture import capture
 from fxcompress.errors import RecipeError
 from fxcompress.export.onnx_export import export_model_proto
 from fxcompress.export.sparse import bake_weight_masks, compress_initializers
-from fxcompress.passes.sparsity import (MASK_META, SparsifyMagnitudePass, SparsifyTwoFourPass, masked_weights,
+from fxcompress.graph_meta import MASK_META
+from fxcompress.passes.sparsity import (SparsifyMagnitudePass, SparsifyTwoFourPass, masked_weights,
                                         two_four_mask)
 from fxcompress.runtime.parity import validate
 

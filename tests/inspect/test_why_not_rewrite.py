@@ -1,0 +1,49 @@
+"""why-not shows the rejections of RewritePass rules (the built-in fold-batchnorm here), in Python and
+on the command line (compile --why-not)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import fxcompress
+from fxcompress.cli import main
+from fxcompress.inspect.render_text import render_near_misses
+from fxcompress.inspect.why_not import why_not
+from fxcompress.passes.fuse import FoldBatchNormPass
+from fxcompress.rewrite import RewritePass
+
+
+class SharedConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y  # the conv output is read twice: folding the batch norm into it must refuse
+
+
+def shared_conv():
+    return SharedConv().eval(), (torch.randn(1, 3, 6, 6),)
+
+
+def test_why_not_lists_a_rewrite_pass_rejection_with_rule_reason_and_pass():
+    assert issubclass(FoldBatchNormPass, RewritePass)
+    result = fxcompress.compile(*shared_conv(), recipe=["fold-batchnorm"])
+    misses = why_not(result)
+    assert list(misses) == ["batchnorm-into-layer"]
+    (miss,) = misses["batchnorm-into-layer"]
+    assert miss.pass_name == "fold-batchnorm" and miss.layer == "bn"
+    assert "also used by" in miss.reason
+    assert "batchnorm-into-layer (1 near-miss)" in render_near_misses(misses)
+
+
+def test_compile_cli_prints_why_not(tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    argv = ["compile", "tests.inspect.test_why_not_rewrite:shared_conv", "--recipe", "default", "--out", str(out),
+            "--why-not", "--no-baseline", "--iters", "8"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "Why not (rules that matched but declined)" in text
+    assert "batchnorm-into-layer (1 near-miss)" in text and "bn [batch_norm]: output of 'conv2d' is also used by" in text
