@@ -125,3 +125,15 @@ def test_bad_inputs_are_one_clear_error(inputs, fragment, tmp_path):
 def test_negative_or_nan_tolerance_is_refused_before_any_work(tolerance):
     with pytest.raises(fxcompress.InputError, match="tolerance must be a number >= 0"):
         fxcompress.compile(KeywordModel().eval(), _batch(), "default", tolerance=tolerance)
+
+
+class DataDependent(torch.nn.Module):
+    def forward(self, input_ids, attention_mask):
+        if attention_mask.sum() > 3:  # a decision on the values: torch.export cannot capture it
+            return input_ids * 2
+        return input_ids
+
+
+def test_capture_error_names_the_models_own_line_with_keyword_inputs():
+    with pytest.raises(fxcompress.CaptureError, match=r"test_inputs\.py:\d+ in forward: `if attention_mask\.sum\(\) > 3:"):
+        fxcompress.compile(DataDependent(), _batch(), "default")
