@@ -53,7 +53,7 @@ def int8() -> Recipe:
     # conv-space-to-depth: ORT's int8 kernels run a 3-channel stem conv several times slower per
     # multiply-add than the rest of the network; the rewrite is exact and only pays off in int8.
     return _after_default("int8", "default, stem convs as space-to-depth, then calibrated static int8 (U8S8 Q/DQ)",
-                          PassStep("conv-space-to-depth"), PassStep("quantize-int8"), tolerance=INT8_TOLERANCE)
+                          PassStep("conv-space-to-depth"), PassStep("smooth-activations"), PassStep("quantize-int8"), tolerance=INT8_TOLERANCE)
 
 
 def int8_dynamic() -> Recipe:
