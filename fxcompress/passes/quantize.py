@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
@@ -169,10 +170,20 @@ def _is_clip_at_zero(node: fx.Node) -> bool:
     return False
 
 
+#: Ops returning pieces of their input (attention's q, k, v out of one qkv projection); a piece
+#: taken with ``getitem`` holds a subset of the input's values, so it keeps the input's parameters.
+_SPLITS = {aten.unbind.int, aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default}
+
+
 def _root(node: fx.Node) -> fx.Node:
     """Walk back through pass-through ops to the tensor whose values ``node`` re-arranges."""
-    while node.op == "call_function" and node.target in _PASS_THROUGH and node.args and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
+    while node.op == "call_function" and node.args and isinstance(node.args[0], fx.Node):
+        if node.target in _PASS_THROUGH:
+            node = node.args[0]
+        elif node.target is operator.getitem and node.args[0].target in _SPLITS and isinstance(node.args[0].args[0], fx.Node):
+            node = node.args[0].args[0]
+        else:
+            break
     return node
 
 
@@ -223,9 +234,25 @@ def plan_static(graph: fx.Graph, kinds: Sequence[str]) -> QuantPlan:
                 continue
             base_points.add(layer.output)
         kept.append(layer)
+    # An int8 add pays off only when a quantized layer reads its result (ResNet: add -> ReLU ->
+    # conv). A transformer's residual adds feed LayerNorm, which ORT runs in float: QLinearAdd
+    # there adds a DequantizeLinear per add and breaks ORT's Add+LayerNorm fusion. Dropping one
+    # such add can leave the add before it unread, hence the fixed point.
+    while True:
+        consumed = {_root(x) for layer in kept for x in layer.inputs}
+        useful = [layer for layer in kept if layer.kind != "add" or layer.output in consumed]
+        if len(useful) == len(kept):
+            break
+        kept = useful
     plan = QuantPlan(kept)
     for index, layer in enumerate(kept):
-        for x in [*layer.inputs, layer.output]:
+        # A matmul of two activations (attention scores) is quantized after it only for a
+        # quantized reader (which owns the point as its input): ORT runs DQ -> MatMul with a float
+        # output as MatMulIntegerToFloat, so a Q before softmax would only add a Q/DQ pair. Convs
+        # and linears keep theirs: QLinearConv and QGemm need it (measured: without it ORT runs the
+        # linear as a float Gemm on dequantized weights, slower than fp32).
+        own_output = layer.kind != "matmul" or layer.weight_index is not None
+        for x in [*layer.inputs, *([layer.output] if own_output else [])]:
             plan.owners.setdefault(x, []).append(index)
     for point in list(plan.owners):
         root = _root(point)
