@@ -91,6 +91,7 @@ _FUNCTIONAL = {
 }
 
 _BATCH_NORMS = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
+_LAYER_NORMS = {aten.layer_norm.default, aten.native_layer_norm.default}
 
 
 def _val(node: Any) -> Any:
@@ -234,13 +235,14 @@ def plan_static(graph: fx.Graph, kinds: Sequence[str]) -> QuantPlan:
                 continue
             base_points.add(layer.output)
         kept.append(layer)
-    # An int8 add pays off only when a quantized layer reads its result (ResNet: add -> ReLU ->
-    # conv). A transformer's residual adds feed LayerNorm, which ORT runs in float: QLinearAdd
-    # there adds a DequantizeLinear per add and breaks ORT's Add+LayerNorm fusion. Dropping one
-    # such add can leave the add before it unread, hence the fixed point.
+    # A transformer's residual adds feed LayerNorm, which ORT runs in float (fused with the add
+    # as SkipLayerNormalization): a QLinearAdd there breaks that fusion and adds a
+    # DequantizeLinear, so such an add stays float unless a quantized layer also reads it.
+    # Dropping one can leave the add before it read by no quantized layer, hence the fixed point.
     while True:
         consumed = {_root(x) for layer in kept for x in layer.inputs}
-        useful = [layer for layer in kept if layer.kind != "add" or layer.output in consumed]
+        useful = [layer for layer in kept if layer.kind != "add" or layer.output in consumed
+                  or not any(user.target in _LAYER_NORMS for user in layer.output.users)]
         if len(useful) == len(kept):
             break
         kept = useful
