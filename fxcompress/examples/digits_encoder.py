@@ -160,5 +160,27 @@ def onnx_encoder_outputs(path, tokens: torch.Tensor, mask: torch.Tensor, batch: 
     return torch.cat(logits), torch.cat(embeddings)
 
 
+
+
+def with_channel_outliers(model: DigitsEncoder, channels: tuple[int, ...] = (3, 17), factor: float = 30.0) -> DigitsEncoder:
+    """The same function with a few LayerNorm output channels ``factor`` times larger (in place; returns ``model``).
+
+    Large trained transformers concentrate their LayerNorm outputs in a few channels (a large
+    ``gamma`` there); a tiny encoder trained for seconds does not (its per-channel ranges differ by
+    under 2x). This reproduces that shape exactly: each block's LayerNorm ``gamma``/``beta`` are
+    multiplied by ``factor`` on ``channels`` and the reading linear layer's weight columns divided
+    by it, so outputs are unchanged in fp32 while a per-tensor int8 scale sees the outliers.
+    """
+    scale = torch.ones(model.norm.normalized_shape[0])
+    scale[list(channels)] = factor
+    with torch.no_grad():
+        for block in model.blocks:
+            for norm, linear in ((block.norm1, block.qkv), (block.norm2, block.fc1)):
+                norm.weight.mul_(scale)
+                norm.bias.mul_(scale)
+                linear.weight.div_(scale)
+    return model
+
+
 __all__ = ["DigitsEncoder", "DigitsSequences", "EncoderBlock", "encoder_accuracy", "load_digits_sequences",
-           "onnx_encoder_outputs", "to_sequences", "train_encoder"]
+           "onnx_encoder_outputs", "to_sequences", "train_encoder", "with_channel_outliers"]
