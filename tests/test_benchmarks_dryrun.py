@@ -178,3 +178,22 @@ def test_cuda_request_without_a_gpu_is_labelled_as_fallback(runner, tmp_path):
     assert row["provider"] == "cpu" and row["fell_back"] is True
     assert row["placement"]["fell_back"] is True  # every compute op reported as off the GPU
     assert "FELL BACK" in (tmp_path / "results.md").read_text()
+
+
+def test_trained_encoder_quick_run_writes_every_variant(tmp_path):
+    pytest.importorskip("sklearn")
+    result = subprocess.run([sys.executable, str(BENCH / "trained_encoder.py"), "--quick", "--out", str(tmp_path)],
+                            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    record = json.loads((tmp_path / "trained_encoder.json").read_text())
+    variants = {(r["model"], r["variant"]): r for r in record["rows"]}
+    expected = {"fp32", "fxcompress int8", "fxcompress int8-dynamic", "ORT quantize_static", "ORT quantize_dynamic"}
+    for model in ("digits-encoder", "digits-encoder + outlier channels"):
+        assert {v for m, v in variants if m == model} == expected
+        for variant in expected:
+            row = variants[(model, variant)]
+            assert row["status"] == "ok" or row["error"]
+        assert variants[(model, "fp32")]["cosine_min"] > 0.9999 and variants[(model, "fp32")]["speedup"] == pytest.approx(1.0)
+    # smoothing is exact, so static int8 sees the same ranges with or without the outlier channels
+    assert variants[("digits-encoder + outlier channels", "fxcompress int8")]["cosine_min"] > 0.98
+    assert "| digits-encoder | fxcompress int8 |" in (tmp_path / "trained_encoder.md").read_text()
