@@ -16,6 +16,15 @@ already starts at zero) and a Q between them would split the fusion. A tensor re
 through shape-only ops or max pooling (flatten, view, permute, max_pool2d) is quantized again
 with the *same* parameters as its source, which is exact and lets ORT drop the redundant pair.
 
+Transformers follow the same rule with what ORT has int8 kernels for (QGemm, QLinearMatMul,
+MatMulIntegerToFloat) and what it runs in float (LayerNormalization, Softmax, Gelu): a residual
+add read by a LayerNorm stays float (ORT fuses the pair as SkipLayerNormalization; a QLinearAdd
+there only adds a DequantizeLinear), a matmul of two activations feeding softmax gets no Q
+after it (ORT's MatMulIntegerToFloat writes float), and the q/k/v pieces split out of one qkv
+projection reuse its parameters, so ORT drops the Q/DQ pairs around the split. Trained
+transformers' per-channel activation outliers are the job of ``smooth-activations``, which the
+``int8`` preset runs first.
+
 Each quantize point is one tensor quantized once, read by all of its consumers, as ORT's own
 quantizer does. Layers can be kept in float by name or kind (``skip``), by position
 (``first_layer``/``last_layer``) or by accuracy (``max_drift``: the most sensitive layers, measured
