@@ -57,8 +57,10 @@ def int8() -> Recipe:
 
 
 def int8_dynamic() -> Recipe:
-    """Dynamic int8 for linear layers (transformer encoders); needs no calibration."""
-    return _after_default("int8-dynamic", "default, then dynamic int8 linear layers", PassStep("quantize-int8-dynamic"), tolerance=0.05)
+    """Dynamic int8 for linear layers (transformer encoders); needs no calibration (smooths activations if given some)."""
+    return _after_default("int8-dynamic", "default, activation smoothing when calibration data is given, then dynamic int8 linear layers",
+                          PassStep("smooth-activations", {"without_calibration": "skip"}), PassStep("quantize-int8-dynamic"),
+                          tolerance=0.05)
 
 
 def fp16() -> Recipe:

@@ -23,7 +23,7 @@ pass again computes ``s == 1`` everywhere (the ranges are already balanced) and 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import fx
@@ -104,6 +104,8 @@ def _outlier_ratio(amax: torch.Tensor) -> float:
 class SmoothActivationsOptions:
     alpha: float = option(0.5, "migration strength: 0 leaves activations alone, 1 moves all their range into weights")
     calibration_batches: int = option(64, "use at most this many calibration batches for the per-channel ranges")
+    without_calibration: Literal["error", "skip"] = option(
+        "error", "with nothing to calibrate on: raise (error) or leave the graph as it is and say so (skip)")
 
     def __post_init__(self) -> None:
         if not 0 <= self.alpha <= 1:
@@ -148,6 +150,10 @@ class SmoothActivationsPass(Pass):
         if not sites:
             return PassResult(graph_module, False, {"smoothed": []}, rejections)
         context = self.context if self.context is not None else CompileContext(example_inputs=())
+        if context.calibration is None and self.options.without_calibration == "skip":
+            # int8-dynamic needs no calibration; smoothing is its bonus when data is given.
+            return PassResult(graph_module, False, {"smoothed": [], "skipped": "no calibration data (pass calibration= "
+                                                    "to move outlier channels into the weights)"}, rejections)
         batches = require_batches(context.calibration_batches(), context.example_inputs, self.name,
                                   self.options.calibration_batches)
         act_amax = observe_channel_amax(graph_module, [site.norm for site in sites], batches)

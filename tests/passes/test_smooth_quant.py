@@ -158,3 +158,20 @@ def test_static_int8_with_outlier_channels_needs_smoothing():
     plain = error(["quantize-int8"])
     smoothed = error(["smooth-activations", "quantize-int8"])
     assert smoothed < 0.8 * plain, (plain, smoothed)
+
+
+def test_int8_dynamic_smooths_only_when_given_calibration_data():
+    torch.manual_seed(0)
+    model = PreLN(outlier=60.0).eval()
+    inputs = _inputs()[0]
+    test = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(9))
+    reference = model(test)
+    errors = {}
+    for label, calibration in (("none", None), ("given", _inputs(1, 8))):
+        result = fxcompress.compile(model, inputs, "int8-dynamic", calibration=calibration, tolerance=10.0)
+        record = next(r for r in result.report.records if r.name == "smooth-activations")
+        assert bool(record.stats["smoothed"]) == (calibration is not None)
+        if calibration is None:
+            assert "no calibration data" in record.stats["skipped"]
+        errors[label] = float((result.module(test) - reference).pow(2).mean().sqrt())
+    assert errors["given"] < 0.8 * errors["none"], errors
