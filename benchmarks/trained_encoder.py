@@ -24,8 +24,10 @@ import os
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
+import onnx
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +47,26 @@ CONFIGS = {"digits-encoder": dict(width=64, depth=3, heads=4, embedding=64),
            "digits-encoder-wide": dict(width=192, depth=4, heads=6, embedding=128)}
 #: Training epochs per configuration (the wide one costs ~8x more per epoch on 2 cores).
 EPOCHS = {"digits-encoder": 20, "digits-encoder-wide": 8}
+
+
+#: ORT's kernels for matrix products: int8 ones, and the float ones an int8 model should not fall back to.
+INT8_KERNELS = ("QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulInteger")
+FLOAT_KERNELS = ("Gemm", "FusedGemm", "MatMul", "FusedMatMul")
+
+
+def ort_kernels(path: Path) -> dict[str, int]:
+    """Matrix-product and Q/DQ node counts of the graph ORT really runs (after its fusions)."""
+    optimized = path.with_suffix(".ort.onnx")
+    create_session(path, "cpu", optimized_model_path=optimized)
+    counts = Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
+    return {op: counts[op] for op in (*INT8_KERNELS, *FLOAT_KERNELS, "QuantizeLinear", "DequantizeLinear") if counts[op]}
+
+
+def _kernel_summary(kernels: dict[str, int]) -> str:
+    int8 = sum(kernels.get(op, 0) for op in INT8_KERNELS)
+    floats = sum(kernels.get(op, 0) for op in FLOAT_KERNELS)
+    qdq = kernels.get("QuantizeLinear", 0) + kernels.get("DequantizeLinear", 0)
+    return f"{int8} / {floats} / {qdq}"
 
 
 def run_model(name: str, model: DigitsEncoder, data, work: Path, rounds: int, threads: int) -> list[dict]:
@@ -89,7 +111,7 @@ def run_model(name: str, model: DigitsEncoder, data, work: Path, rounds: int, th
             "model": name, "variant": label, "status": "ok",
             "accuracy": float((logits.argmax(1) == data.y_test).float().mean()),
             "cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()),
-            "size_kb": os.path.getsize(paths[label]) / 1024,
+            "size_kb": os.path.getsize(paths[label]) / 1024, "ort_kernels": ort_kernels(paths[label]),
             "p50_ms": timing[label]["p50_ms"], "speedup": timing["fp32"]["p50_ms"] / timing[label]["p50_ms"],
             **({"compile_s": compile_s[label]} if label in compile_s else {}),
         })
@@ -106,14 +128,15 @@ def write(rows: list[dict], out: Path, command: str, threads: int, seconds: floa
     lines = ["# Trained transformer encoder: int8 through ONNX Runtime", "",
              f"Command: `{command}`; batch {BATCH}, ORT CPU, {threads} intra-op thread(s); accuracy on the "
              "450 held-out digits; cosine of the pooled embedding against the fp32 file.", "",
-             "| model | variant | accuracy | cosine min | cosine mean | size KB | p50 ms | speedup |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "ORT kernels: int8 / float matrix products and Q/DQ nodes left in the graph ORT runs.", "",
+             "| model | variant | accuracy | cosine min | cosine mean | size KB | p50 ms | speedup | ORT kernels |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['model']} | {r['variant']} | failed: {r['error']} | | | | | |")
+            lines.append(f"| {r['model']} | {r['variant']} | failed: {r['error']} | | | | | | |")
             continue
         lines.append(f"| {r['model']} | {r['variant']} | {r['accuracy']:.2%} | {r['cosine_min']:.4f} | {r['cosine_mean']:.4f} "
-                     f"| {r['size_kb']:.0f} | {r['p50_ms']:.3f} | {r['speedup']:.2f}x |")
+                     f"| {r['size_kb']:.0f} | {r['p50_ms']:.3f} | {r['speedup']:.2f}x | {_kernel_summary(r['ort_kernels'])} |")
     (out / "trained_encoder.md").write_text("\n".join(lines) + "\n")
 
 

@@ -197,4 +197,6 @@ def test_trained_encoder_quick_run_writes_every_variant(tmp_path):
         assert variants[(model, "fp32")]["cosine_min"] > 0.9999 and variants[(model, "fp32")]["speedup"] == pytest.approx(1.0)
     # smoothing is exact, so static int8 sees the same ranges with or without the outlier channels
     assert variants[("digits-encoder + outlier channels", "fxcompress int8")]["cosine_min"] > 0.98
+    kernels = variants[("digits-encoder", "fxcompress int8")]["ort_kernels"]
+    assert kernels["QGemm"] == 1 + 4 * 3 + 2 and not {"Gemm", "FusedGemm"} & set(kernels), kernels
     assert "| digits-encoder | fxcompress int8 |" in (tmp_path / "trained_encoder.md").read_text()
