@@ -192,3 +192,25 @@ def test_reparameterization_quick_run_writes_the_peer_comparison(tmp_path):
     assert row["variants"]["fxcompress default"]["relative"] < 1e-5
     assert data["zoo"][0]["merged"] == 0  # nothing to merge in ResNet-18: its graph is what it was
     assert "| repvgg_a0 |" in (tmp_path / "reparameterization.md").read_text()
+
+
+def test_trained_encoder_quick_run_writes_every_variant(tmp_path):
+    pytest.importorskip("sklearn")
+    result = subprocess.run([sys.executable, str(BENCH / "trained_encoder.py"), "--quick", "--out", str(tmp_path)],
+                            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    record = json.loads((tmp_path / "trained_encoder.json").read_text())
+    variants = {(r["model"], r["variant"]): r for r in record["rows"]}
+    expected = {"fp32", "fxcompress int8", "fxcompress int8-dynamic", "fxcompress int8-dynamic, no calibration",
+                "ORT quantize_static", "ORT quantize_dynamic"}
+    for model in ("digits-encoder", "digits-encoder + outlier channels"):
+        assert {v for m, v in variants if m == model} == expected
+        for variant in expected:
+            row = variants[(model, variant)]
+            assert row["status"] == "ok" or row["error"]
+        assert variants[(model, "fp32")]["cosine_min"] > 0.9999 and variants[(model, "fp32")]["speedup"] == pytest.approx(1.0)
+    # smoothing is exact, so static int8 sees the same ranges with or without the outlier channels
+    assert variants[("digits-encoder + outlier channels", "fxcompress int8")]["cosine_min"] > 0.98
+    kernels = variants[("digits-encoder", "fxcompress int8")]["ort_kernels"]
+    assert kernels["QGemm"] == 1 + 4 * 3 + 2 and not {"Gemm", "FusedGemm"} & set(kernels), kernels
+    assert "| digits-encoder | fxcompress int8 |" in (tmp_path / "trained_encoder.md").read_text()

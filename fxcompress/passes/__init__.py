@@ -14,4 +14,5 @@ from fxcompress.passes import quantize  # noqa: F401
 from fxcompress.passes import quantize_dynamic  # noqa: F401
 from fxcompress.passes import precision  # noqa: F401
 from fxcompress.passes import space_to_depth  # noqa: F401
+from fxcompress.passes import smooth_quant  # noqa: F401
 from fxcompress.passes import presets  # noqa: F401 - last: presets name the passes above

@@ -178,6 +178,27 @@ def observe(module: fx.GraphModule, nodes: Sequence[fx.Node], batches: Sequence[
     return stats
 
 
+def observe_channel_amax(module: fx.GraphModule, nodes: Sequence[fx.Node],
+                         batches: Sequence[tuple[torch.Tensor, ...]]) -> dict[fx.Node, torch.Tensor]:
+    """Per-channel ``max |x|`` of each node's output over ``batches``, channels on the last dimension.
+
+    What activation smoothing needs: which channels of a tensor carry the outliers (a per-tensor
+    range only says that some do).
+    """
+    amax: dict[fx.Node, torch.Tensor] = {}
+
+    def record(node: fx.Node, value: torch.Tensor) -> None:
+        current = value.detach().abs().float().reshape(-1, value.shape[-1]).amax(dim=0)
+        amax[node] = current if node not in amax else torch.maximum(amax[node], current)
+
+    watched = {n: (lambda v, n=n: record(n, v)) for n in nodes}
+    interpreter = _Observer(module, watched)
+    with torch.no_grad():
+        for batch in batches:
+            interpreter.run(*batch)
+    return amax
+
+
 class _NoBar:
     def update(self, n: int) -> None:
         pass

@@ -55,12 +55,14 @@ def int8() -> Recipe:
     # conv-space-to-depth: ORT's int8 kernels run a 3-channel stem conv several times slower per
     # multiply-add than the rest of the network; the rewrite is exact and only pays off in int8.
     return _after_default("int8", "default, stem convs as space-to-depth, then calibrated static int8 (U8S8 Q/DQ)",
-                          PassStep("conv-space-to-depth"), PassStep("quantize-int8"), tolerance=INT8_TOLERANCE)
+                          PassStep("conv-space-to-depth"), PassStep("smooth-activations"), PassStep("quantize-int8"), tolerance=INT8_TOLERANCE)
 
 
 def int8_dynamic() -> Recipe:
-    """Dynamic int8 for linear layers (transformer encoders); needs no calibration."""
-    return _after_default("int8-dynamic", "default, then dynamic int8 linear layers", PassStep("quantize-int8-dynamic"), tolerance=0.05)
+    """Dynamic int8 for linear layers (transformer encoders); needs no calibration (smooths activations if given some)."""
+    return _after_default("int8-dynamic", "default, activation smoothing when calibration data is given, then dynamic int8 linear layers",
+                          PassStep("smooth-activations", {"without_calibration": "skip"}), PassStep("quantize-int8-dynamic"),
+                          tolerance=0.05)
 
 
 def fp16() -> Recipe:

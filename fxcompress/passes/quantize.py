@@ -16,6 +16,15 @@ already starts at zero) and a Q between them would split the fusion. A tensor re
 through shape-only ops or max pooling (flatten, view, permute, max_pool2d) is quantized again
 with the *same* parameters as its source, which is exact and lets ORT drop the redundant pair.
 
+Transformers follow the same rule with what ORT has int8 kernels for (QGemm, QLinearMatMul,
+MatMulIntegerToFloat) and what it runs in float (LayerNormalization, Softmax, Gelu): a residual
+add read by a LayerNorm stays float (ORT fuses the pair as SkipLayerNormalization; a QLinearAdd
+there only adds a DequantizeLinear), a matmul of two activations feeding softmax gets no Q
+after it (ORT's MatMulIntegerToFloat writes float), and the q/k/v pieces split out of one qkv
+projection reuse its parameters, so ORT drops the Q/DQ pairs around the split. Trained
+transformers' per-channel activation outliers are the job of ``smooth-activations``, which the
+``int8`` preset runs first.
+
 Each quantize point is one tensor quantized once, read by all of its consumers, as ORT's own
 quantizer does. Layers can be kept in float by name or kind (``skip``), by position
 (``first_layer``/``last_layer``) or by accuracy (``max_drift``: the most sensitive layers, measured
@@ -25,6 +34,7 @@ one at a time on the calibration data, go back to float until the whole model is
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
@@ -87,6 +97,7 @@ _FUNCTIONAL = {
 }
 
 _BATCH_NORMS = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
+_LAYER_NORMS = {aten.layer_norm.default, aten.native_layer_norm.default}
 
 
 def _val(node: Any) -> Any:
@@ -156,10 +167,20 @@ def _is_clip_at_zero(node: fx.Node) -> bool:
     return False
 
 
+#: Ops returning pieces of their input (attention's q, k, v out of one qkv projection); a piece
+#: taken with ``getitem`` holds a subset of the input's values, so it keeps the input's parameters.
+_SPLITS = {aten.unbind.int, aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default}
+
+
 def _root(node: fx.Node) -> fx.Node:
     """Walk back through pass-through ops to the tensor whose values ``node`` re-arranges."""
-    while node.op == "call_function" and node.target in _PASS_THROUGH and node.args and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
+    while node.op == "call_function" and node.args and isinstance(node.args[0], fx.Node):
+        if node.target in _PASS_THROUGH:
+            node = node.args[0]
+        elif node.target is operator.getitem and node.args[0].target in _SPLITS and isinstance(node.args[0].args[0], fx.Node):
+            node = node.args[0].args[0]
+        else:
+            break
     return node
 
 
@@ -210,9 +231,26 @@ def plan_static(graph: fx.Graph, kinds: Sequence[str]) -> QuantPlan:
                 continue
             base_points.add(layer.output)
         kept.append(layer)
+    # A transformer's residual adds feed LayerNorm, which ORT runs in float (fused with the add
+    # as SkipLayerNormalization): a QLinearAdd there breaks that fusion and adds a
+    # DequantizeLinear, so such an add stays float unless a quantized layer also reads it.
+    # Dropping one can leave the add before it read by no quantized layer, hence the fixed point.
+    while True:
+        consumed = {_root(x) for layer in kept for x in layer.inputs}
+        useful = [layer for layer in kept if layer.kind != "add" or layer.output in consumed
+                  or not any(user.target in _LAYER_NORMS for user in layer.output.users)]
+        if len(useful) == len(kept):
+            break
+        kept = useful
     plan = QuantPlan(kept)
     for index, layer in enumerate(kept):
-        for x in [*layer.inputs, layer.output]:
+        # A matmul of two activations (attention scores) is quantized after it only for a
+        # quantized reader (which owns the point as its input): ORT runs DQ -> MatMul with a float
+        # output as MatMulIntegerToFloat, so a Q before softmax would only add a Q/DQ pair. Convs
+        # and linears keep theirs: QLinearConv and QGemm need it (measured: without it ORT runs the
+        # linear as a float Gemm on dequantized weights, slower than fp32).
+        own_output = layer.kind != "matmul" or layer.weight_index is not None
+        for x in [*layer.inputs, *([layer.output] if own_output else [])]:
             plan.owners.setdefault(x, []).append(index)
     for point in list(plan.owners):
         root = _root(point)
