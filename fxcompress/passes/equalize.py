@@ -1,0 +1,265 @@
+"""Cross-layer equalization: balance per-channel weight ranges of consecutive layers, exactly.
+
+Per-channel ranges of depthwise networks are uneven (one channel of a folded depthwise filter may
+span 100x another's), and a per-tensor int8 activation scale sized for the widest channel leaves
+the narrow ones a few levels. For two layers joined by a positively homogeneous function ``f``
+(``f(x / s) * s == f(x)`` for ``s > 0``: ReLU, leaky ReLU, or nothing in between), channel ``i`` of the
+first layer's output can be divided by ``s_i`` and the second layer's input channel ``i``
+multiplied by it without changing the result (Nagel et al., "Data-Free Quantization Through
+Weight Equalization and Bias Correction", 2019)::
+
+    W1'[i] = W1[i] / s_i     b1'[i] = b1[i] / s_i     W2'[:, i] = W2[:, i] * s_i
+    s_i = sqrt(r1_i / r2_i)  so that  r1'_i = r2'_i = sqrt(r1_i * r2_i)
+
+where ``r1_i`` is the largest ``|W1|`` of output channel ``i`` and ``r2_i`` the largest
+``|W2|`` reading input channel ``i`` (grouped and depthwise convs read one group's channels: the
+scale is laid out per group). In a chain ``A -> B -> C``, B's output scales and input scales
+interact, so the scales are recomputed for all pairs in rounds until they stop moving (or
+``rounds`` is reached); the weights are written once at the end, in float64 and cast back. The
+result equals the original up to float32 rounding.
+
+**What is not equalized, and why.** ReLU6 / hardtanh clip at a fixed value: ``relu6(x / s) * s``
+clips at ``6 s``, not 6, so scaling across it would change the output wherever it clips;
+making it exact would need a per-channel clip, which ONNX Runtime does not fuse into its int8
+kernels. Hardswish, SiLU, GELU, sigmoid and other smooth activations are not homogeneous at all.
+Such pairs are rejected with that reason (``fxcompress why-not`` lists them); so are layers whose
+output has other readers (a residual connection sees the unscaled tensor) and shared or
+non-constant weights.
+
+**Bias absorption.** Equalization divides ``b1`` by ``s_i``, which can inflate the activation range
+of a narrow channel. When nothing sits between the two layers and the second one reads no padding
+(a 1x1 / unpadded conv, or a linear layer), ``b1`` moves entirely into the second layer, exactly::
+
+    layer2(layer1(x) + b1) = layer2(layer1(x)) + sum over taps of W2 . b1
+
+so ``b2' = b2 + W2 b1`` and ``b1' = 0``. Across a ReLU, Nagel et al. absorb ``max(0, beta - 3 gamma)``
+estimated from the batch norm statistics; that is exact only where every pre-activation stays
+above the absorbed amount, and fold-batchnorm (which runs before, in every preset) has consumed
+those statistics. This pass chooses exactness: it absorbs only where the identity makes it exact,
+and leaves the data-driven correction of what remains to ``correct-bias`` after quantization.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from fxcompress.infra.pass_base import Pass, PassResult, Rejection, option
+from fxcompress.infra.registry import register
+from fxcompress.passes.cleanup import drop_unused_state
+from fxcompress.rewrite import (
+    RewriteContext, WeightedLayer, argument, describe_constant_problem, other_users, set_argument, weighted_layer,
+)
+
+aten = torch.ops.aten
+
+#: Positively homogeneous activations (``f(x / s) * s == f(x)`` for every ``s > 0``).
+_HOMOGENEOUS = {aten.relu.default, aten.relu_.default, aten.leaky_relu.default, aten.leaky_relu_.default}
+
+#: Activations seen between layers that are not homogeneous, with the reason in words.
+_NOT_HOMOGENEOUS = {
+    aten.hardtanh.default: "it clips at a fixed value (ReLU6 / hardtanh): relu6(x / s) * s clips at 6 s, not 6",
+    aten.hardtanh_.default: "it clips at a fixed value (ReLU6 / hardtanh): relu6(x / s) * s clips at 6 s, not 6",
+    aten.clamp.default: "it clips at fixed values: clamp(x / s) * s clips at s times the bounds",
+    aten.clamp_.default: "it clips at fixed values: clamp(x / s) * s clips at s times the bounds",
+    aten.hardswish.default: "hardswish is not scale-equivariant (hardswish(x / s) * s != hardswish(x))",
+    aten.hardswish_.default: "hardswish is not scale-equivariant (hardswish(x / s) * s != hardswish(x))",
+    aten.silu.default: "SiLU is not scale-equivariant (silu(x / s) * s != silu(x))",
+    aten.silu_.default: "SiLU is not scale-equivariant (silu(x / s) * s != silu(x))",
+    aten.gelu.default: "GELU is not scale-equivariant (gelu(x / s) * s != gelu(x))",
+    aten.sigmoid.default: "sigmoid is not scale-equivariant",
+    aten.hardsigmoid.default: "hardsigmoid is not scale-equivariant",
+    aten.tanh.default: "tanh is not scale-equivariant",
+}
+
+
+@dataclass
+class _Pair:
+    first: WeightedLayer
+    second: WeightedLayer
+    activation: fx.Node | None  # None: the second layer reads the first directly
+
+
+def _usable(layer: WeightedLayer | None) -> bool:
+    return layer is not None and layer.kind in ("conv", "linear")
+
+
+def _candidate(node: fx.Node) -> tuple[WeightedLayer, WeightedLayer, fx.Node | None] | None:
+    """(first, second, activation) when ``node`` is a layer reading a layer, directly or through one op."""
+    second = weighted_layer(node)
+    if not _usable(second) or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    source = node.args[0]
+    first = weighted_layer(source)
+    if _usable(first):
+        return first, second, None
+    if source.op == "call_function" and source.args and isinstance(source.args[0], fx.Node):
+        first = weighted_layer(source.args[0])
+        if _usable(first) and (source.target in _HOMOGENEOUS or source.target in _NOT_HOMOGENEOUS):
+            return first, second, source
+    return None
+
+
+def _check(ctx: RewriteContext, first: WeightedLayer, second: WeightedLayer, activation: fx.Node | None) -> str | None:
+    """Why the pair cannot be equalized exactly, or None."""
+    if activation is not None and activation.target not in _HOMOGENEOUS:
+        return f"'{activation.name}' sits between the layers and {_NOT_HOMOGENEOUS[activation.target]}"
+    middle = activation if activation is not None else second.node
+    reason = other_users(first.node, middle, "scaling its channels would change what they see")
+    if reason is None and activation is not None:
+        reason = other_users(activation, second.node, "scaling its channels would change what they see")
+    if reason:
+        return reason
+    if first.kind != second.kind:
+        return f"a {first.kind} layer feeds a {second.kind} layer: their channel layouts differ"
+    if first.kind == "conv" and first.channel_dim != 1:
+        return "the first layer's output channels are not on dim 1"
+    for layer in (first, second):
+        what = f"{layer.kind} '{layer.node.name}'"
+        for role, value in (("weight", layer.weight), ("bias", layer.bias)):
+            reason = describe_constant_problem(ctx.graph_module, value, f"{what} {role}") or ctx.sharing_problem(
+                value, layer.node, f"{what} {role}")
+            if reason:
+                return reason
+    w1, w2 = ctx.constant(first.weight), ctx.constant(second.weight)
+    if not (w1.is_floating_point() and w2.is_floating_point()):
+        return "the weights are not floating point"
+    channels = w1.shape[0]
+    if w2.dim() < 2 or w2.shape[1] * second.groups != channels:
+        return f"'{second.node.name}' does not read the {channels} channels '{first.node.name}' produces"
+    return None
+
+
+def _input_view(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """``weight`` ``[O, C/g, ...]`` as ``[g, O/g, C/g, taps]``: input channel ``i`` is ``[i // (C/g), :, i % (C/g)]``."""
+    out_channels, per_group = weight.shape[0], weight.shape[1]
+    return weight.reshape(groups, out_channels // groups, per_group, -1)
+
+
+def _input_ranges(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    return _input_view(weight, groups).abs().amax(dim=(1, 3)).reshape(-1)
+
+
+def _scale_inputs(weight: torch.Tensor, groups: int, scale: torch.Tensor) -> torch.Tensor:
+    view = _input_view(weight, groups)
+    return (view * scale.reshape(groups, 1, view.shape[2], 1)).reshape(weight.shape)
+
+
+def _output_ranges(weight: torch.Tensor) -> torch.Tensor:
+    return weight.abs().reshape(weight.shape[0], -1).amax(dim=1)
+
+
+def _reads_padding(layer: WeightedLayer) -> bool:
+    if layer.kind == "linear":
+        return False
+    padding = argument(layer.node, "padding")
+    if isinstance(padding, str):
+        return padding != "valid"
+    return any(int(p) != 0 for p in padding)
+
+
+@dataclass(frozen=True)
+class EqualizeLayersOptions:
+    rounds: int = option(20, "at most this many rounds of rebalancing chains of pairs (stops earlier once scales settle)")
+    absorb_bias: bool = option(True, "move the first layer's bias into the second where that is exact (no activation, no padding)")
+    min_scale_change: float = option(0.01, "treat a pair as balanced when every scale is within this relative distance of 1")
+
+
+@register
+class EqualizeLayersPass(Pass):
+    """Cross-layer equalization of conv/linear pairs joined by ReLU or nothing, with exact bias absorption.
+
+    Exact in float (scales commute with ReLU); balances the per-channel ranges that a per-tensor
+    int8 scale must cover. The math, and which pairs are rejected (ReLU6, hardswish, SiLU: not
+    scale-equivariant) and why, are in the module docstring. Run before ``quantize-int8``.
+    """
+
+    name = "equalize-layers"
+    Options = EqualizeLayersOptions
+    lossless = True
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        opts = self.options
+        ctx = RewriteContext(graph_module, self.name)
+        pairs: list[_Pair] = []
+        rejections: list[Rejection] = []
+        for node in graph_module.graph.nodes:
+            found = _candidate(node)
+            if found is None:
+                continue
+            reason = _check(ctx, *found)
+            if reason:
+                rejections.append(Rejection("equalize-pair", node.name, reason))
+            else:
+                pairs.append(_Pair(*found))
+        # Current weights and biases of every layer in a pair, float64, updated in place by rounds.
+        weights: dict[fx.Node, torch.Tensor] = {}
+        biases: dict[fx.Node, torch.Tensor | None] = {}
+        for pair in pairs:
+            for layer in (pair.first, pair.second):
+                if layer.node not in weights:
+                    weights[layer.node] = ctx.constant(layer.weight).detach().double().clone()
+                    bias = ctx.constant(layer.bias) if layer.bias is not None else None
+                    biases[layer.node] = bias.detach().double().clone() if bias is not None else None
+        changed: set[fx.Node] = set()
+        rounds = 0
+        limit = math.log1p(opts.min_scale_change)
+        for rounds in range(1, opts.rounds + 1):
+            moved = False
+            for pair in pairs:
+                first, second = pair.first.node, pair.second.node
+                r1 = _output_ranges(weights[first])
+                r2 = _input_ranges(weights[second], pair.second.groups)
+                ok = (r1 > 0) & (r2 > 0)
+                scale = torch.where(ok, torch.sqrt(r1 / torch.where(ok, r2, 1.0)), torch.ones_like(r1))
+                if float(scale.log().abs().max()) <= limit:
+                    continue
+                moved = True
+                changed |= {first, second}
+                weights[first] = weights[first] / scale.reshape(-1, *([1] * (weights[first].dim() - 1)))
+                if biases[first] is not None:
+                    biases[first] = biases[first] / scale
+                weights[second] = _scale_inputs(weights[second], pair.second.groups, scale)
+            if not moved:
+                break
+        absorbed = 0
+        if opts.absorb_bias:
+            for pair in pairs:
+                first, second = pair.first.node, pair.second.node
+                b1 = biases[first]
+                if pair.activation is not None or b1 is None or not bool(b1.any()) or _reads_padding(pair.second):
+                    continue
+                view = _input_view(weights[second], pair.second.groups)  # [g, O/g, C/g, taps]
+                per_group = b1.reshape(view.shape[0], 1, view.shape[2], 1)
+                shift = (view * per_group).sum(dim=(2, 3)).reshape(-1)
+                b2 = biases[second]
+                biases[second] = shift if b2 is None else b2 + shift
+                biases[first] = torch.zeros_like(b1)
+                changed |= {first, second}
+                absorbed += 1
+        layers = {layer.node: layer for pair in pairs for layer in (pair.first, pair.second)}
+        for node in changed:
+            self._write(ctx, layers[node], weights[node], biases[node])
+        if changed:
+            graph_module.graph.lint()
+            graph_module.recompile()
+            drop_unused_state(graph_module)
+        stats = {"pairs": len(pairs), "layers_rescaled": len(changed), "rounds": rounds if changed else 0,
+                 "biases_absorbed": absorbed}
+        return PassResult(graph_module, bool(changed), stats, rejections)
+
+    def _write(self, ctx: RewriteContext, layer: WeightedLayer, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        node, old_weight, old_bias = layer.node, layer.weight, layer.bias
+        dtype = ctx.constant(old_weight).dtype
+        set_argument(node, "weight", ctx.new_state(old_weight, "weight_equalized", weight.to(dtype), node, old_weight))
+        if bias is not None:
+            like = old_bias if old_bias is not None else old_weight
+            set_argument(node, "bias", ctx.new_state(like, "bias_equalized", bias.to(dtype), node, old_bias))
+        ctx.stamp(node, [node])
+        ctx.erase(*[v for v in (old_weight, old_bias) if isinstance(v, fx.Node)])
+
+
+__all__ = ["EqualizeLayersPass"]
