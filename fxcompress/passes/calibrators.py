@@ -178,6 +178,22 @@ def observe(module: fx.GraphModule, nodes: Sequence[fx.Node], batches: Sequence[
     return stats
 
 
+def observe_channel_ranges(module: fx.GraphModule, nodes: Sequence[fx.Node], batches: Sequence[tuple[torch.Tensor, ...]],
+                           dim: int = 1) -> dict[fx.Node, torch.Tensor]:
+    """Largest ``|x|`` of each channel (along ``dim``) of each node's value over ``batches``, float64."""
+    ranges: dict[fx.Node, torch.Tensor] = {}
+
+    def record(node: fx.Node, value: torch.Tensor) -> None:
+        amax = value.detach().abs().movedim(dim, 0).reshape(value.shape[dim], -1).amax(dim=1).double()
+        ranges[node] = amax if node not in ranges else torch.maximum(ranges[node], amax)
+
+    interpreter = _Observer(module, {n: (lambda v, n=n: record(n, v)) for n in nodes})
+    with torch.no_grad():
+        for batch in batches:
+            interpreter.run(*batch)
+    return ranges
+
+
 class _NoBar:
     def update(self, n: int) -> None:
         pass

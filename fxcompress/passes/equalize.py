@@ -43,15 +43,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import fx
 
+from fxcompress.infra.context import CompileContext
 from fxcompress.infra.pass_base import Pass, PassResult, Rejection, option
 from fxcompress.infra.registry import register
+from fxcompress.passes.calibrators import observe_channel_ranges, require_batches
 from fxcompress.passes.cleanup import drop_unused_state
 from fxcompress.rewrite import (
-    RewriteContext, WeightedLayer, argument, describe_constant_problem, other_users, set_argument, weighted_layer,
+    RewriteContext, WeightedLayer, argument, describe_constant_problem, other_users, set_argument, tensor_val,
+    weighted_layer,
 )
 
 aten = torch.ops.aten
@@ -76,61 +80,115 @@ _NOT_HOMOGENEOUS = {
 }
 
 
+#: Marks the per-channel multiply this pass inserts after a squeeze-excitation gate.
+GATE_SCALE = "fxcompress_gate_scale"
+
+
 @dataclass
 class _Pair:
     first: WeightedLayer
     second: WeightedLayer
-    activation: fx.Node | None  # None: the second layer reads the first directly
+    activation: fx.Node | None  # None: nothing between the layers (or between the first and the gate)
+    gate: fx.Node | None = None  # the per-channel multiply (squeeze-excitation) the second layer reads
 
 
 def _usable(layer: WeightedLayer | None) -> bool:
     return layer is not None and layer.kind in ("conv", "linear")
 
 
-def _candidate(node: fx.Node) -> tuple[WeightedLayer, WeightedLayer, fx.Node | None] | None:
-    """(first, second, activation) when ``node`` is a layer reading a layer, directly or through one op."""
+def _through_activation(source: Any) -> tuple[WeightedLayer, fx.Node | None] | None:
+    """(layer, activation) when ``source`` is a layer's output, directly or through one unary op."""
+    if not isinstance(source, fx.Node):
+        return None
+    layer = weighted_layer(source)
+    if _usable(layer):
+        return layer, None
+    if source.op == "call_function" and source.args and isinstance(source.args[0], fx.Node):
+        layer = weighted_layer(source.args[0])
+        if _usable(layer) and (source.target in _HOMOGENEOUS or source.target in _NOT_HOMOGENEOUS):
+            return layer, source
+    return None
+
+
+def _gate_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """(activation, gate) when ``node`` multiplies a conv activation by a per-channel ``[N, C, 1, 1]`` gate."""
+    if node.op != "call_function" or node.target is not aten.mul.Tensor or len(node.args) != 2:
+        return None
+    a, b = node.args
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return None
+    out = tensor_val(node)
+    for value, gate in ((a, b), (b, a)):
+        gate_val, value_val = tensor_val(gate), tensor_val(value)
+        if out is None or gate_val is None or value_val is None or value_val.dim() < 3 or gate_val.dim() != value_val.dim():
+            continue
+        if value_val.shape != out.shape or any(size != 1 for size in gate_val.shape[2:]):
+            continue
+        if gate_val.shape[1] == value_val.shape[1] and _through_activation(value) is not None:
+            return value, gate
+    return None
+
+
+def _candidate(node: fx.Node) -> _Pair | None:
+    """The pair ending at layer ``node``: a layer reading a layer, directly, through one op, or
+    through an activation and a squeeze-excitation gate (``act(conv(x)) * gate``)."""
     second = weighted_layer(node)
     if not _usable(second) or not node.args or not isinstance(node.args[0], fx.Node):
         return None
     source = node.args[0]
-    first = weighted_layer(source)
-    if _usable(first):
-        return first, second, None
-    if source.op == "call_function" and source.args and isinstance(source.args[0], fx.Node):
-        first = weighted_layer(source.args[0])
-        if _usable(first) and (source.target in _HOMOGENEOUS or source.target in _NOT_HOMOGENEOUS):
-            return first, second, source
+    found = _through_activation(source)
+    if found is not None:
+        return _Pair(found[0], second, found[1])
+    operands = _gate_operands(source)
+    if operands is not None and second.kind == "conv":
+        first, activation = _through_activation(operands[0])
+        return _Pair(first, second, activation, gate=source)
     return None
 
 
-def _check(ctx: RewriteContext, first: WeightedLayer, second: WeightedLayer, activation: fx.Node | None) -> str | None:
+def _check(ctx: RewriteContext, pair: _Pair) -> str | None:
     """Why the pair cannot be equalized exactly, or None."""
-    if activation is not None and activation.target not in _HOMOGENEOUS:
-        return f"'{activation.name}' sits between the layers and {_NOT_HOMOGENEOUS[activation.target]}"
-    middle = activation if activation is not None else second.node
-    reason = other_users(first.node, middle, "scaling its channels would change what they see")
-    if reason is None and activation is not None:
-        reason = other_users(activation, second.node, "scaling its channels would change what they see")
+    first, second, activation = pair.first, pair.second, pair.activation
+    if pair.gate is not None:
+        # Only the gate and the second layer change; the first layer is the range estimate.
+        reason = other_users(pair.gate, second.node, "scaling its channels would change what they see")
+        layers = (second,)
+    else:
+        if activation is not None and activation.target not in _HOMOGENEOUS:
+            return f"'{activation.name}' sits between the layers and {_NOT_HOMOGENEOUS[activation.target]}"
+        middle = activation if activation is not None else second.node
+        reason = other_users(first.node, middle, "scaling its channels would change what they see")
+        if reason is None and activation is not None:
+            reason = other_users(activation, second.node, "scaling its channels would change what they see")
+        layers = (first, second)
     if reason:
         return reason
     if first.kind != second.kind:
         return f"a {first.kind} layer feeds a {second.kind} layer: their channel layouts differ"
     if first.kind == "conv" and first.channel_dim != 1:
         return "the first layer's output channels are not on dim 1"
-    for layer in (first, second):
+    for layer in layers:
         what = f"{layer.kind} '{layer.node.name}'"
         for role, value in (("weight", layer.weight), ("bias", layer.bias)):
             reason = describe_constant_problem(ctx.graph_module, value, f"{what} {role}") or ctx.sharing_problem(
                 value, layer.node, f"{what} {role}")
             if reason:
                 return reason
-    w1, w2 = ctx.constant(first.weight), ctx.constant(second.weight)
+    w1 = ctx.constant(first.weight)
+    if w1 is None:
+        return describe_constant_problem(ctx.graph_module, first.weight, "first layer weight") or "no constant weight"
+    w2 = ctx.constant(second.weight)
     if not (w1.is_floating_point() and w2.is_floating_point()):
         return "the weights are not floating point"
     channels = w1.shape[0]
     if w2.dim() < 2 or w2.shape[1] * second.groups != channels:
         return f"'{second.node.name}' does not read the {channels} channels '{first.node.name}' produces"
     return None
+
+
+def _between(pair: _Pair) -> fx.Node:
+    """The tensor the pair rescales: what the second layer reads."""
+    return pair.second.node.args[0]
 
 
 def _input_view(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -165,6 +223,9 @@ def _reads_padding(layer: WeightedLayer) -> bool:
 class EqualizeLayersOptions:
     rounds: int = option(20, "at most this many rounds of rebalancing chains of pairs (stops earlier once scales settle)")
     absorb_bias: bool = option(True, "move the first layer's bias into the second where that is exact (no activation, no padding)")
+    ranges: Literal["weights", "calibration"] = option(
+        "weights", "channel ranges to balance: the first layer's weights (data-free) or the activations observed on calibration data")
+    calibration_batches: int = option(32, "with ranges='calibration': use at most this many calibration batches")
     min_scale_change: float = option(0.01, "treat a pair as balanced when every scale is within this relative distance of 1")
 
 
@@ -181,20 +242,24 @@ class EqualizeLayersPass(Pass):
     Options = EqualizeLayersOptions
     lossless = True
 
+    def __init__(self, options: Any = None, **overrides: Any) -> None:
+        super().__init__(options, **overrides)
+        self.context: CompileContext | None = None
+
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         opts = self.options
         ctx = RewriteContext(graph_module, self.name)
         pairs: list[_Pair] = []
         rejections: list[Rejection] = []
         for node in graph_module.graph.nodes:
-            found = _candidate(node)
-            if found is None:
+            pair = _candidate(node)
+            if pair is None:
                 continue
-            reason = _check(ctx, *found)
+            reason = _check(ctx, pair)
             if reason:
                 rejections.append(Rejection("equalize-pair", node.name, reason))
             else:
-                pairs.append(_Pair(*found))
+                pairs.append(pair)
         # Current weights and biases of every layer in a pair, float64, updated in place by rounds.
         weights: dict[fx.Node, torch.Tensor] = {}
         biases: dict[fx.Node, torch.Tensor | None] = {}
@@ -205,23 +270,37 @@ class EqualizeLayersPass(Pass):
                     bias = ctx.constant(layer.bias) if layer.bias is not None else None
                     biases[layer.node] = bias.detach().double().clone() if bias is not None else None
         changed: set[fx.Node] = set()
+        # The divisor applied so far to each channel of the tensor between a pair's layers (gate
+        # pairs: a rerun starts from its own earlier gate scale).
+        divisors = {id(pair): self._current_divisor(ctx, pair) for pair in pairs}
+        initial = dict(divisors)  # observed ranges already include these
+        observed = self._observed_ranges(graph_module, pairs) if opts.ranges == "calibration" else {}
         rounds = 0
         limit = math.log1p(opts.min_scale_change)
         for rounds in range(1, opts.rounds + 1):
             moved = False
             for pair in pairs:
                 first, second = pair.first.node, pair.second.node
-                r1 = _output_ranges(weights[first])
+                if observed:
+                    r1 = observed[_between(pair)] * initial[id(pair)] / divisors[id(pair)]
+                elif pair.gate is not None:  # the first layer's weights estimate the gated activation's range
+                    r1 = _output_ranges(weights[first]) / divisors[id(pair)]
+                else:
+                    r1 = _output_ranges(weights[first])
                 r2 = _input_ranges(weights[second], pair.second.groups)
                 ok = (r1 > 0) & (r2 > 0)
                 scale = torch.where(ok, torch.sqrt(r1 / torch.where(ok, r2, 1.0)), torch.ones_like(r1))
                 if float(scale.log().abs().max()) <= limit:
                     continue
                 moved = True
-                changed |= {first, second}
-                weights[first] = weights[first] / scale.reshape(-1, *([1] * (weights[first].dim() - 1)))
-                if biases[first] is not None:
-                    biases[first] = biases[first] / scale
+                divisors[id(pair)] = divisors[id(pair)] * scale
+                if pair.gate is not None:
+                    changed.add(second)
+                else:
+                    changed |= {first, second}
+                    weights[first] = weights[first] / scale.reshape(-1, *([1] * (weights[first].dim() - 1)))
+                    if biases[first] is not None:
+                        biases[first] = biases[first] / scale
                 weights[second] = _scale_inputs(weights[second], pair.second.groups, scale)
             if not moved:
                 break
@@ -230,7 +309,7 @@ class EqualizeLayersPass(Pass):
             for pair in pairs:
                 first, second = pair.first.node, pair.second.node
                 b1 = biases[first]
-                if pair.activation is not None or b1 is None or not bool(b1.any()) or _reads_padding(pair.second):
+                if pair.activation is not None or pair.gate is not None or b1 is None or not bool(b1.any()) or _reads_padding(pair.second):
                     continue
                 view = _input_view(weights[second], pair.second.groups)  # [g, O/g, C/g, taps]
                 per_group = b1.reshape(view.shape[0], 1, view.shape[2], 1)
@@ -243,13 +322,61 @@ class EqualizeLayersPass(Pass):
         layers = {layer.node: layer for pair in pairs for layer in (pair.first, pair.second)}
         for node in changed:
             self._write(ctx, layers[node], weights[node], biases[node])
+        gates = 0
+        for pair in pairs:
+            if pair.gate is not None and pair.second.node in changed:
+                self._write_gate(ctx, pair, divisors[id(pair)])
+                gates += 1
         if changed:
             graph_module.graph.lint()
             graph_module.recompile()
             drop_unused_state(graph_module)
         stats = {"pairs": len(pairs), "layers_rescaled": len(changed), "rounds": rounds if changed else 0,
-                 "biases_absorbed": absorbed}
+                 "biases_absorbed": absorbed, "gates_scaled": gates}
         return PassResult(graph_module, bool(changed), stats, rejections)
+
+    def bind(self, context: CompileContext) -> None:
+        self.context = context
+
+    def _observed_ranges(self, graph_module: fx.GraphModule, pairs: list[_Pair]) -> dict[fx.Node, torch.Tensor]:
+        """Per-channel ``max |x|`` on the calibration data of each tensor between a pair's layers."""
+        if not pairs:
+            return {}
+        context = self.context if self.context is not None else CompileContext(example_inputs=())
+        batches = require_batches(context.calibration_batches(), context.example_inputs, self.name,
+                                  self.options.calibration_batches)
+        nodes = list(dict.fromkeys(_between(pair) for pair in pairs))
+        return observe_channel_ranges(graph_module, nodes, batches, dim=1)
+
+    @staticmethod
+    def _current_divisor(ctx: RewriteContext, pair: _Pair) -> torch.Tensor:
+        """Per-channel divisor already applied to ``pair``'s gate by an earlier run (ones if none)."""
+        channels = int(ctx.constant(pair.first.weight).shape[0])
+        if pair.gate is None:
+            return torch.ones(channels, dtype=torch.float64)
+        gate = _gate_operands(pair.gate)[1]
+        if GATE_SCALE in gate.meta:
+            return 1.0 / ctx.constant(gate.args[1]).detach().double().reshape(-1)
+        return torch.ones(channels, dtype=torch.float64)
+
+    def _write_gate(self, ctx: RewriteContext, pair: _Pair, divisor: torch.Tensor) -> None:
+        """Make the gate ``pair.gate`` multiplies by ``gate * (1 / divisor)``, reusing an earlier run's multiply."""
+        mul = pair.gate
+        gate = _gate_operands(mul)[1]
+        like = pair.second.weight  # any get_attr of the block: the constant lives next to its state
+        shape = [1] * tensor_val(gate).dim()
+        shape[1] = -1
+        factor = (1.0 / divisor).reshape(shape).to(tensor_val(gate).dtype)
+        if GATE_SCALE in gate.meta:  # an earlier run's multiply: replace its constant
+            old = gate.args[1]
+            gate.args = (gate.args[0], ctx.new_state(like, "gate_scale", factor, gate, old))
+            ctx.erase(old)
+            return
+        constant = ctx.new_state(like, "gate_scale", factor, mul)
+        scaled = ctx.call(aten.mul.Tensor, (gate, constant), like=gate, before=mul)
+        scaled.meta[GATE_SCALE] = True
+        ctx.stamp(scaled, [gate])
+        mul.replace_input_with(gate, scaled)
 
     def _write(self, ctx: RewriteContext, layer: WeightedLayer, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         node, old_weight, old_bias = layer.node, layer.weight, layer.bias
