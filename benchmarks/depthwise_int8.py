@@ -112,14 +112,14 @@ def run_model(name: str, size: int, bn: str, rounds: int, calibration_count: int
     return rows
 
 
-def digits_accuracy(epochs: int, presets: list[str], workdir: Path) -> dict:
+def digits_accuracy(epochs: int, width: int, presets: list[str], workdir: Path) -> dict:
     """Every preset's accuracy through ORT on the trained DigitsMobileNet (TRAINED weights)."""
     from fxcompress.examples.digits import (DigitsMobileNet, load_digits_data, onnx_accuracy, prune_and_fine_tune,
                                             torch_accuracy, train)
 
     data = load_digits_data()
     start = time.perf_counter()
-    model = train(DigitsMobileNet(), data, epochs=epochs)
+    model = train(DigitsMobileNet(width=width), data, epochs=epochs)
     train_s = time.perf_counter() - start
     example = (data.x_train[:1],)
     calibration = [(data.x_train[i:i + 1],) for i in range(0, 16 * 16, 16)]  # training images only
@@ -155,7 +155,7 @@ def digits_accuracy(epochs: int, presets: list[str], workdir: Path) -> dict:
     for row in rows:
         if row["status"] == "ok" and reference is not None:
             row["drop_points"] = 100 * (reference - row["accuracy"])
-    return {"model": "DigitsMobileNet", "weights": "trained", "epochs": epochs, "train_s": train_s,
+    return {"model": "DigitsMobileNet", "width": width, "weights": "trained", "epochs": epochs, "train_s": train_s,
             "torch_accuracy": torch_accuracy(model, data.x_test, data.y_test), "test_images": len(data.x_test),
             "rows": rows}
 
@@ -192,9 +192,9 @@ def write(out: Path, record: dict) -> None:
     if digits:
         lines += [
             "",
-            f"## Trained: DigitsMobileNet (depthwise-separable) on scikit-learn digits, accuracy through ORT",
+            "## Trained: DigitsMobileNet (depthwise-separable) on scikit-learn digits, accuracy through ORT",
             "",
-            f"{digits['epochs']} epochs ({digits['train_s']:.1f} s); {digits['test_images']} held-out test images; "
+            f"width {digits['width']}, {digits['epochs']} epochs ({digits['train_s']:.1f} s); {digits['test_images']} held-out test images; "
             "calibration: 16 training images. Drop in points against the fp32 export.",
             "",
             "| variant | accuracy | drop (points) |",
@@ -218,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--uneven", action="store_true", help="also the uneven_bn stress variant of each model")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--no-digits", action="store_true")
+    parser.add_argument("--width", type=int, default=None,
+                        help="DigitsMobileNet width (default 32: half its channels pruned still leaves room; --quick: 16)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     models = args.models or (["mobilenetv3_large_100"] if args.quick else ["efficientnet_b0", "mobilenetv3_large_100"])
@@ -238,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows += run_model(name, size, bn, rounds, calibration, held_out, work)
         if not args.no_digits:
             print("== DigitsMobileNet (trained)", flush=True)
-            trained = digits_accuracy(epochs, presets, work)
+            trained = digits_accuracy(epochs, args.width or (16 if args.quick else 32), presets, work)
     meta = {"command": common.command_line(), "machine": quantization.machine(), "rounds": rounds,
             "calibration": calibration, "held_out": held_out,
             "onnxruntime": __import__("onnxruntime").__version__, "torch": torch.__version__,
