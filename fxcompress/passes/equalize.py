@@ -18,6 +18,15 @@ interact, so the scales are recomputed for all pairs in rounds until they stop m
 ``rounds`` is reached); the weights are written once at the end, in float64 and cast back. The
 result equals the original up to float32 rounding.
 
+**Squeeze-excitation gates.** In EfficientNet / MobileNetV3 blocks the projection conv reads
+``act(depthwise(x)) * gate`` with a per-channel gate ``[N, C, 1, 1]``. The activation (SiLU,
+hardswish) blocks scaling the depthwise conv, but the gate carries it exactly: the gate becomes
+``gate * (1 / s)`` (one small multiply on ``C`` values) and the projection's input channels are
+multiplied by ``s``. The depthwise conv's weight ranges stand in for the gated activation's
+ranges (data-free); with ``ranges="calibration"`` every pair instead balances the activation
+ranges observed on the calibration data against the second layer's weights (``s = sqrt(a / r2)``,
+still exact). A rerun starts from the gate scale it finds, so the pass stays idempotent.
+
 **What is not equalized, and why.** ReLU6 / hardtanh clip at a fixed value: ``relu6(x / s) * s``
 clips at ``6 s``, not 6, so scaling across it would change the output wherever it clips;
 making it exact would need a per-channel clip, which ONNX Runtime does not fuse into its int8
