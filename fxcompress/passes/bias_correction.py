@@ -25,7 +25,7 @@ calibration data given to ``compile`` and changes only biases, so the graph's st
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import fx
@@ -35,7 +35,7 @@ from fxcompress.infra.pass_base import Pass, PassResult, Rejection, option
 from fxcompress.infra.registry import register
 from fxcompress.passes.calibrators import require_batches
 from fxcompress.passes.quantize import QUANT_META, is_quantized, layer_name
-from fxcompress.rewrite import RewriteContext, WeightedLayer, argument, set_argument, weighted_layer
+from fxcompress.rewrite import RewriteContext, WeightedLayer, set_argument, weighted_layer
 
 aten = torch.ops.aten
 

@@ -74,16 +74,6 @@ def _inputs(n: int = 2, size: int = 12, seed: int = 0):
     return (torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed)),)
 
 
-def _ranges(gm, name_part: str):
-    for node in gm.graph.nodes:
-        layer = weighted_layer(node)
-        if layer is not None and name_part in str(layer.weight.target):
-            w = getattr(gm, str(layer.weight.target)) if "." not in str(layer.weight.target) else gm.get_submodule(
-                str(layer.weight.target).rpartition(".")[0]).get_parameter(str(layer.weight.target).rpartition(".")[2])
-            return w.detach().abs().reshape(w.shape[0], -1).amax(1)
-    raise AssertionError(name_part)
-
-
 @pytest.mark.parametrize("spread", [0.0, 2.0])
 def test_equalization_is_exact_in_fp32_and_idempotent(spread):
     torch.manual_seed(0)
