@@ -214,3 +214,26 @@ def test_trained_encoder_quick_run_writes_every_variant(tmp_path):
     kernels = variants[("digits-encoder", "fxcompress int8")]["ort_kernels"]
     assert kernels["QGemm"] == 1 + 4 * 3 + 2 and not {"Gemm", "FusedGemm"} & set(kernels), kernels
     assert "| digits-encoder | fxcompress int8 |" in (tmp_path / "trained_encoder.md").read_text()
+
+
+def test_depthwise_int8_quick_run_compares_with_ort_and_scores_the_trained_mobilenet(tmp_path):
+    pytest.importorskip("timm")
+    pytest.importorskip("sklearn")
+    result = subprocess.run([sys.executable, str(BENCH / "depthwise_int8.py"), "--quick", "--out", str(tmp_path)],
+                            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    record = json.loads((tmp_path / "depthwise_int8.json").read_text())
+    rows = {r["variant"]: r for r in record["random_weights"]}
+    assert set(rows) == {"fp32 (plain export)", "fxcompress int8", "ORT quantize_static",
+                         "fxcompress int8 without equalize-layers, correct-bias"}
+    for row in rows.values():
+        assert row["status"] == "ok" and row["weights"] == "random", row
+        assert row["p50_ms"] > 0 and 0 < row["cosine_vs_fp32"] <= 1.000001
+    assert rows["fxcompress int8"]["pass_stats"]["correct-bias"]["corrected"] > 0
+    digits = {r["variant"]: r for r in record["trained"]["rows"]}
+    assert record["trained"]["weights"] == "trained"
+    assert {"fp32 (torch.onnx.export)", "ORT quantize_static", "fxcompress:int8"} <= set(digits)
+    assert all(r["status"] == "ok" or r["error"] for r in digits.values())
+    assert record["meta"]["command"].startswith("python benchmarks/depthwise_int8.py --quick")
+    table = (tmp_path / "depthwise_int8.md").read_text()
+    assert "RANDOM WEIGHTS" in table and "## Trained: DigitsMobileNet" in table

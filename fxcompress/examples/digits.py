@@ -39,6 +39,38 @@ class DigitsCNN(nn.Module):
         return self.classifier(self.dropout(torch.flatten(self.pool(self.features(x)), 1)))
 
 
+def _separable(channels: int, out_channels: int, stride: int = 1) -> list[nn.Module]:
+    """Depthwise 3x3 conv-bn-relu, then pointwise 1x1 conv-bn-relu (MobileNet v1's block)."""
+    return [
+        nn.Conv2d(channels, channels, 3, stride=stride, padding=1, groups=channels, bias=False),
+        nn.BatchNorm2d(channels), nn.ReLU(inplace=True),
+        nn.Conv2d(channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True),
+    ]
+
+
+class DigitsMobileNet(nn.Module):
+    """A MobileNet-style CNN for the digits: a stem conv, then depthwise-separable blocks.
+
+    Depthwise convs give per-channel ranges as uneven as in large MobileNets once batch norm is
+    folded into them: the case cross-layer equalization and bias correction exist for. ReLU
+    (not ReLU6) between the layers, so ``equalize-layers`` can rescale every pair exactly.
+    """
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            *_separable(width, width * 2),
+            *_separable(width * 2, width * 4, stride=2),
+            *_separable(width * 4, width * 4),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(width * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
 @dataclass
 class DigitsData:
     """Train/test split of the digits set as float tensors scaled to [0, 1], shape [N, 1, 8, 8]."""

@@ -15,4 +15,6 @@ from fxcompress.passes import quantize_dynamic  # noqa: F401
 from fxcompress.passes import precision  # noqa: F401
 from fxcompress.passes import space_to_depth  # noqa: F401
 from fxcompress.passes import smooth_quant  # noqa: F401
+from fxcompress.passes import equalize  # noqa: F401
+from fxcompress.passes import bias_correction  # noqa: F401
 from fxcompress.passes import presets  # noqa: F401 - last: presets name the passes above

@@ -178,25 +178,25 @@ def observe(module: fx.GraphModule, nodes: Sequence[fx.Node], batches: Sequence[
     return stats
 
 
-def observe_channel_amax(module: fx.GraphModule, nodes: Sequence[fx.Node],
-                         batches: Sequence[tuple[torch.Tensor, ...]]) -> dict[fx.Node, torch.Tensor]:
-    """Per-channel ``max |x|`` of each node's output over ``batches``, channels on the last dimension.
+def observe_channel_ranges(module: fx.GraphModule, nodes: Sequence[fx.Node], batches: Sequence[tuple[torch.Tensor, ...]],
+                           dim: int = 1) -> dict[fx.Node, torch.Tensor]:
+    """Largest ``|x|`` of each channel (along ``dim``) of each node's value over ``batches``, float64.
 
-    What activation smoothing needs: which channels of a tensor carry the outliers (a per-tensor
-    range only says that some do).
+    What equalization (channels on dim 1 of a conv output) and activation smoothing (channels on
+    the last dim of a LayerNorm output) need: which channels carry the range, not only how large
+    the tensor's range is.
     """
-    amax: dict[fx.Node, torch.Tensor] = {}
+    ranges: dict[fx.Node, torch.Tensor] = {}
 
     def record(node: fx.Node, value: torch.Tensor) -> None:
-        current = value.detach().abs().float().reshape(-1, value.shape[-1]).amax(dim=0)
-        amax[node] = current if node not in amax else torch.maximum(amax[node], current)
+        amax = value.detach().abs().movedim(dim, 0).reshape(value.shape[dim], -1).amax(dim=1).double()
+        ranges[node] = amax if node not in ranges else torch.maximum(ranges[node], amax)
 
-    watched = {n: (lambda v, n=n: record(n, v)) for n in nodes}
-    interpreter = _Observer(module, watched)
+    interpreter = _Observer(module, {n: (lambda v, n=n: record(n, v)) for n in nodes})
     with torch.no_grad():
         for batch in batches:
             interpreter.run(*batch)
-    return amax
+    return ranges
 
 
 class _NoBar:

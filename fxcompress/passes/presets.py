@@ -50,12 +50,25 @@ INT8_TOLERANCE = 0.2
 FP16_TOLERANCE = 0.05
 
 
+#: The int8 preset's steps after ``default()``, one per line so additions merge cleanly.
+#: conv-space-to-depth: ORT's int8 kernels run a 3-channel stem conv several times slower per
+#: multiply-add than the rest of the network; the rewrite is exact and only pays off in int8.
+#: smooth-activations and equalize-layers (both exact) balance per-channel ranges before calibration; correct-bias removes
+#: the mean output error quantization leaves in each layer (depthwise networks need both).
+INT8_STEPS: tuple[str, ...] = (
+    "conv-space-to-depth",
+    "smooth-activations",  # transformers: LayerNorm-output outliers moved into the next linears' weights
+    "equalize-layers",
+    "quantize-int8",
+    "correct-bias",
+)
+
+
 def int8() -> Recipe:
-    """Static int8 (calibrated): default passes (batch norm folded), then quantize-int8."""
-    # conv-space-to-depth: ORT's int8 kernels run a 3-channel stem conv several times slower per
-    # multiply-add than the rest of the network; the rewrite is exact and only pays off in int8.
-    return _after_default("int8", "default, stem convs as space-to-depth, then calibrated static int8 (U8S8 Q/DQ)",
-                          PassStep("conv-space-to-depth"), PassStep("smooth-activations"), PassStep("quantize-int8"), tolerance=INT8_TOLERANCE)
+    """Static int8 (calibrated): default passes, smoothing, equalization, quantize-int8, bias correction."""
+    return _after_default("int8", "default, stem convs as space-to-depth, activation smoothing (transformers), cross-layer "
+                          "equalization (CNNs), calibrated static int8 (U8S8 Q/DQ), bias correction",
+                          *(PassStep(name) for name in INT8_STEPS), tolerance=INT8_TOLERANCE)
 
 
 def int8_dynamic() -> Recipe:

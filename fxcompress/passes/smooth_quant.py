@@ -32,7 +32,7 @@ from fxcompress.errors import RecipeError
 from fxcompress.infra.context import CompileContext
 from fxcompress.infra.pass_base import Pass, PassResult, Rejection, option
 from fxcompress.infra.registry import register
-from fxcompress.passes.calibrators import observe_channel_amax, require_batches
+from fxcompress.passes.calibrators import observe_channel_ranges, require_batches
 from fxcompress.passes.quantize import is_quantized, layer_name
 from fxcompress.rewrite.context import RewriteContext
 from fxcompress.rewrite.matchers import argument, attribute, constant_tensor, set_argument, tensor_val
@@ -156,7 +156,8 @@ class SmoothActivationsPass(Pass):
                                                     "to move outlier channels into the weights)"}, rejections)
         batches = require_batches(context.calibration_batches(), context.example_inputs, self.name,
                                   self.options.calibration_batches)
-        act_amax = observe_channel_amax(graph_module, [site.norm for site in sites], batches)
+        act_amax = {node: amax.float() for node, amax in
+                    observe_channel_ranges(graph_module, [site.norm for site in sites], batches, dim=-1).items()}
         smoothed = []
         for site in sites:
             weights = [constant_tensor(graph_module, lin.args[1]) for lin in site.linears]

@@ -1,0 +1,135 @@
+"""correct-bias: empirical bias correction after quantize-int8."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxcompress
+from fxcompress.capture import capture
+from fxcompress.errors import InputError
+from fxcompress.infra.context import CompileContext
+from fxcompress.infra.registry import create_pass
+from fxcompress.passes.bias_correction import CORRECTED
+from fxcompress.passes.presets import int8
+from fxcompress.rewrite import weighted_layer
+from tests.passes.test_equalize import Separable, _inputs
+
+aten = torch.ops.aten
+FAKE_QUANT = {aten.fake_quantize_per_tensor_affine.default, aten.fake_quantize_per_channel_affine.default}
+
+
+def _quantized(model, inputs, calibration):
+    """The model after default + quantize-int8 (no correction), and a context with the calibration."""
+    recipe = int8()
+    recipe.steps = [s for s in recipe.steps if getattr(s, "name", None) not in ("correct-bias", "equalize-layers")]
+    result = fxcompress.compile(model, inputs, recipe, calibration=calibration, tolerance=float("inf"))
+    return result.module, CompileContext(inputs, lambda: iter(calibration))
+
+
+def _run(gm, context, **options):
+    pass_ = create_pass("correct-bias", options)
+    pass_.bind(context)
+    result = pass_(gm)
+    if result.modified:
+        result.graph_module.recompile()
+    return result
+
+
+def _float_copy_output(gm, x, layer_node):
+    """``layer_node``'s output in ``gm`` with every fake-quant as identity, and as quantized."""
+    values = {}
+
+    class Probe(torch.fx.Interpreter):
+        def __init__(self, module, skip_quant):
+            super().__init__(module)
+            self.skip_quant = skip_quant
+
+        def run_node(self, n):
+            if self.skip_quant and n.op == "call_function" and n.target in FAKE_QUANT:
+                return self.env[n.args[0]] if n.args[0].op != "get_attr" else self.fetch_attr(n.args[0].target)
+            out = super().run_node(n)
+            if n is layer_node:
+                values[self.skip_quant] = out
+            return out
+
+    with torch.no_grad():
+        Probe(gm, True).run(*x)
+        Probe(gm, False).run(*x)
+    return values[True], values[False]
+
+
+@pytest.fixture
+def uneven():
+    torch.manual_seed(0)
+    model = Separable(spread=2.5).eval()
+    inputs = _inputs(1, 16)
+    calibration = [_inputs(1, 16, seed=s) for s in range(16)]
+    return model, inputs, calibration
+
+
+def test_structure_only_biases_change_and_second_run_is_a_no_op(uneven):
+    model, inputs, calibration = uneven
+    gm, context = _quantized(model, inputs, calibration)
+    ops_before = [(n.op, n.target) for n in gm.graph.nodes if n.op != "get_attr"]
+    weights_before = {n.name: n.args[1] for n in gm.graph.nodes if weighted_layer(n) is not None}
+    result = _run(gm, context)
+    layers = [n for n in gm.graph.nodes if weighted_layer(n) is not None]
+    assert result.modified and result.stats["corrected"] == 4  # stem, depthwise, pointwise, project
+    assert result.stats["skipped"] == 1  # the head sees one value per channel per batch: too few
+    assert any("min_samples" in r.reason for r in result.rejections)
+    assert [(n.op, n.target) for n in gm.graph.nodes if n.op != "get_attr"] == ops_before
+    assert all(n.args[1] is weights_before[n.name] for n in layers)  # weights (their fake-quant) untouched
+    assert sum(CORRECTED in n.meta for n in layers) == 4
+    again = _run(gm, context)
+    assert not again.modified and again.stats["corrected"] == 0  # the head is still skipped, the rest done
+
+
+def test_the_mean_error_of_a_corrected_layer_vanishes_on_the_calibration_data(uneven):
+    model, inputs, calibration = uneven
+    gm, context = _quantized(model, inputs, calibration)
+    stem = next(n for n in gm.graph.nodes if weighted_layer(n) is not None)
+    # The float reference comes from the graph before correction (the correction moves both modes).
+    reference = [_float_copy_output(gm, x, stem)[0] for x in calibration]
+
+    def mean_error():
+        errors = [_float_copy_output(gm, x, stem)[1] - ref for x, ref in zip(calibration, reference)]
+        return torch.stack([e.mean(dim=(0, 2, 3)) for e in errors]).mean(0).abs().max()
+
+    before = float(mean_error())
+    _run(gm, context)
+    after = float(mean_error())
+    print(f"stem's largest per-channel mean error: {before:.2e} -> {after:.2e}")
+    assert before > 1e-5 and after < 1e-3 * before
+
+
+def test_bias_correction_reduces_int8_drift_on_held_out_data(uneven):
+    model, inputs, calibration = uneven
+    without = int8()
+    without.steps = [s for s in without.steps if getattr(s, "name", None) not in ("correct-bias", "equalize-layers")]
+    with_bc = int8()
+    with_bc.steps = [s for s in with_bc.steps if getattr(s, "name", None) != "equalize-layers"]
+    held_out = [_inputs(1, 16, seed=100 + s) for s in range(8)]
+
+    def error(recipe):
+        module = fxcompress.compile(model, inputs, recipe, calibration=calibration, tolerance=float("inf")).module
+        with torch.no_grad():
+            return sum(float((module(*x) - model(*x)).pow(2).mean()) for x in held_out) / len(held_out)
+
+    plain, corrected = error(without), error(with_bc)
+    print(f"held-out int8 mean squared error: {plain:.3e} without bias correction, {corrected:.3e} with")
+    assert corrected < plain
+
+
+def test_a_float_graph_is_left_alone():
+    model = Separable().eval()
+    gm = capture(model, _inputs())
+    result = _run(gm, CompileContext(_inputs()))
+    assert not result.modified and result.stats["not_quantized"]
+
+
+def test_missing_calibration_data_is_an_input_error(uneven):
+    model, inputs, calibration = uneven
+    gm, _ = _quantized(model, inputs, calibration)
+    with pytest.raises(InputError, match="needs calibration data"):
+        _run(gm, CompileContext(inputs))
