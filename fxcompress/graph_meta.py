@@ -44,6 +44,10 @@ PRECISION_KEY = KEY_PREFIX + "precision"
 CAPTURE_INPUTS = KEY_PREFIX + "inputs"
 #: True once prune-channels pruned this graph, so a second run (idempotence) changes nothing.
 PRUNED_META = KEY_PREFIX + "pruned"
+#: True on the multiply equalize-layers put after a squeeze-excitation gate (a rerun updates it)
+GATE_SCALE = KEY_PREFIX + "gate_scale"
+#: True on a conv/linear whose bias correct-bias has corrected (a rerun leaves it alone)
+BIAS_CORRECTED = KEY_PREFIX + "bias_corrected"
 
 #: torch.export's per-node record of the modules a node was traced in: ``{key: (path, type)}``, outermost first.
 MODULE_STACK = "nn_module_stack"

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from fxcompress.graph_meta import BIAS_CORRECTED
 from fxcompress.infra.context import CompileContext
 from fxcompress.infra.pass_base import Pass, PassResult, Rejection, option
 from fxcompress.infra.registry import register
@@ -40,7 +41,6 @@ from fxcompress.rewrite import RewriteContext, WeightedLayer, set_argument, weig
 aten = torch.ops.aten
 
 #: Marks a layer whose bias this pass corrected: a second run leaves it alone.
-CORRECTED = "fxcompress_bias_corrected"
 
 _FAKE_QUANT = {aten.fake_quantize_per_tensor_affine.default, aten.fake_quantize_per_channel_affine.default,
                aten.fake_quantize_per_tensor_affine.tensor_qparams}
@@ -160,7 +160,7 @@ class CorrectBiasPass(Pass):
         if not is_quantized(graph_module):
             return PassResult(graph_module, False, {"corrected": 0, "not_quantized": True})
         layers = [layer for n in graph_module.graph.nodes if (layer := _quantized_layer(n)) is not None]
-        pending = [layer for layer in layers if CORRECTED not in layer.node.meta]
+        pending = [layer for layer in layers if BIAS_CORRECTED not in layer.node.meta]
         if not pending:
             return PassResult(graph_module, False, {"corrected": 0, "already_corrected": len(layers)})
         context = self.context if self.context is not None else CompileContext(example_inputs=())
@@ -225,7 +225,7 @@ class CorrectBiasPass(Pass):
             old_node = layer.bias
             set_argument(node, "bias", ctx.new_state(old_node, "bias_corrected", new_bias, node, old_node))
             ctx.erase(old_node)
-        node.meta[CORRECTED] = True
+        node.meta[BIAS_CORRECTED] = True
 
 
-__all__ = ["CorrectBiasPass", "CORRECTED"]
+__all__ = ["CorrectBiasPass"]

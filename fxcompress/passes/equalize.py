@@ -57,6 +57,7 @@ from typing import Any, Literal
 import torch
 from torch import fx
 
+from fxcompress.graph_meta import GATE_SCALE
 from fxcompress.infra.context import CompileContext
 from fxcompress.infra.pass_base import Pass, PassResult, Rejection, option
 from fxcompress.infra.registry import register
@@ -90,7 +91,6 @@ _NOT_HOMOGENEOUS = {
 
 
 #: Marks the per-channel multiply this pass inserts after a squeeze-excitation gate.
-GATE_SCALE = "fxcompress_gate_scale"
 
 
 @dataclass

@@ -10,7 +10,7 @@ from fxcompress.capture import capture
 from fxcompress.errors import InputError
 from fxcompress.infra.context import CompileContext
 from fxcompress.infra.registry import create_pass
-from fxcompress.passes.bias_correction import CORRECTED
+from fxcompress.graph_meta import BIAS_CORRECTED as CORRECTED
 from fxcompress.passes.presets import int8
 from fxcompress.rewrite import weighted_layer
 from tests.passes.test_equalize import Separable, _inputs

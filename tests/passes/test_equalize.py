@@ -10,7 +10,7 @@ import fxcompress
 from fxcompress.capture import capture
 from fxcompress.infra.context import CompileContext
 from fxcompress.infra.registry import create_pass
-from fxcompress.passes.equalize import GATE_SCALE
+from fxcompress.graph_meta import GATE_SCALE
 from fxcompress.passes.presets import int8
 from fxcompress.rewrite import weighted_layer
 from tests.passes.helpers import run_pass
