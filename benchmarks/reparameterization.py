@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     size = 64 if args.quick else 224
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    machine = machine_description("cpu")  # at the start: the revision whose code runs
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         rows = []
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in zoo_models:
             zoo_rows.append(zoo(name, work, rounds, args.block))
             print(f"{name}: default/plain {zoo_rows[-1]['default_vs_plain']:.3f} (merged {zoo_rows[-1]['merged']})", flush=True)
-    data = {"command": command_line(), "machine": machine_description("cpu"), "reparameterizable": rows, "zoo": zoo_rows}
+    data = {"command": command_line(), "machine": machine, "reparameterizable": rows, "zoo": zoo_rows}
     (out / "reparameterization.json").write_text(json.dumps(data, indent=2) + "\n")
     (out / "reparameterization.md").write_text(render(data))
     print(render(data))
