@@ -18,8 +18,8 @@ import torch
 from torch import fx, nn
 
 from fxcompress.capture import (
-    FlatCall, ModelCall, StructuredModule, capture, check_finite_outputs, check_tolerance, holding_tracing_lock, model_call,
-    private_copy, run_eager,
+    FlatCall, ModelCall, StructuredModule, capture, check_finite_outputs, check_tolerance, holding_tracing_lock,
+    longer_sequences, model_call, private_copy, run_eager,
 )
 from fxcompress.errors import DriftError, ExportError, InputError
 from fxcompress.export.onnx_export import export_model_proto, save_model, set_metadata
@@ -90,7 +90,7 @@ class CompileResult:
 
     def __init__(self, module: fx.GraphModule, report: CompileReport, recipe: Recipe,
                  example_inputs: tuple[torch.Tensor, ...], snapshots: RecordDiff, dynamic_batch: bool,
-                 call: ModelCall | None = None, tolerance: float | None = None) -> None:
+                 call: ModelCall | None = None, tolerance: float | None = None, dynamic_sequence: bool = False) -> None:
         # A model called with keyword or nested inputs gets a module called the same way, over
         # the compiled graph (shared parameters: fine-tune either, export sees the change).
         self.module = StructuredModule(module, call) if call is not None and call.structured else module
@@ -99,6 +99,7 @@ class CompileResult:
         self.example_inputs = example_inputs
         self.snapshots = snapshots
         self.dynamic_batch = dynamic_batch
+        self.dynamic_sequence = dynamic_sequence
         self.call = call
         #: the tolerance compile was given (argument, else the recipe's); export parity honours it
         self.tolerance = recipe.tolerance if tolerance is None else tolerance
@@ -140,7 +141,8 @@ class CompileResult:
         dynamic = self.dynamic_batch if dynamic_batch is None else dynamic_batch
         names = (self.call.names, self.call.output_names) if self.call is not None and self.call.structured else (None, None)
         model, notes = export_model_proto(bake_weight_masks(self.graph_module), self.example_inputs, dynamic_batch=dynamic,
-                                          simplify=simplify, input_names=names[0], output_names=names[1])
+                                          simplify=simplify, dynamic_sequence=self.dynamic_sequence,
+                                          input_names=names[0], output_names=names[1])
         if sparse:  # lossless: ORT rebuilds the dense weights when the session is created
             model = compress_initializers(model)[0]
         stamp: dict[str, Any] = {
@@ -152,6 +154,8 @@ class CompileResult:
         if validate:
             allowed = tolerance if tolerance is not None else self._export_tolerance()
             parity = _validate_proto(model, self.graph_module, self.example_inputs, allowed)
+            if self.dynamic_sequence and parity.passed:  # one file for every length: check a second one
+                parity = _validate_proto(model, self.graph_module, longer_sequences(self.example_inputs), allowed)
             self.report.parity = parity
             if not parity.passed:
                 raise ExportError(
@@ -216,6 +220,7 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
     *,
     tolerance: float | None = None,
     dynamic_batch: bool = False,
+    dynamic_sequence: bool = False,
     instruments: Sequence[Instrument] = (),
     dump_dir: str | os.PathLike | None = None,
     progress: bool = False,
@@ -239,6 +244,9 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
             it raises DriftError instead of being returned. ``export_onnx`` honours it too.
         dynamic_batch: capture with a symbolic batch dimension so the ONNX batch axis is dynamic
             (needs an example batch of at least 2).
+        dynamic_sequence: also make dim 1 of every ``[batch, sequence]`` input (token ids, masks)
+            symbolic: one graph and one ONNX file for every sequence length; export parity is
+            then also checked at a second, longer length.
         instruments: extra instruments run around every pass.
         dump_dir: if set, the graph after every changed pass is written there (DumpIR).
         progress: show progress bars in long passes (calibration) and each metric trial.
@@ -268,7 +276,7 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
         metric.baseline = metric.score(reference_model, "the original model")
         if call.structured:
             metric.as_user_module = lambda module: StructuredModule(module, call)
-    graph_module = capture(reference_model, example_inputs, dynamic_batch=dynamic_batch)
+    graph_module = capture(reference_model, example_inputs, dynamic_batch=dynamic_batch, dynamic_sequence=dynamic_sequence)
     nodes_before, params_before = count_compute_nodes(graph_module), count_parameters(graph_module)
     recorder = RecordDiff()
     all_instruments: list[Instrument] = [Timing(), recorder, VerifyNumerics(inputs, reference), *instruments]
@@ -316,7 +324,7 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
             "raise the tolerance (tolerance=... or `tolerance` in the recipe) if that accuracy is acceptable, "
             "or use a less aggressive recipe (e.g. keep sensitive layers in float).",
         )
-    return CompileResult(compiled, report, resolved, inputs, recorder, dynamic_batch, call, tolerance)
+    return CompileResult(compiled, report, resolved, inputs, recorder, dynamic_batch, call, tolerance, dynamic_sequence)
 
 
 def diff(a: Any, b: Any) -> Any:

@@ -364,8 +364,42 @@ class ReloadTracer(fx.Tracer):
         super().__init__(autowrap_functions=tuple(_LEAF_FUNCTIONS))
 
 
+def dynamic_shapes(inputs: Any, batch: bool, sequence: bool = False) -> Any:
+    """torch.export dynamic shapes for ``inputs`` (a tensor, or a pytree of them), or None.
+
+    ``batch``: dim 0 of every input is symbolic. ``sequence``: dim 1 of every rank-2 input
+    (``[batch, sequence]``: token ids, attention masks) is symbolic too, so one graph and one
+    ONNX file serve every sequence length.
+    """
+    if not batch and not sequence:
+        return None
+    # The sequence length takes its range from the model (Dim.DYNAMIC): position tables bound it
+    # (BERT: at most 512), which a named Dim would report as a violated constraint.
+    batch_dim, sequence_dim = torch.export.Dim("batch"), torch.export.Dim.DYNAMIC
+
+    def dims(tensor: torch.Tensor) -> dict[int, Any]:
+        spec: dict[int, Any] = {}
+        if batch and tensor.dim() > 0:
+            spec[0] = batch_dim
+        if sequence and tensor.dim() == 2:
+            spec[1] = sequence_dim
+        return spec
+
+    return pytree.tree_map(dims, inputs)
+
+
+def longer_sequences(inputs: Sequence[torch.Tensor], extra: int = 3) -> tuple[torch.Tensor, ...]:
+    """``inputs`` with every rank-2 (``[batch, sequence]``) tensor ``extra`` positions longer.
+
+    The new positions repeat each row's last one, so token ids stay in the vocabulary and masks
+    stay masks: a second sequence length that parity checks a ``dynamic_sequence`` graph at.
+    """
+    return tuple(torch.cat([t, t[:, -1:].expand(-1, extra)], dim=1) if t.dim() == 2 else t for t in inputs)
+
+
 @holding_tracing_lock
-def capture(model: nn.Module, example_inputs: Any, *, dynamic_batch: bool = False) -> fx.GraphModule:
+def capture(model: nn.Module, example_inputs: Any, *, dynamic_batch: bool = False,
+            dynamic_sequence: bool = False) -> fx.GraphModule:
     """Capture ``model`` as a plain, trainable ``torch.fx.GraphModule`` of ATen ops.
 
     Args:
@@ -375,6 +409,7 @@ def capture(model: nn.Module, example_inputs: Any, *, dynamic_batch: bool = Fals
         example_inputs: a tensor, a tuple of positional tensors, a dict of keyword tensors, an
             ``(args, kwargs)`` pair or nested lists/tuples of tensors (see :class:`ModelCall`).
         dynamic_batch: make dimension 0 of every input symbolic (needs an example batch >= 2).
+        dynamic_sequence: make dimension 1 of every rank-2 input (token ids, masks) symbolic.
 
     Returns:
         A GraphModule with its own copy of every parameter and buffer.
@@ -387,21 +422,23 @@ def capture(model: nn.Module, example_inputs: Any, *, dynamic_batch: bool = Fals
     work = private_copy(model)
     call = model_call(work, example_inputs)
     inputs = call.flat
-    dynamic_shapes = None
-    if dynamic_batch:
-        batch = torch.export.Dim("batch")
-        per_tensor = lambda t: {0: batch} if t.dim() > 0 else {}  # noqa: E731
-        dynamic_shapes = (tuple(per_tensor(t) for t in inputs) if not call.structured else
-                          (pytree.tree_map(per_tensor, call.args), pytree.tree_map(per_tensor, call.kwargs)))
+    shapes = dynamic_shapes(inputs, dynamic_batch, dynamic_sequence)
+    if shapes is not None and call.structured:
+        # torch.export matches dynamic shapes to forward()'s parameters by name when called with keywords
+        named = dict(zip(call.parameters, call.args))
+        if len(named) < len(call.args):
+            raise InputError("dynamic_batch / dynamic_sequence need every positional input to be a named parameter of forward().",
+                             "pass the inputs as keywords (a dict), or compile without dynamic shapes.")
+        shapes = {name: dynamic_shapes(value, dynamic_batch, dynamic_sequence) for name, value in {**named, **call.kwargs}.items()}
     try:
-        program = torch.export.export(work, call.args, call.kwargs or None, dynamic_shapes=dynamic_shapes, strict=False)
+        program = torch.export.export(work, call.args, call.kwargs or None, dynamic_shapes=shapes, strict=False)
     except Exception as exc:  # noqa: BLE001 - torch raises many types; all mean "cannot capture"
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: "
             f"{_first_line(exc)}.{_where(exc)}",
-            _hint(exc) if not dynamic_batch else
-            "with dynamic_batch=True use an example batch of at least 2 and a model whose forward() does not "
-            "depend on the batch size; or compile without dynamic_batch.",
+            _hint(exc) if not (dynamic_batch or dynamic_sequence) else
+            "with dynamic_batch / dynamic_sequence use an example batch and length of at least 2 and a model whose "
+            "forward() does not depend on them; or compile without them.",
         ) from None
     unlifted = program.module()
     # A plain GraphModule (not the unlifted subclass, which refuses .train()) over the same graph.

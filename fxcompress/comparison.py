@@ -146,7 +146,7 @@ def compare(
     tolerance = max(result.recipe.tolerance, LOSSLESS_TOLERANCE)
     models: dict[str, tuple[onnx.ModelProto | str, int]] = {}
     if baseline:
-        plain = compile_model(original, inputs, [], dynamic_batch=result.dynamic_batch)
+        plain = compile_model(original, inputs, [], dynamic_batch=result.dynamic_batch, dynamic_sequence=result.dynamic_sequence)
         proto = plain.export_proto(validate=False)
         models[BASELINE_LABEL] = (proto, proto.ByteSize())
     compiled = result.export_proto() if onnx_model is None else onnx_model

@@ -137,3 +137,27 @@ class DataDependent(torch.nn.Module):
 def test_capture_error_names_the_models_own_line_with_keyword_inputs():
     with pytest.raises(fxcompress.CaptureError, match=r"test_inputs\.py:\d+ in forward: `if attention_mask\.sum\(\) > 3:"):
         fxcompress.compile(DataDependent(), _batch(), "default")
+
+
+def test_dynamic_sequence_one_onnx_file_for_every_length(tmp_path):
+    model = KeywordModel().eval()
+    result = fxcompress.compile(model, _batch(), "default", dynamic_batch=True, dynamic_sequence=True)
+    path = result.export_onnx(tmp_path / "m.onnx")  # parity also checked at a second, longer length
+    dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in onnx.load(str(path)).graph.input]
+    assert all(isinstance(d[0], str) and isinstance(d[1], str) for d in dims), dims
+    longer = _batch(seed=3, length=11)
+    longer["input_ids"] = torch.cat([longer["input_ids"], longer["input_ids"][:1]])  # batch 3 too
+    longer["attention_mask"] = torch.cat([longer["attention_mask"], longer["attention_mask"][:1]])
+    assert fxcompress.validate(path, model, longer).passed
+    torch.testing.assert_close(result.module(**longer)["pooled"], model(**longer)["pooled"])
+
+
+def test_bert_with_dynamic_sequence_exports_once_for_every_length(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                     vocab_size=50)
+    model = transformers.BertModel(config).eval()
+    result = fxcompress.compile(model, _batch(length=8), "int8-dynamic", dynamic_batch=True, dynamic_sequence=True)
+    path = result.export_onnx(tmp_path / "bert.onnx")
+    report = fxcompress.validate(path, model, _batch(seed=5, length=13), tolerance=result.tolerance)
+    assert report.passed, report.summary()

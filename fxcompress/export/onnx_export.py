@@ -19,7 +19,7 @@ import onnx
 import torch
 from torch import fx
 
-from fxcompress.capture import holding_tracing_lock
+from fxcompress.capture import dynamic_shapes, holding_tracing_lock
 from fxcompress.errors import ExportError, ModelFileError
 from fxcompress.export.atomic import write_atomically
 from fxcompress.export.int8_weights import store_int8_weights
@@ -29,11 +29,6 @@ from fxcompress.graph_meta import layer_name
 _PROTOBUF_LIMIT = 2 * 1024**3
 
 
-def _dynamic_shapes(inputs: Sequence[torch.Tensor]) -> tuple[dict[int, Any], ...]:
-    batch = torch.export.Dim("batch")
-    return tuple({0: batch} if t.dim() > 0 else {} for t in inputs)
-
-
 @holding_tracing_lock
 def export_model_proto(
     graph_module: fx.GraphModule,
@@ -41,6 +36,7 @@ def export_model_proto(
     *,
     dynamic_batch: bool = False,
     simplify: bool = False,
+    dynamic_sequence: bool = False,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
@@ -66,7 +62,7 @@ def export_model_proto(
                 dynamo=True,
                 verbose=False,
                 external_data=False,
-                dynamic_shapes=_dynamic_shapes(example_inputs) if dynamic_batch else None,
+                dynamic_shapes=dynamic_shapes(tuple(example_inputs), dynamic_batch, dynamic_sequence),
                 input_names=list(input_names) if input_names else None,
                 output_names=list(output_names) if output_names else None,
             )

@@ -188,3 +188,20 @@ class Pass:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options})"
+
+
+class DataDrivenPass(Pass):
+    """A pass that reads the compile run's data: calibration batches, example inputs, the user's metric.
+
+    The pass manager hands every pass the run's :class:`~fxcompress.infra.context.CompileContext`
+    through :meth:`bind` before running it; data-driven passes (quantization, smoothing,
+    equalization from observed ranges, bias correction) keep it here as ``self.context`` (None
+    when the pass is run by hand without a context).
+    """
+
+    def __init__(self, options: Mapping[str, Any] | Any | None = None, **overrides: Any) -> None:
+        super().__init__(options, **overrides)
+        self.context: "CompileContext | None" = None
+
+    def bind(self, context: "CompileContext") -> None:
+        self.context = context

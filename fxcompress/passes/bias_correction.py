@@ -32,7 +32,7 @@ from torch import fx
 
 from fxcompress.graph_meta import BIAS_CORRECTED
 from fxcompress.infra.context import CompileContext
-from fxcompress.infra.pass_base import Pass, PassResult, Rejection, option
+from fxcompress.infra.pass_base import DataDrivenPass, PassResult, Rejection, option
 from fxcompress.infra.registry import register
 from fxcompress.passes.calibrators import require_batches
 from fxcompress.passes.quantize import QUANT_META, is_quantized, layer_name
@@ -136,7 +136,7 @@ class CorrectBiasOptions:
 
 
 @register
-class CorrectBiasPass(Pass):
+class CorrectBiasPass(DataDrivenPass):
     """Empirical bias correction after ``quantize-int8``: subtract each quantized layer's mean output error.
 
     Runs the calibration data through the graph as quantized and as float (fake-quant as
@@ -148,13 +148,6 @@ class CorrectBiasPass(Pass):
     Options = CorrectBiasOptions
     lossless = False
     exports_exactly = False
-
-    def __init__(self, options: Any = None, **overrides: Any) -> None:
-        super().__init__(options, **overrides)
-        self.context: CompileContext | None = None
-
-    def bind(self, context: CompileContext) -> None:
-        self.context = context
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         if not is_quantized(graph_module):

@@ -59,7 +59,7 @@ from torch import fx
 
 from fxcompress.graph_meta import GATE_SCALE
 from fxcompress.infra.context import CompileContext
-from fxcompress.infra.pass_base import Pass, PassResult, Rejection, option
+from fxcompress.infra.pass_base import DataDrivenPass, PassResult, Rejection, option
 from fxcompress.infra.registry import register
 from fxcompress.passes.calibrators import observe_channel_ranges, require_batches
 from fxcompress.passes.cleanup import drop_unused_state
@@ -239,7 +239,7 @@ class EqualizeLayersOptions:
 
 
 @register
-class EqualizeLayersPass(Pass):
+class EqualizeLayersPass(DataDrivenPass):
     """Cross-layer equalization of conv/linear pairs joined by ReLU or nothing, with exact bias absorption.
 
     Exact in float (scales commute with ReLU); balances the per-channel ranges that a per-tensor
@@ -250,10 +250,6 @@ class EqualizeLayersPass(Pass):
     name = "equalize-layers"
     Options = EqualizeLayersOptions
     lossless = True
-
-    def __init__(self, options: Any = None, **overrides: Any) -> None:
-        super().__init__(options, **overrides)
-        self.context: CompileContext | None = None
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         opts = self.options
@@ -343,9 +339,6 @@ class EqualizeLayersPass(Pass):
         stats = {"pairs": len(pairs), "layers_rescaled": len(changed), "rounds": rounds if changed else 0,
                  "biases_absorbed": absorbed, "gates_scaled": gates}
         return PassResult(graph_module, bool(changed), stats, rejections)
-
-    def bind(self, context: CompileContext) -> None:
-        self.context = context
 
     def _observed_ranges(self, graph_module: fx.GraphModule, pairs: list[_Pair]) -> dict[fx.Node, torch.Tensor]:
         """Per-channel ``max |x|`` on the calibration data of each tensor between a pair's layers."""

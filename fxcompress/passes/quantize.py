@@ -49,7 +49,7 @@ from fxcompress.analysis.sensitivity import (
 from fxcompress.errors import RecipeError
 from fxcompress.graph_meta import QUANT_META, layer_name, matches_layer
 from fxcompress.infra.context import CompileContext
-from fxcompress.infra.pass_base import Pass, PassResult, option
+from fxcompress.infra.pass_base import DataDrivenPass, PassResult, option
 from fxcompress.infra.registry import register
 from fxcompress.passes.calibrators import (
     CALIBRATORS,
@@ -393,7 +393,7 @@ class QuantizeInt8Options:
 
 
 @register
-class QuantizeInt8Pass(Pass):
+class QuantizeInt8Pass(DataDrivenPass):
     """Calibrated static int8: per-channel int8 weights, per-tensor uint8 activations, Q/DQ placed for ORT fusion.
 
     Needs calibration data (``compile(..., calibration=...)``). Reports per layer its precision
@@ -404,13 +404,6 @@ class QuantizeInt8Pass(Pass):
     Options = QuantizeInt8Options
     lossless = False
     exports_exactly = False
-
-    def __init__(self, options: Any = None, **overrides: Any) -> None:
-        super().__init__(options, **overrides)
-        self.context: CompileContext | None = None
-
-    def bind(self, context: CompileContext) -> None:
-        self.context = context
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         opts = self.options

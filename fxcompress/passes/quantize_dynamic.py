@@ -30,8 +30,8 @@ from fxcompress.analysis.macs import register_linear_like
 from fxcompress.analysis.sensitivity import MetricTrial, layer_sensitivities, report_trial, select_float_layers_by_metric
 from fxcompress.rewrite.matchers import attribute
 from fxcompress.capture import register_leaf_function
-from fxcompress.infra.context import CompileContext, UserMetric
-from fxcompress.infra.pass_base import Pass, PassResult, option
+from fxcompress.infra.context import UserMetric
+from fxcompress.infra.pass_base import DataDrivenPass, PassResult, option
 from fxcompress.infra.registry import register
 from fxcompress.passes.calibrators import symmetric_weight_scales
 from fxcompress.graph_meta import QUANT_META, inherit_meta, layer_name, matches_layer
@@ -128,7 +128,7 @@ class QuantizeInt8DynamicOptions:
 
 
 @register
-class QuantizeInt8DynamicPass(Pass):
+class QuantizeInt8DynamicPass(DataDrivenPass):
     """Dynamic int8 for linear layers: int8 per-channel weights, activations quantized at run time;
     embedding tables stored as int8 (option ``embeddings``).
 
@@ -140,13 +140,6 @@ class QuantizeInt8DynamicPass(Pass):
     Options = QuantizeInt8DynamicOptions
     lossless = False
     exports_exactly = False
-
-    def __init__(self, options: Any = None, **overrides: Any) -> None:
-        super().__init__(options, **overrides)
-        self.context: CompileContext | None = None
-
-    def bind(self, context: CompileContext) -> None:
-        self.context = context
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         if is_quantized(graph_module):

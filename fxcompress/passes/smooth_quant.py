@@ -23,14 +23,14 @@ pass again computes ``s == 1`` everywhere (the ranges are already balanced) and 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import fx
 
 from fxcompress.errors import RecipeError
 from fxcompress.infra.context import CompileContext
-from fxcompress.infra.pass_base import Pass, PassResult, Rejection, option
+from fxcompress.infra.pass_base import DataDrivenPass, PassResult, Rejection, option
 from fxcompress.infra.registry import register
 from fxcompress.passes.calibrators import observe_channel_ranges, require_batches
 from fxcompress.passes.quantize import is_quantized, layer_name
@@ -115,7 +115,7 @@ class SmoothActivationsOptions:
 
 
 @register
-class SmoothActivationsPass(Pass):
+class SmoothActivationsPass(DataDrivenPass):
     """Calibrated SmoothQuant: per-channel LayerNorm output ranges moved into the reading linear layers' weights.
 
     Exact in fp32; makes the activations of trained transformers quantizable per tensor. Needs
@@ -124,13 +124,6 @@ class SmoothActivationsPass(Pass):
 
     name = "smooth-activations"
     Options = SmoothActivationsOptions
-
-    def __init__(self, options: Any = None, **overrides: Any) -> None:
-        super().__init__(options, **overrides)
-        self.context: CompileContext | None = None
-
-    def bind(self, context: CompileContext) -> None:
-        self.context = context
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         if is_quantized(graph_module):
