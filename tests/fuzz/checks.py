@@ -118,7 +118,10 @@ def check_lossless_passes(spec: ModelSpec, passes: list[str] | None = None) -> N
     captured = capture(model, inputs)
     fresh = fresh_inputs(inputs, spec.seed)
     with torch.no_grad():
-        context = CompileContext(inputs, None, model(*(t.clone() for t in inputs)))
+        # Data-driven lossless passes (smooth-activations, equalize-layers from observed ranges)
+        # get calibration batches, as in a real compile.
+        batches = calibration_for(inputs)
+        context = CompileContext(inputs, lambda: iter(batches), model(*(t.clone() for t in inputs)))
     for name in lossless_passes() if passes is None else passes:
         work = copy.deepcopy(captured)
         result = _run_pass(name, work, context)
