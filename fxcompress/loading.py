@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from fxcompress.capture import normalize_inputs
+from fxcompress.capture import model_call, normalize_inputs
 from fxcompress.errors import InputError, ModelFileError, UntrustedFileError
 
 #: Input sizes of torchvision classifiers whose default is not 224.
@@ -30,10 +30,11 @@ MAX_MODEL_FILE_BYTES = 8 * 1024**3
 
 @dataclass
 class LoadedModel:
-    """A model and the example inputs to capture it with."""
+    """A model and the example inputs to capture it with (a tuple of tensors, or the keyword /
+    nested form a factory returned, e.g. a tokenizer's dict)."""
 
     model: nn.Module
-    example_inputs: tuple[torch.Tensor, ...]
+    example_inputs: Any
     description: str
 
 
@@ -88,7 +89,11 @@ def _factory(spec: str, shapes) -> LoadedModel:
     made = factory()
     if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], nn.Module):
         model, inputs = made
-        inputs = normalize_inputs(inputs) if not shapes else _inputs_from_shapes(shapes, None, spec)
+        if shapes:
+            inputs = _inputs_from_shapes(shapes, None, spec)
+        else:
+            call = model_call(model, inputs, f"the example inputs {spec} returned")
+            inputs = inputs if call.structured else call.flat
     elif isinstance(made, nn.Module):
         model, inputs = made, _inputs_from_shapes(shapes, None, spec)
     else:
@@ -202,7 +207,7 @@ def load_model(spec: str, input_shapes: Sequence[tuple[int, ...]] | None = None,
                      "use torchvision:NAME, package.module:function, a .pt2 archive, or a .pt file with --trust-pickle.")
 
 
-def load_calibration(spec: str | None, example_inputs: tuple[torch.Tensor, ...]) -> Any:
+def load_calibration(spec: str | None, example_inputs: Any) -> Any:
     """``random:N`` (N random batches shaped like the inputs), a ``.pt`` list of tensors/tuples
     (loaded with weights_only=True), or ``package.module:function`` returning an iterable."""
     if spec is None:
@@ -216,7 +221,8 @@ def load_calibration(spec: str | None, example_inputs: tuple[torch.Tensor, ...])
             raise InputError(f"Calibration spec {spec!r} needs a positive count.", "write random:16.")
         from fxcompress.runtime.parity import input_sets
 
-        return input_sets(example_inputs, count, seed=1)[1:]
+        call = model_call(None, example_inputs)  # random batches in the example's own form
+        return [call.unflatten(flat) if call.structured else flat for flat in input_sets(call.flat, count, seed=1)[1:]]
     path = Path(spec)
     if path.suffix in (".pt", ".pth"):
         _check_file(path)

@@ -145,3 +145,25 @@ def conv_bn_relu() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """Factory used by CLI tests (``tests.models:conv_bn_relu``)."""
     torch.manual_seed(0)
     return randomize_bn(ConvBnRelu()).eval(), (torch.randn(1, 3, 16, 16),)
+
+
+class KeywordEncoder(nn.Module):
+    """A tiny encoder called as model(input_ids=..., attention_mask=...), returning a dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.proj = nn.Linear(16, 16)
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.proj(self.embed(input_ids))
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return {"pooled": (hidden * mask).sum(1) / mask.sum(1), "hidden": hidden}
+
+
+def keyword_encoder():
+    """CLI spec ``tests.models:keyword_encoder``: the model and a tokenizer-style dict of inputs."""
+    torch.manual_seed(0)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    return KeywordEncoder().eval(), {"input_ids": torch.randint(0, 50, (2, 6)), "attention_mask": mask}

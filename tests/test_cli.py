@@ -106,3 +106,12 @@ def test_import_registers_the_users_pass(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert code == 2 and "no_such_module_xyz" in err and "PYTHONPATH" in err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_compile_a_factory_returning_keyword_inputs(tmp_path, capsys):
+    out = tmp_path / "kw.onnx"
+    assert main(["compile", "tests.models:keyword_encoder", "--recipe", "int8-dynamic", "--calibration", "random:4",
+                 "--out", str(out), "--iters", "8"]) == 0
+    text = capsys.readouterr().out
+    assert "(int64[2, 6], int64[2, 6])" in text and "Parity (ONNX in ORT vs original model):  PASS" in text
+    assert [i.name for i in onnx.load(str(out)).graph.input] == ["input_ids", "attention_mask"]

@@ -78,6 +78,7 @@ def _import_user_modules(args: argparse.Namespace) -> None:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     from fxcompress.api import compile as compile_model
+    from fxcompress.capture import describe_inputs, model_call
     from fxcompress.comparison import compare
     from fxcompress.export.atomic import check_output_path
     from fxcompress.loading import load_calibration, load_model
@@ -89,7 +90,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     loaded = load_model(args.spec, _shapes(args.input_shape), trust_pickle=args.trust_pickle)
     calibration = load_calibration(args.calibration, loaded.example_inputs)
     print(f"Compiling {loaded.description} with recipe '{args.recipe}' "
-          f"on inputs {[tuple(t.shape) for t in loaded.example_inputs]}")
+          f"on inputs {describe_inputs(model_call(None, loaded.example_inputs).flat)}")
     result = compile_model(loaded.model, loaded.example_inputs, args.recipe, calibration,
                            tolerance=args.tolerance, dynamic_batch=args.dynamic_batch, dump_dir=args.dump_dir)
     result.report.print_table()
