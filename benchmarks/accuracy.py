@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--presets", default=None, help="comma-separated (default: every registered preset)")
     args = parser.parse_args(argv)
 
+    import torch
+
     import fxcompress
     from fxcompress.examples.digits import (DigitsCNN, load_digits_data, onnx_accuracy, prune_and_fine_tune,
                                             torch_accuracy, train)
@@ -42,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     data = load_digits_data()
     start = time.perf_counter()
+    torch.manual_seed(0)  # deterministic initial weights, whatever the imports drew from the RNG
     model = train(DigitsCNN(), data, epochs=args.epochs)
     print(f"trained DigitsCNN in {time.perf_counter() - start:.1f} s; PyTorch test accuracy "
           f"{torch_accuracy(model, data.x_test, data.y_test):.2%}", flush=True)
