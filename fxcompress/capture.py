@@ -422,8 +422,8 @@ def capture(model: nn.Module, example_inputs: Any, *, dynamic_batch: bool = Fals
     work = private_copy(model)
     call = model_call(work, example_inputs)
     inputs = call.flat
-    shapes = dynamic_shapes(inputs, dynamic_batch, dynamic_sequence)
-    if shapes is not None and call.structured:
+    shapes = dynamic_shapes(inputs, dynamic_batch, dynamic_sequence) if not call.structured else None
+    if call.structured and (dynamic_batch or dynamic_sequence):
         # torch.export matches dynamic shapes to forward()'s parameters by name when called with keywords
         named = dict(zip(call.parameters, call.args))
         if len(named) < len(call.args):

@@ -17,19 +17,25 @@ TOO_BIG = {
 }
 
 
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every batch norm non-trivial running stats and affine parameters."""
+def _set_batch_norms(model: nn.Module, seed: int, spread_var, spread_gain) -> nn.Module:
+    """Every batch norm's running stats and affine parameters from one seeded generator."""
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             n = m.num_features
             with torch.no_grad():
                 m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
+                m.running_var.copy_(spread_var(n, g))
                 if m.affine:
-                    m.weight.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
+                    m.weight.copy_(spread_gain(n, g))
                     m.bias.copy_(torch.randn(n, generator=g) * 0.1)
     return model
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every batch norm non-trivial running stats and affine parameters."""
+    within_25_percent = lambda n, g: torch.rand(n, generator=g) * 0.5 + 0.75  # noqa: E731
+    return _set_batch_norms(model, seed, within_25_percent, within_25_percent)
 
 
 def uneven_bn(model: nn.Module, seed: int = 0, spread: float = 0.5) -> nn.Module:
@@ -38,17 +44,8 @@ def uneven_bn(model: nn.Module, seed: int = 0, spread: float = 0.5) -> nn.Module
     Trained depthwise networks fold into per-channel ranges far less even than
     :func:`randomize_bn`'s (gains within 25%): a stress case for per-tensor int8 activations.
     """
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            n = m.num_features
-            with torch.no_grad():
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_var.copy_(torch.exp(torch.randn(n, generator=g) * spread))
-                if m.affine:
-                    m.weight.copy_(torch.exp(torch.randn(n, generator=g) * spread))
-                    m.bias.copy_(torch.randn(n, generator=g) * 0.1)
-    return model
+    log_normal = lambda n, g: torch.exp(torch.randn(n, generator=g) * spread)  # noqa: E731
+    return _set_batch_norms(model, seed, log_normal, log_normal)
 
 
 class ConvBnRelu(nn.Module):
@@ -147,18 +144,19 @@ def conv_bn_relu() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     return randomize_bn(ConvBnRelu()).eval(), (torch.randn(1, 3, 16, 16),)
 
 
-class KeywordEncoder(nn.Module):
-    """A tiny encoder called as model(input_ids=..., attention_mask=...), returning a dict."""
+class KeywordModel(nn.Module):
+    """Called as model(input_ids=..., attention_mask=...) and returns a dict, like a HF encoder."""
 
     def __init__(self) -> None:
         super().__init__()
         self.embed = nn.Embedding(50, 16)
         self.proj = nn.Linear(16, 16)
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids, attention_mask=None):
         hidden = self.proj(self.embed(input_ids))
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return {"pooled": (hidden * mask).sum(1) / mask.sum(1), "hidden": hidden}
+        pooled = (hidden * mask).sum(1) / mask.sum(1)
+        return {"last_hidden_state": hidden, "pooled": pooled}
 
 
 def keyword_encoder():
@@ -166,4 +164,4 @@ def keyword_encoder():
     torch.manual_seed(0)
     mask = torch.ones(2, 6, dtype=torch.long)
     mask[1, 4:] = 0
-    return KeywordEncoder().eval(), {"input_ids": torch.randint(0, 50, (2, 6)), "attention_mask": mask}
+    return KeywordModel().eval(), {"input_ids": torch.randint(0, 50, (2, 6)), "attention_mask": mask}

@@ -9,21 +9,7 @@ import torch
 from torch import nn
 
 import fxcompress
-
-
-class KeywordModel(nn.Module):
-    """Called as model(input_ids=..., attention_mask=...) and returns a dict, like a HF encoder."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(50, 16)
-        self.proj = nn.Linear(16, 16)
-
-    def forward(self, input_ids, attention_mask=None):
-        hidden = self.proj(self.embed(input_ids))
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1)
-        return {"last_hidden_state": hidden, "pooled": pooled}
+from tests.models import KeywordModel
 
 
 class ImageList(nn.Module):

@@ -102,6 +102,31 @@ def _fold_into_layer(
 
 # --- fold-batchnorm -----------------------------------------------------------------------------
 
+_BATCH_NORM_PARAMS = ("weight", "bias", "running_mean", "running_var")
+
+
+def batch_norm_problem(ctx: RewriteContext, bn: fx.Node) -> str | None:
+    """Why eval batch norm ``bn`` cannot be read as a constant per-channel affine, or None."""
+    for param in _BATCH_NORM_PARAMS:
+        reason = describe_constant_problem(ctx.graph_module, argument(bn, param), f"batch norm {param}")
+        if reason:
+            return reason
+    if argument(bn, "running_mean") is None or argument(bn, "running_var") is None:
+        return "batch norm has no running statistics"
+    return None
+
+
+def batch_norm_affine(ctx: RewriteContext, bn: fx.Node) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval batch norm as ``x * scale + shift`` per channel, in float64."""
+    mean = ctx.constant(argument(bn, "running_mean")).double()
+    var = ctx.constant(argument(bn, "running_var")).double()
+    gamma, beta = ctx.constant(argument(bn, "weight")), ctx.constant(argument(bn, "bias"))
+    gamma = gamma.double() if gamma is not None else torch.ones_like(mean)
+    beta = beta.double() if beta is not None else torch.zeros_like(mean)
+    scale = gamma / torch.sqrt(var + float(argument(bn, "eps")))
+    return scale, beta - mean * scale
+
+
 @dataclass
 class _BatchNormMatch:
     batch_norm: fx.Node
@@ -113,7 +138,6 @@ class _BatchNormRule(Rule[_BatchNormMatch]):
 
     name = "batchnorm-into-layer"
     stat = "folded"
-    _PARAMS = ("weight", "bias", "running_mean", "running_var")
 
     def pattern(self, node: fx.Node) -> _BatchNormMatch | None:
         if node.op != "call_function" or node.target is not aten.batch_norm.default:
@@ -125,13 +149,9 @@ class _BatchNormRule(Rule[_BatchNormMatch]):
         bn, layer = match.batch_norm, match.layer
         if argument(bn, "training"):
             return TRAINING_MODE
-        reason = other_users(layer.node, bn, "folding would change what they see")
-        for param in self._PARAMS:
-            reason = reason or describe_constant_problem(ctx.graph_module, argument(bn, param), f"batch norm {param}")
+        reason = other_users(layer.node, bn, "folding would change what they see") or batch_norm_problem(ctx, bn)
         if reason:
             return reason
-        if argument(bn, "running_mean") is None or argument(bn, "running_var") is None:
-            return "batch norm has no running statistics"
         if layer.channel_dim != 1:
             return (
                 f"batch norm normalizes dim 1 but '{layer.node.name}' puts its output channels on dim "
@@ -143,15 +163,8 @@ class _BatchNormRule(Rule[_BatchNormMatch]):
         return _layer_problem(ctx, layer)
 
     def rewrite(self, ctx: RewriteContext, match: _BatchNormMatch) -> None:
-        bn = match.batch_norm
-        mean = ctx.constant(argument(bn, "running_mean")).double()
-        var = ctx.constant(argument(bn, "running_var")).double()
-        gamma = ctx.constant(argument(bn, "weight"))
-        beta = ctx.constant(argument(bn, "bias"))
-        gamma = gamma.double() if gamma is not None else torch.ones_like(mean)
-        beta = beta.double() if beta is not None else torch.zeros_like(mean)
-        scale = gamma / torch.sqrt(var + float(argument(bn, "eps")))
-        _fold_into_layer(ctx, match.layer, scale, beta - mean * scale, bn)
+        scale, shift = batch_norm_affine(ctx, match.batch_norm)
+        _fold_into_layer(ctx, match.layer, scale, shift, match.batch_norm)
 
 
 # aten op -> (kind, in place). A Python scalar operand appears in the .Tensor overloads too.

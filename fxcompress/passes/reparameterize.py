@@ -27,6 +27,7 @@ from torch import fx
 
 from fxcompress.infra.pass_base import NoOptions
 from fxcompress.infra.registry import register
+from fxcompress.passes.fuse import TRAINING_MODE, batch_norm_affine, batch_norm_problem
 from fxcompress.rewrite import (
     RewriteContext, RewritePass, Rule, argument, describe_constant_problem, other_users, static_shape, tensor_val,
 )
@@ -152,23 +153,18 @@ class _ParallelBranchesRule(Rule[_ParallelMatch]):
                 return "an identity branch needs as many output channels as input channels"
         for branch in match.branches:
             if branch.kind == "batch_norm":
-                bn = branch.node
-                if argument(bn, "training"):
-                    return "the identity branch's batch norm runs in training mode (batch statistics)"
-                for param in ("running_mean", "running_var"):
-                    if argument(bn, param) is None:
-                        return "the identity branch's batch norm has no running statistics"
-                for param in ("weight", "bias", "running_mean", "running_var"):
-                    value = argument(bn, param)
-                    reason = value is not None and describe_constant_problem(ctx.graph_module, value, f"batch norm {param}")
-                    if reason:
-                        return reason
+                if argument(branch.node, "training"):
+                    return TRAINING_MODE
+                reason = batch_norm_problem(ctx, branch.node)
+                if reason:
+                    return reason
         return None
 
     def rewrite(self, ctx: RewriteContext, match: _ParallelMatch) -> None:
-        convs = [b.node for b in match.branches if b.kind == "conv"]
-        geometry = max((_conv_geometry(c) for c in convs), key=lambda g: g.kernel[0] * g.kernel[1])
-        kernel = tuple(max(_conv_geometry(c).kernel[i] for c in convs) for i in range(2))
+        geometries = {b.node: _conv_geometry(b.node) for b in match.branches if b.kind == "conv"}
+        like = max(geometries, key=lambda c: geometries[c].kernel[0] * geometries[c].kernel[1])
+        geometry = geometries[like]
+        kernel = tuple(max(g.kernel[i] for g in geometries.values()) for i in range(2))
         padding = tuple(p + (k - gk) // 2 * d for p, k, gk, d in
                         zip(geometry.padding, kernel, geometry.kernel, geometry.dilation))
         channels = int(tensor_val(match.add).shape[1])
@@ -178,7 +174,6 @@ class _ParallelBranchesRule(Rule[_ParallelMatch]):
             w, b = self._branch_kernel(ctx, branch, weight.shape, kernel)
             weight += sign * w
             bias += sign * b
-        like = max(convs, key=lambda c: _conv_geometry(c).kernel[0] * _conv_geometry(c).kernel[1])
         dtype = ctx.constant(argument(like, "weight")).dtype
         weight_node = ctx.new_state(argument(like, "weight"), "weight_merged", weight.to(dtype), match.add)
         bias_node = ctx.new_state(argument(like, "weight"), "bias_merged", bias.to(dtype), match.add)
@@ -206,14 +201,7 @@ class _ParallelBranchesRule(Rule[_ParallelMatch]):
         channels, per_group = shape[0], shape[1]
         scale, shift = torch.ones(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64)
         if branch.kind == "batch_norm":
-            bn = branch.node
-            mean = ctx.constant(argument(bn, "running_mean")).double()
-            var = ctx.constant(argument(bn, "running_var")).double()
-            gamma, beta = argument(bn, "weight"), argument(bn, "bias")
-            gamma = ctx.constant(gamma).double() if gamma is not None else torch.ones_like(mean)
-            beta = ctx.constant(beta).double() if beta is not None else torch.zeros_like(mean)
-            scale = gamma / torch.sqrt(var + float(argument(bn, "eps")))
-            shift = beta - mean * scale
+            scale, shift = batch_norm_affine(ctx, branch.node)
         identity = torch.zeros(shape, dtype=torch.float64)
         centre = (kernel[0] // 2, kernel[1] // 2)
         channel = torch.arange(channels)
