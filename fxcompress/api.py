@@ -23,6 +23,7 @@ from fxcompress.capture import (
 )
 from fxcompress.errors import DriftError, ExportError, InputError
 from fxcompress.export.onnx_export import export_model_proto, save_model, set_metadata
+from fxcompress.fidelity import OutputFidelity, OutputMask, check_output_mask, fidelity_table, output_fidelity, output_masks, output_tensors
 from fxcompress.export.sparse import bake_weight_masks, compress_initializers
 from fxcompress.infra.context import CompileContext, UserMetric, calibration_source
 from fxcompress.infra.instrument import Instrument, PassRecord
@@ -30,7 +31,7 @@ from fxcompress.infra.instruments import DumpIR, RecordDiff, Timing, VerifyNumer
 from fxcompress.infra.pass_base import Pass
 from fxcompress.infra.recipe import Recipe, resolve_recipe
 from fxcompress.analysis.graph_stats import count_compute_nodes, count_parameters
-from fxcompress.numerics import LOSSLESS_TOLERANCE, compare_outputs, flatten_outputs, worst_drift
+from fxcompress.numerics import LOSSLESS_TOLERANCE, compare_outputs, flatten_outputs, worst_drift, worst_unmasked_drift
 from fxcompress.inspect.pass_table import pass_rows, print_table, render_plain
 from fxcompress.runtime.parity import ParityReport, validate
 from fxcompress.runtime.timing import benchmark
@@ -41,7 +42,13 @@ if TYPE_CHECKING:
 
 @dataclass
 class CompileReport:
-    """What a compile run did: one record per pass run, plus whole-model figures."""
+    """What a compile run did: one record per pass run, plus whole-model figures.
+
+    ``drift`` is the figure checked against ``tolerance``: where an output mask applies (padded
+    positions excluded by an ``attention_mask``, or compile's ``output_mask``) it is over the
+    positions the mask keeps, and ``unmasked_drift`` gives the figure over every position beside
+    it. ``outputs`` has, per output, the drift, masked drift, relative RMS error and cosine.
+    """
 
     recipe: str
     records: list[PassRecord]
@@ -57,6 +64,39 @@ class CompileReport:
     #: with ``evaluate=``: {"baseline", "compiled", "drop", "max_drop"} of the user's metric
     metric: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: drift over every output position, masked ones included (equal to ``drift`` without a mask)
+    unmasked_drift: float | None = None
+    #: per output: drift, masked drift, relative RMS error and cosine against the original
+    outputs: list[OutputFidelity] = field(default_factory=list)
+
+    @property
+    def masked(self) -> bool:
+        """Whether an output mask applied to some output (then ``drift`` is the masked figure)."""
+        return any(o.masked_drift is not None for o in self.outputs)
+
+    def fidelity_text(self) -> str:
+        """The per-output figures against the original as aligned text."""
+        whole = f" (all positions: {self.unmasked_drift:.2e})" if self.masked and self.unmasked_drift is not None else ""
+        masked = " over the positions the output mask keeps" if self.masked else ""
+        return (f"Outputs vs the original: drift {self.drift:.2e}{masked}{whole}, tolerance {self.tolerance:.1e}\n"
+                + fidelity_table(self.outputs))
+
+    def to_text(self) -> str:
+        """The per-pass table followed by the per-output figures."""
+        return self.table() + "\n" + self.fidelity_text()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-ready): whole-model figures, per-output figures, parity and passes."""
+        return {
+            "recipe": self.recipe, "drift": self.drift, "unmasked_drift": self.unmasked_drift, "masked": self.masked,
+            "tolerance": self.tolerance, "seconds": self.seconds, "nodes_before": self.nodes_before,
+            "nodes_after": self.nodes_after, "params_before": self.params_before, "params_after": self.params_after,
+            "converged": self.converged, "metric": self.metric,
+            "outputs": [o.as_dict() for o in self.outputs],
+            "parity": self.parity.as_dict() if self.parity is not None else None,
+            "passes": [{"name": r.name, "iteration": r.iteration, "modified": r.modified, "seconds": r.seconds,
+                        "drift": r.drift, "rolled_back": r.rolled_back} for r in self.records],
+        }
 
     @property
     def rolled_back(self) -> list[PassRecord]:
@@ -90,7 +130,8 @@ class CompileResult:
 
     def __init__(self, module: fx.GraphModule, report: CompileReport, recipe: Recipe,
                  example_inputs: tuple[torch.Tensor, ...], snapshots: RecordDiff, dynamic_batch: bool,
-                 call: ModelCall | None = None, tolerance: float | None = None, dynamic_sequence: bool = False) -> None:
+                 call: ModelCall | None = None, tolerance: float | None = None, dynamic_sequence: bool = False,
+                 output_mask: OutputMask = None) -> None:
         # A model called with keyword or nested inputs gets a module called the same way, over
         # the compiled graph (shared parameters: fine-tune either, export sees the change).
         self.module = StructuredModule(module, call) if call is not None and call.structured else module
@@ -103,6 +144,8 @@ class CompileResult:
         self.call = call
         #: the tolerance compile was given (argument, else the recipe's); export parity honours it
         self.tolerance = recipe.tolerance if tolerance is None else tolerance
+        #: the output mask compile was given (None: automatic); export parity and compare honour it
+        self.output_mask = output_mask
 
     @property
     def model_inputs(self) -> Any:
@@ -128,6 +171,7 @@ class CompileResult:
         tolerance: float | None = None,
         metadata: dict[str, Any] | None = None,
         sparse: bool = False,
+        output_mask: OutputMask = None,
     ) -> "onnx.ModelProto":
         """Export ``module`` to a checked ONNX ``ModelProto`` in memory (what :meth:`export_onnx` writes).
 
@@ -137,6 +181,8 @@ class CompileResult:
         With ``validate`` (the default) the model is run in ORT (optimizations off) on the example
         inputs and random inputs of the same shapes and compared with ``module``; a mismatch raises
         ExportError. The parity figures, recipe and version are stored as metadata props.
+        ``output_mask`` (default: compile's) says which output positions parity counts, as in
+        :func:`fxcompress.compile`; where one applies the masked drift is the one checked.
         """
         dynamic = self.dynamic_batch if dynamic_batch is None else dynamic_batch
         names = (self.call.names, self.call.output_names) if self.call is not None and self.call.structured else (None, None)
@@ -153,9 +199,11 @@ class CompileResult:
         }
         if validate:
             allowed = tolerance if tolerance is not None else self._export_tolerance()
-            parity = _validate_proto(model, self.graph_module, self.example_inputs, allowed)
+            mask = self.output_mask if output_mask is None else output_mask
+            check_output_mask(mask)
+            parity = _validate_proto(model, self.graph_module, self.example_inputs, allowed, mask)
             if self.dynamic_sequence and parity.passed:  # one file for every length: check a second one
-                parity = _validate_proto(model, self.graph_module, longer_sequences(self.example_inputs), allowed)
+                parity = _validate_proto(model, self.graph_module, longer_sequences(self.example_inputs), allowed, mask)
             self.report.parity = parity
             if not parity.passed:
                 raise ExportError(
@@ -173,7 +221,7 @@ class CompileResult:
         """Export ``module`` to a checked ONNX file at ``path`` and return the path.
 
         ``options`` are :meth:`export_proto`'s (``simplify``, ``dynamic_batch``, ``validate``,
-        ``tolerance``, ``metadata``, ``sparse``). The model is built and checked there before
+        ``tolerance``, ``metadata``, ``sparse``, ``output_mask``). The model is built and checked there before
         anything is written: a mismatch in ONNX Runtime raises ExportError and writes nothing.
         The write is atomic.
         """
@@ -190,15 +238,16 @@ class CompileResult:
         return max(LOSSLESS_TOLERANCE, self.tolerance)
 
 
-def _validate_proto(model, module: fx.GraphModule, inputs, tolerance: float) -> ParityReport:
-    return validate(model, module, inputs, tolerance=tolerance)
+def _validate_proto(model, module: fx.GraphModule, inputs, tolerance: float, output_mask: OutputMask = None) -> ParityReport:
+    return validate(model, module, inputs, tolerance=tolerance, output_mask=output_mask)
 
 
-def _final_drift(module: fx.GraphModule, inputs: Sequence[torch.Tensor], reference: Any) -> float:
+def _final_comparisons(module: fx.GraphModule, inputs: Sequence[torch.Tensor], reference: Any,
+                       masks: Sequence[Any], names: Sequence[str]) -> list:
     with torch.no_grad():
         # Clones: a graph that writes into its input must not change the caller's tensors.
         outputs = flatten_outputs(module(*(t.clone() for t in inputs)))
-    return worst_drift(compare_outputs(flatten_outputs(reference), outputs))
+    return compare_outputs(flatten_outputs(reference), outputs, masks, names)
 
 
 def _user_metric(evaluate: Any, max_metric_drop: float | None) -> UserMetric | None:
@@ -226,6 +275,7 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
     progress: bool = False,
     evaluate: Callable[[Any], float] | None = None,
     max_metric_drop: float | None = None,
+    output_mask: OutputMask = None,
 ) -> CompileResult:
     """Capture ``model`` and run a recipe of passes over it.
 
@@ -257,6 +307,15 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
             layers in float (quantize-int8, quantize-int8-dynamic) rank layers by sensitivity and
             bisect on how many of the most sensitive stay in float until the metric drops at most
             this much; each trial is listed in the pass's ``stats["metric_trials"]``.
+        output_mask: which output positions drift counts (fxcompress.fidelity). Default: where
+            the model takes an input named ``attention_mask``, the positions it excludes
+            (padding) are ignored in every output whose leading dims are ``[batch, sequence]``;
+            other outputs are compared whole. ``False`` counts every position; a string names
+            another mask input; a callable ``output_mask(inputs, outputs)`` (dicts of tensors by
+            name) returns one boolean mask, a list/dict of masks (None = whole), or None. Where
+            a mask applies, the masked drift is the one checked against ``tolerance`` (and by
+            ``export_onnx``); the drift over all positions is reported beside it
+            (``report.unmasked_drift``, ``report.outputs``).
 
     Raises:
         InputError, CaptureError, RecipeError, PassError, DriftError: each with a one-paragraph
@@ -264,6 +323,7 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
     """
     start = time.perf_counter()
     check_tolerance(tolerance)
+    check_output_mask(output_mask)
     call = model_call(model if isinstance(model, nn.Module) else None, example_inputs)
     inputs = call.flat
     resolved = resolve_recipe(recipe)  # unknown passes/options fail before any work
@@ -272,6 +332,8 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
     reference_model = private_copy(model)
     reference = run_eager(FlatCall(reference_model, call) if call.structured else reference_model, inputs)
     check_finite_outputs(model, reference)
+    names = call.output_names if call.structured else None
+    masks = output_masks(output_mask, call.names, inputs, output_tensors(reference), names)
     if metric is not None:
         metric.baseline = metric.score(reference_model, "the original model")
         if call.structured:
@@ -279,7 +341,7 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
     graph_module = capture(reference_model, example_inputs, dynamic_batch=dynamic_batch, dynamic_sequence=dynamic_sequence)
     nodes_before, params_before = count_compute_nodes(graph_module), count_parameters(graph_module)
     recorder = RecordDiff()
-    all_instruments: list[Instrument] = [Timing(), recorder, VerifyNumerics(inputs, reference), *instruments]
+    all_instruments: list[Instrument] = [Timing(), recorder, VerifyNumerics(inputs, reference, masks=masks), *instruments]
     if dump_dir is not None:
         all_instruments.append(DumpIR(dump_dir))
     manager = resolved.build(all_instruments)
@@ -290,7 +352,8 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
     manager.bind(CompileContext(inputs, calibration_batches, reference, progress, metric))
     result = manager(graph_module)
     compiled = result.graph_module
-    drift = _final_drift(compiled, inputs, reference)
+    comparisons = _final_comparisons(compiled, inputs, reference, masks, call.output_names if call.structured else None)
+    drift = worst_drift(comparisons)  # masked where a mask applies: the figure the tolerance gates
     report = CompileReport(
         recipe=resolved.name,
         records=manager.records,
@@ -302,6 +365,8 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
         params_before=params_before,
         params_after=count_parameters(compiled),
         converged=manager.converged,
+        unmasked_drift=worst_unmasked_drift(comparisons),
+        outputs=output_fidelity([comparisons]),
     )
     if metric is not None:
         compiled_metric = metric.score(metric.as_user_module(compiled), "the compiled module")
@@ -318,13 +383,16 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
     if not drift <= allowed:
         worst = max((r for r in report.records if r.drift is not None), key=lambda r: r.drift, default=None)
         culprit = f" The largest drift was measured after pass '{worst.name}' ({worst.drift:.2e})." if worst else ""
+        masked = (f" over the positions the output mask keeps (over all positions: {report.unmasked_drift:.2e})"
+                  if report.masked else "")
         raise DriftError(
-            f"The compiled model's outputs drift {drift:.2e} from the original, beyond the tolerance {allowed:.1e} "
-            f"of recipe '{resolved.name}'.{culprit}",
+            f"The compiled model's outputs drift {drift:.2e}{masked} from the original, beyond the tolerance "
+            f"{allowed:.1e} of recipe '{resolved.name}'.{culprit}",
             "raise the tolerance (tolerance=... or `tolerance` in the recipe) if that accuracy is acceptable, "
             "or use a less aggressive recipe (e.g. keep sensitive layers in float).",
         )
-    return CompileResult(compiled, report, resolved, inputs, recorder, dynamic_batch, call, tolerance, dynamic_sequence)
+    return CompileResult(compiled, report, resolved, inputs, recorder, dynamic_batch, call, tolerance, dynamic_sequence,
+                         output_mask)
 
 
 def diff(a: Any, b: Any) -> Any:

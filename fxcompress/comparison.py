@@ -3,7 +3,9 @@
 :func:`compare` puts the compiled result's ONNX model beside the plain ``torch.onnx.export`` of
 the original model (the baseline a user would ship without fxcompress): parity of each against the
 original PyTorch model in ONNX Runtime, latency timed interleaved in one process (so machine noise
-hits both alike), file sizes, and the execution provider that actually ran. The CLI's ``compile``
+hits both alike), file sizes, and the execution provider that actually ran. Parity is reported
+per output too: drift, drift over the positions an output mask keeps (padding excluded by an
+``attention_mask``), relative RMS error and cosine similarity. The CLI's ``compile``
 command prints its report; nothing here is CLI-only.
 """
 
@@ -19,6 +21,7 @@ from torch import nn
 
 from fxcompress.api import CompileResult, compile as compile_model
 from fxcompress.errors import InputError
+from fxcompress.fidelity import OutputMask, check_output_mask
 from fxcompress.inspect.render_html import Variant
 from fxcompress.numerics import LOSSLESS_TOLERANCE
 from fxcompress.runtime.parity import ParityReport, validate
@@ -79,12 +82,15 @@ class ComparisonReport:
             "provider": self.provider, "requested_provider": self.requested_provider, "fell_back": self.fell_back,
             "runs_per_variant": self.runs, "speedup": self.speedup, "notes": list(self.notes),
             "variants": [{**{k: v for k, v in asdict(f).items() if k != "parity"},
-                          "parity": {"passed": f.parity.passed, "drift": f.parity.drift, "cosine": f.parity.cosine}}
+                          "parity": {"passed": f.parity.passed, "drift": f.parity.drift,
+                                     "unmasked_drift": f.parity.unmasked_drift, "masked": f.parity.masked,
+                                     "cosine": f.parity.cosine, "outputs": [o.as_dict() for o in f.parity.outputs]}}
                          for f in self.variants],
         }
 
     def to_text(self) -> str:
-        """The table the CLI prints: parity vs the original, p50/p90 latency, size, speedup."""
+        """The table the CLI prints: parity vs the original, p50/p90 latency, size, speedup, then
+        the compiled model's per-output figures."""
         fallback = f", FELL BACK from {self.requested_provider}" if self.fell_back else ""
         lines = [f"Against the original model, on ONNX Runtime ({self.provider} provider{fallback}; "
                  f"{self.runs} runs each, interleaved):",
@@ -93,6 +99,9 @@ class ComparisonReport:
             lines.append(f"{v.label:<30} {v.p50_ms:>9.3f} {v.p90_ms:>9.3f} {v.size_bytes / 1e6:>9.2f}  {v.parity.summary()}")
         if self.speedup is not None:
             lines.append(f"speedup over plain export: {self.speedup:.2f}x")
+        if self.compiled.parity.outputs:
+            lines.append(f"Per output, {self.compiled.label} vs the original (worst over {self.compiled.parity.runs} input sets):")
+            lines.append(self.compiled.parity.table())
         lines.extend(self.notes)
         return "\n".join(lines)
 
@@ -118,6 +127,7 @@ def compare(
     provider: str = "cpu",
     baseline: bool = True,
     runs: int = 48,
+    output_mask: OutputMask = None,
 ) -> ComparisonReport:
     """Compare ``result`` with the plain ONNX export of ``original`` on ONNX Runtime.
 
@@ -129,6 +139,10 @@ def compare(
         provider: "cpu" or "cuda"; the report says which provider actually ran.
         baseline: also export and time the plain export of ``original``.
         runs: timed runs per variant, in interleaved blocks of 8.
+        output_mask: which output positions parity counts (default: compile's, see
+            :func:`fxcompress.compile`); where a mask applies (by default the padding an
+            ``attention_mask`` excludes) the masked drift is checked against the tolerance and
+            the drift over all positions is reported beside it.
 
     Parity of each ONNX model is measured against ``original`` at the recipe's tolerance (the
     lossless bound for lossless recipes), so a lossy preset's drift shows here, not only in the
@@ -142,6 +156,8 @@ def compare(
                          "pass the model you compiled.")
     if not isinstance(runs, int) or runs < 1:
         raise InputError(f"compare: runs must be a positive integer, got {runs!r}.", "use e.g. runs=48.")
+    check_output_mask(output_mask)
+    mask = result.output_mask if output_mask is None else output_mask
     inputs = result.model_inputs
     tolerance = max(result.recipe.tolerance, LOSSLESS_TOLERANCE)
     models: dict[str, tuple[onnx.ModelProto | str, int]] = {}
@@ -153,7 +169,7 @@ def compare(
     models[f"fxcompress {result.recipe.name}"] = _model_bytes(compiled)
 
     sessions = {label: create_session(model, provider) for label, (model, _) in models.items()}
-    parity = {label: validate(model, original, inputs, tolerance=tolerance) for label, (model, _) in models.items()}
+    parity = {label: validate(model, original, inputs, tolerance=tolerance, output_mask=mask) for label, (model, _) in models.items()}
     rounds = max(1, runs // _BLOCK)
     stats = time_interleaved({label: make_runner(s, result.example_inputs) for label, s in sessions.items()},
                              rounds=rounds, block=_BLOCK)

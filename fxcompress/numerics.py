@@ -35,7 +35,13 @@ def flatten_outputs(outputs: Any) -> list[np.ndarray]:
 
 @dataclass
 class OutputComparison:
-    """How one output of a candidate differs from the reference."""
+    """How one output of a candidate differs from the reference.
+
+    The figures are over the whole output. Where a mask applies (the padded positions of a
+    ``[batch, sequence, ...]`` output excluded by an attention mask, see
+    :mod:`fxcompress.fidelity`), ``masked`` holds the same figures over the positions the mask
+    keeps, and those are the ones tolerances judge (:attr:`judged`).
+    """
 
     index: int
     shape: tuple[int, ...]
@@ -45,15 +51,23 @@ class OutputComparison:
     cosine: float
     top1_agreement: float | None
     nonfinite: int
+    #: ||candidate - reference|| / ||reference|| (root-mean-square error relative to the output's RMS)
+    rel_rms: float = 0.0
+    name: str = ""
+    masked: OutputComparison | None = None
+
+    @property
+    def judged(self) -> OutputComparison:
+        """The figures a tolerance is checked against: the masked ones where a mask applies."""
+        return self.masked if self.masked is not None else self
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        data = {k: v for k, v in self.__dict__.items() if k != "masked"}
+        data["masked"] = self.masked.as_dict() if self.masked is not None else None
+        return data
 
 
-def compare_output(index: int, reference: np.ndarray, candidate: np.ndarray) -> OutputComparison:
-    """Compare one output. Shapes must match (callers check first and report mismatches)."""
-    ref = np.asarray(reference, dtype=np.float64)
-    got = np.asarray(candidate, dtype=np.float64)
+def _figures(ref: np.ndarray, got: np.ndarray, classifier: bool) -> dict[str, Any]:
     nonfinite = int((~np.isfinite(got)).sum())
     diff = np.abs(ref - got)
     max_abs = float(diff.max()) if diff.size else 0.0
@@ -64,6 +78,8 @@ def compare_output(index: int, reference: np.ndarray, candidate: np.ndarray) -> 
     max_rel = float((diff / denom).max()) if diff.size else 0.0
     a, b = ref.ravel(), got.ravel()
     na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    error = float(np.linalg.norm(a - b))
+    rel_rms = error / float(na) if na > 0 else error
     if na == 0 and nb == 0:
         cosine = 1.0
     elif na == 0 or nb == 0:
@@ -72,12 +88,34 @@ def compare_output(index: int, reference: np.ndarray, candidate: np.ndarray) -> 
         cosine = float(np.dot(a, b) / (na * nb))
     top1 = None
     # A 2-D [batch, classes] output with several classes is read as classifier logits.
-    if ref.ndim == 2 and ref.shape[1] > 1:
+    if classifier and ref.ndim == 2 and ref.shape[1] > 1:
         top1 = float((ref.argmax(axis=1) == got.argmax(axis=1)).mean())
     if nonfinite:
-        drift = max_abs = max_rel = math.inf
+        drift = max_abs = max_rel = rel_rms = math.inf
         cosine = float("nan")
-    return OutputComparison(index, tuple(ref.shape), max_abs, max_rel, drift, cosine, top1, nonfinite)
+    return {"max_abs": max_abs, "max_rel": max_rel, "drift": drift, "cosine": cosine, "top1_agreement": top1,
+            "nonfinite": nonfinite, "rel_rms": rel_rms}
+
+
+def compare_output(index: int, reference: np.ndarray, candidate: np.ndarray, mask: np.ndarray | None = None,
+                   name: str = "") -> OutputComparison:
+    """Compare one output. Shapes must match (callers check first and report mismatches).
+
+    ``mask``: a boolean array whose shape is the output's leading dimensions (``[batch, sequence]``
+    of a ``[batch, sequence, hidden]`` output); the figures over the positions it keeps go into
+    ``masked``. This is the one place masking is computed.
+    """
+    ref = np.asarray(reference, dtype=np.float64)
+    got = np.asarray(candidate, dtype=np.float64)
+    result = OutputComparison(index, tuple(ref.shape), name=name, **_figures(ref, got, classifier=True))
+    if mask is not None:
+        mask = np.asarray(mask)
+        if mask.dtype != np.bool_ or tuple(mask.shape) != tuple(ref.shape[:mask.ndim]):
+            raise ValueError(f"output {index}: mask of {mask.dtype}{list(mask.shape)} does not fit shape {list(ref.shape)}")
+        # Boolean indexing over the leading dims keeps the trailing ones: [B, S, H] -> [kept, H].
+        result.masked = OutputComparison(index, tuple(ref.shape), name=name,
+                                         **_figures(ref[mask], got[mask], classifier=False))
+    return result
 
 
 def signature(arrays: Sequence[np.ndarray]) -> list[tuple[tuple[int, ...], str]]:
@@ -85,16 +123,32 @@ def signature(arrays: Sequence[np.ndarray]) -> list[tuple[tuple[int, ...], str]]
     return [(tuple(a.shape), "float" if a.dtype.kind == "f" else str(a.dtype)) for a in arrays]
 
 
-def compare_outputs(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> list[OutputComparison]:
-    """Compare outputs pairwise; raises ValueError if count or shapes differ."""
+def compare_outputs(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray],
+                    masks: Sequence[np.ndarray | None] | None = None,
+                    names: Sequence[str] | None = None) -> list[OutputComparison]:
+    """Compare outputs pairwise; raises ValueError if count or shapes differ.
+
+    ``masks``: one boolean array or None per output (see :func:`compare_output`); ``names``: the
+    outputs' names, carried into the comparisons.
+    """
     if len(reference) != len(candidate):
         raise ValueError(f"output count changed: {len(reference)} -> {len(candidate)}")
     for i, (r, c) in enumerate(zip(reference, candidate)):
         if tuple(r.shape) != tuple(c.shape):
             raise ValueError(f"output {i} shape changed: {tuple(r.shape)} -> {tuple(c.shape)}")
-    return [compare_output(i, r, c) for i, (r, c) in enumerate(zip(reference, candidate))]
+    masks = list(masks) if masks is not None else [None] * len(reference)
+    names = list(names) if names is not None else [""] * len(reference)
+    return [compare_output(i, r, c, m, n) for i, (r, c, m, n) in enumerate(zip(reference, candidate, masks, names))]
 
 
 def worst_drift(comparisons: Sequence[OutputComparison]) -> float:
-    """The largest drift over all outputs (0 for a model without float outputs)."""
+    """The largest drift over all outputs (0 for a model without float outputs).
+
+    Masked where a mask applies (:attr:`OutputComparison.judged`): the figure tolerances gate on.
+    """
+    return max((c.judged.drift for c in comparisons), default=0.0)
+
+
+def worst_unmasked_drift(comparisons: Sequence[OutputComparison]) -> float:
+    """The largest drift over all outputs and all positions, masked ones included."""
     return max((c.drift for c in comparisons), default=0.0)

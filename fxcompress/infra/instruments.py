@@ -17,7 +17,7 @@ from fxcompress.infra.instrument import Instrument, PassRecord, RollbackPass
 from fxcompress.infra.pass_base import Pass, PassResult
 from fxcompress.analysis.graph_diff import GraphDiff, diff_snapshots
 from fxcompress.analysis.snapshot import GraphSnapshot
-from fxcompress.numerics import LOSSLESS_TOLERANCE, compare_outputs, flatten_outputs, signature, worst_drift
+from fxcompress.numerics import LOSSLESS_TOLERANCE, compare_outputs, flatten_outputs, signature, worst_drift, worst_unmasked_drift
 
 
 class Timing(Instrument):
@@ -103,6 +103,10 @@ class VerifyNumerics(Instrument):
     A lossless pass whose drift exceeds ``lossless_tolerance``, or any pass that changes the
     outputs' count, shapes or dtypes, is rolled back (RollbackPass). Lossy passes only have
     their drift recorded; the pipeline's overall tolerance is enforced by the caller.
+
+    ``masks`` (one boolean array or None per output, fxcompress.fidelity.output_masks): the
+    recorded drift is over the positions they keep, as the whole-model drift is; the lossless
+    check stays over every position (a lossless pass must not change even padded positions).
     """
 
     def __init__(
@@ -110,11 +114,13 @@ class VerifyNumerics(Instrument):
         inputs: Sequence[torch.Tensor],
         reference_outputs: Any,
         lossless_tolerance: float = LOSSLESS_TOLERANCE,
+        masks: Sequence[Any] | None = None,
     ) -> None:
         self.inputs = tuple(inputs)
         self.reference = flatten_outputs(reference_outputs)
         self.lossless_tolerance = lossless_tolerance
         self.last_drift = 0.0
+        self.masks = masks
 
     def after_pass(self, pass_: Pass, graph_module: fx.GraphModule, result: PassResult, record: PassRecord) -> None:
         if not result.modified:
@@ -127,11 +133,12 @@ class VerifyNumerics(Instrument):
             raise RollbackPass(f"graph no longer runs: {type(exc).__name__}: {exc}") from None
         if signature(outputs) != signature(self.reference):
             raise RollbackPass(f"outputs changed from {signature(self.reference)} to {signature(outputs)}")
-        drift = worst_drift(compare_outputs(self.reference, outputs))
-        record.drift = drift
-        if pass_.lossless and not drift <= self.lossless_tolerance:
+        comparisons = compare_outputs(self.reference, outputs, self.masks)
+        drift = record.drift = worst_drift(comparisons)
+        whole = worst_unmasked_drift(comparisons)
+        if pass_.lossless and not whole <= self.lossless_tolerance:
             raise RollbackPass(
-                f"lossless pass drifted {drift:.2e} from the original outputs (allowed {self.lossless_tolerance:.0e})"
+                f"lossless pass drifted {whole:.2e} from the original outputs (allowed {self.lossless_tolerance:.0e})"
             )
         self.last_drift = drift
 

@@ -4,6 +4,10 @@ Runs with ORT graph optimizations off (so we test the exported graph, not ORT's 
 on the example inputs and on extra random inputs of the same shapes and dtypes, and compares every
 output: max abs / max rel error, drift, cosine similarity, top-1 agreement for classifier logits,
 and a NaN/Inf count.
+
+Where an output mask applies (the padded positions an ``attention_mask`` excludes, or the
+``output_mask`` given; see :mod:`fxcompress.fidelity`) the figures, and the verdict, are over the
+positions it keeps; ``unmasked_drift`` reports the drift over every position beside them.
 """
 
 from __future__ import annotations
@@ -19,13 +23,19 @@ import torch
 from torch import nn
 
 from fxcompress.capture import FlatCall, model_call, run_eager
+from fxcompress.fidelity import OutputFidelity, OutputMask, check_output_mask, fidelity_table, output_fidelity, output_masks, output_tensors
 from fxcompress.numerics import LOSSLESS_TOLERANCE, OutputComparison, compare_outputs, flatten_outputs
 from fxcompress.runtime.session import create_session
 
 
 @dataclass
 class ParityReport:
-    """Worst-case figures over all inputs and outputs, plus the per-run details."""
+    """Worst-case figures over all inputs and outputs, plus the per-run details.
+
+    ``drift``, ``max_abs``, ``max_rel``, ``cosine`` and ``nonfinite`` (and so ``passed``) are over
+    the positions the output mask keeps where one applies; ``unmasked_drift`` is the drift over
+    every position. ``outputs`` gives each output's figures (drift, masked drift, rel. RMS, cosine).
+    """
 
     passed: bool
     tolerance: float
@@ -38,15 +48,31 @@ class ParityReport:
     runs: int
     provider: str
     comparisons: list[list[OutputComparison]] = field(default_factory=list)
+    #: drift over every position, masked ones included (equal to ``drift`` without a mask)
+    unmasked_drift: float | None = None
+    outputs: list[OutputFidelity] = field(default_factory=list)
+
+    @property
+    def masked(self) -> bool:
+        """Whether an output mask applied to some output (then the figures are the masked ones)."""
+        return any(o.masked_drift is not None for o in self.outputs)
 
     def summary(self) -> str:
         top1 = f", top-1 agreement {self.top1_agreement:.1%}" if self.top1_agreement is not None else ""
         verdict = "PASS" if self.passed else "FAIL"
-        return (f"{verdict}: drift {self.drift:.2e} (tolerance {self.tolerance:.0e}), max abs {self.max_abs:.2e}, "
+        masked = (f" masked, {self.unmasked_drift:.2e} over all positions"
+                  if self.masked and self.unmasked_drift is not None else "")
+        return (f"{verdict}: drift {self.drift:.2e}{masked} (tolerance {self.tolerance:.0e}), max abs {self.max_abs:.2e}, "
                 f"cosine {self.cosine:.7f}{top1}, non-finite {self.nonfinite}, {self.runs} input sets on {self.provider}")
 
+    def table(self) -> str:
+        """Per-output figures (worst over the input sets) as aligned text."""
+        return fidelity_table(self.outputs)
+
     def as_dict(self) -> dict[str, Any]:
-        data = {k: v for k, v in self.__dict__.items() if k != "comparisons"}
+        data = {k: v for k, v in self.__dict__.items() if k not in ("comparisons", "outputs")}
+        data["masked"] = self.masked
+        data["outputs"] = [o.as_dict() for o in self.outputs]
         return data
 
 
@@ -81,6 +107,7 @@ def validate(
     tolerance: float = LOSSLESS_TOLERANCE,
     random_inputs: int = 3,
     provider: str = "cpu",
+    output_mask: OutputMask = None,
 ) -> ParityReport:
     """Compare the ONNX model in ORT with ``model`` in PyTorch.
 
@@ -93,7 +120,13 @@ def validate(
         tolerance: largest accepted drift (max abs error / max magnitude, per output).
         random_inputs: extra random input sets of the same shapes.
         provider: "cpu" or "cuda".
+        output_mask: which output positions count (fxcompress.fidelity): by default the
+            positions an input named ``attention_mask`` keeps, in outputs whose leading dims are
+            ``[batch, sequence]``; ``False`` for every position; an input's name; or a callable
+            ``output_mask(inputs, outputs)``. Where a mask applies, the masked drift is the one
+            checked against ``tolerance``; the drift over all positions is reported beside it.
     """
+    check_output_mask(output_mask)
     call = model_call(model if isinstance(model, nn.Module) else None, example_inputs)
     inputs = call.flat
     if isinstance(onnx_model, (str, os.PathLike)):
@@ -104,12 +137,18 @@ def validate(
     reference_model = copy.deepcopy(model).eval()
     if call.structured:
         reference_model = FlatCall(reference_model, call)
+    names = [o.name for o in session.session.get_outputs()]
     all_runs = []
     for feed in input_sets(inputs, random_inputs):
-        expected = flatten_outputs(run_eager(reference_model, feed))
-        got = session.run(feed)
-        all_runs.append(compare_outputs(expected, [np.asarray(g) for g in got]))
-    flat = [c for run in all_runs for c in run]
+        raw = run_eager(reference_model, feed)
+        expected = flatten_outputs(raw)
+        got = [np.asarray(g) for g in session.run(feed)]
+        if len(names) != len(expected):  # compare_outputs names the count mismatch
+            names = None
+        masks = output_masks(output_mask, call.names, feed, output_tensors(raw), names)
+        all_runs.append(compare_outputs(expected, got, masks, names))
+    whole = [c for run in all_runs for c in run]
+    flat = [c.judged for c in whole]
     top1 = [c.top1_agreement for c in flat if c.top1_agreement is not None]
     report = ParityReport(
         passed=False,
@@ -123,6 +162,8 @@ def validate(
         runs=len(all_runs),
         provider=session.provider,
         comparisons=all_runs,
+        unmasked_drift=max(c.drift for c in whole),
+        outputs=output_fidelity(all_runs),
     )
     report.passed = report.nonfinite == 0 and report.drift <= tolerance
     return report

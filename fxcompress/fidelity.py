@@ -1,0 +1,252 @@
+"""The fidelity figures users measure: which output positions count, and per-output figures.
+
+**Output masks.** A padded batch of token sequences carries positions every user of the model
+masks out (their hidden states are garbage by construction, and a lossy pass perturbs garbage
+freely). Drift and parity therefore ignore them: the mask comes from an input named
+``attention_mask`` (as Hugging Face encoders take it) unless the caller says otherwise with
+``output_mask``, which :func:`fxcompress.compile`, :meth:`CompileResult.export_onnx
+<fxcompress.api.CompileResult.export_onnx>`, :func:`fxcompress.runtime.validate` and
+:func:`fxcompress.compare` accept in one of these forms:
+
+* ``None`` (default) or ``True``: automatic, the nonzero positions of the input named
+  ``attention_mask`` when there is one, else no mask;
+* ``False``: no mask, every position counts;
+* a string: the name of the input whose nonzero positions count (e.g. ``"padding_mask"``);
+* a callable ``output_mask(inputs, outputs)`` given the inputs (a dict of tensors by input name)
+  and the reference model's outputs (a dict of tensors by output name), returning either one
+  boolean tensor (applied like an attention mask), a list with one boolean tensor or None per
+  output, a dict ``{output name: boolean tensor or None}`` (outputs left out are compared
+  whole), or None (no mask).
+
+A mask of shape ``[batch, sequence]`` applies to every output whose leading dimensions are that
+shape (``last_hidden_state [B, S, H]``); other outputs (``pooler_output [B, H]``, logits
+``[B, C]``) are compared whole. Where a mask applies, the masked figures gate the tolerance and
+the whole-output drift is reported beside them. The masking itself is computed in one place,
+:func:`fxcompress.numerics.compare_output`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence, Union
+
+import numpy as np
+import torch
+
+from fxcompress.errors import InputError
+from fxcompress.numerics import OutputComparison
+
+#: The input whose nonzero positions count, when the caller gives no ``output_mask``.
+AUTO_MASK_INPUT = "attention_mask"
+
+OutputMask = Union[None, bool, str, Callable[[dict, dict], Any]]
+
+_FORMS = ("None (automatic: the input named 'attention_mask'), False (no mask), an input's name, or a callable "
+          "output_mask(inputs, outputs) returning boolean tensors")
+
+
+def check_output_mask(output_mask: Any, what: str = "output_mask") -> None:
+    """InputError unless ``output_mask`` has one of the accepted forms (checked before any work)."""
+    if output_mask is None or isinstance(output_mask, (bool, str)) or callable(output_mask):
+        return
+    raise InputError(f"{what} must be {_FORMS}; got a {type(output_mask).__name__}.",
+                     "pass e.g. output_mask=False, output_mask='attention_mask' or "
+                     "output_mask=lambda inputs, outputs: inputs['attention_mask'].bool().")
+
+
+def output_names(names: Sequence[str] | None, count: int) -> list[str]:
+    """``names`` when there is one per output, else ``output`` / ``output_0, output_1, ...``."""
+    if names is not None and len(names) == count:
+        return list(names)
+    return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
+
+
+def output_tensors(outputs: Any) -> list[Any]:
+    """The tensors of a model's output in the order :func:`fxcompress.numerics.flatten_outputs` takes them."""
+    from torch.utils import _pytree as pytree
+
+    return [leaf for leaf in pytree.tree_leaves(outputs) if isinstance(leaf, (torch.Tensor, np.ndarray))]
+
+
+def _as_bool_array(value: Any, where: str) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        if value.dtype != torch.bool:
+            raise InputError(f"output_mask returned a {str(value.dtype).replace('torch.', '')} "
+                             f"tensor for {where}, not a boolean one.",
+                             "return a boolean mask (True = the position counts), e.g. inputs['attention_mask'].bool().")
+        return value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        if value.dtype != np.bool_:
+            raise InputError(f"output_mask returned a {value.dtype} array for {where}, not a boolean one.",
+                             "return a boolean mask (True = the position counts), e.g. mask != 0.")
+        return value
+    raise InputError(f"output_mask returned a {type(value).__name__} for {where}, not a boolean tensor or None.",
+                     "return a boolean tensor (True = the position counts) or None to compare that output whole.")
+
+
+def _fits(mask: np.ndarray, output: Any) -> bool:
+    shape = tuple(output.shape)
+    return mask.ndim >= 1 and len(shape) >= mask.ndim and shape[:mask.ndim] == tuple(mask.shape)
+
+
+def _broadcast(mask: np.ndarray, outputs: Sequence[Any]) -> list[np.ndarray | None]:
+    """One mask for every output whose leading dims are its shape; others compared whole."""
+    return [mask if _fits(mask, out) else None for out in outputs]
+
+
+def _from_input(name: str, input_names: Sequence[str], inputs: Sequence[torch.Tensor],
+                outputs: Sequence[Any], required: bool) -> list[np.ndarray | None]:
+    if name not in input_names:
+        if not required:
+            return [None] * len(outputs)
+        raise InputError(f"output_mask names the input '{name}', which the model is not given; its inputs are "
+                         f"{list(input_names)}.",
+                         "name one of those inputs, pass a callable output_mask(inputs, outputs), or output_mask=False.")
+    value = inputs[list(input_names).index(name)]
+    mask = (value.detach().cpu() != 0).numpy() if isinstance(value, torch.Tensor) else np.asarray(value) != 0
+    return _broadcast(mask, outputs)
+
+
+def _call(output_mask: Callable, input_names: Sequence[str], inputs: Sequence[torch.Tensor],
+          names: Sequence[str], outputs: Sequence[Any]) -> Any:
+    # Clones: the user's function must not be able to change the inputs later runs see.
+    given_inputs = {n: t.clone() if isinstance(t, torch.Tensor) else t for n, t in zip(input_names, inputs)}
+    given_outputs = {n: o.detach().clone() if isinstance(o, torch.Tensor) else o for n, o in zip(names, outputs)}
+    try:
+        return output_mask(given_inputs, given_outputs)
+    except Exception as exc:  # noqa: BLE001 - any failure is the user's function's
+        text = str(exc).strip().splitlines()
+        raise InputError(
+            f"output_mask raised {type(exc).__name__}: {text[0] if text else ''} (it was given inputs "
+            f"{list(given_inputs)} and outputs {list(given_outputs)}).",
+            "make output_mask(inputs, outputs) work on those dicts of tensors and return boolean masks; nothing was "
+            "written and the model is unchanged.",
+        ) from None
+
+
+def output_masks(output_mask: OutputMask, input_names: Sequence[str], inputs: Sequence[torch.Tensor],
+                 outputs: Sequence[Any], names: Sequence[str] | None = None) -> list[np.ndarray | None]:
+    """One boolean array or None per output: the positions of each output that count.
+
+    Args:
+        output_mask: the caller's setting (see the module docstring for its forms).
+        input_names: the names of the flat inputs (keyword names, or forward()'s parameters).
+        inputs: the flat input tensors of this run.
+        outputs: the reference model's output tensors of this run (what the masks must fit).
+        names: the outputs' names (field or ONNX names); ``output_i`` when absent.
+
+    Raises:
+        InputError: the callable raised, returned something that is not boolean, or a mask that
+            does not fit the output's leading dimensions; a named input that does not exist.
+    """
+    check_output_mask(output_mask)
+    names = output_names(names, len(outputs))
+    if output_mask is False:
+        return [None] * len(outputs)
+    if output_mask is None or output_mask is True:
+        return _from_input(AUTO_MASK_INPUT, input_names, inputs, outputs, required=False)
+    if isinstance(output_mask, str):
+        return _from_input(output_mask, input_names, inputs, outputs, required=True)
+    returned = _call(output_mask, input_names, inputs, names, outputs)
+    if returned is None:
+        return [None] * len(outputs)
+    if isinstance(returned, (torch.Tensor, np.ndarray)):
+        mask = _as_bool_array(returned, "all outputs")
+        masks = _broadcast(mask, outputs)
+        if all(m is None for m in masks):
+            raise InputError(
+                f"output_mask returned one mask of shape {list(mask.shape)}, which matches the leading dimensions of "
+                f"no output (shapes {[list(o.shape) for o in outputs]}).",
+                "return a mask shaped like the leading dims of the outputs it applies to (e.g. [batch, sequence]), "
+                "or a dict {output name: mask}.",
+            )
+        return masks
+    if isinstance(returned, Mapping):
+        unknown = [k for k in returned if k not in names and not (isinstance(k, int) and 0 <= k < len(outputs))]
+        if unknown:
+            raise InputError(f"output_mask returned masks for {unknown}, which are not outputs of the model; its "
+                             f"outputs are {names}.",
+                             "key the dict by those output names (or indices); leave out outputs to compare whole.")
+        by_index = {names.index(k) if k in names else k: v for k, v in returned.items()}
+        chosen = [by_index.get(i) for i in range(len(outputs))]
+    elif isinstance(returned, (list, tuple)):
+        if len(returned) != len(outputs):
+            raise InputError(f"output_mask returned {len(returned)} masks for the model's {len(outputs)} outputs "
+                             f"{names}.",
+                             "return one boolean mask or None per output, or a dict {output name: mask}.")
+        chosen = list(returned)
+    else:
+        raise InputError(f"output_mask returned a {type(returned).__name__}.",
+                         "return a boolean tensor, a list with one boolean tensor or None per output, a dict "
+                         "{output name: mask}, or None.")
+    masks: list[np.ndarray | None] = []
+    for name, output, value in zip(names, outputs, chosen):
+        if value is None:
+            masks.append(None)
+            continue
+        mask = _as_bool_array(value, f"output '{name}'")
+        if not _fits(mask, output):
+            raise InputError(
+                f"output_mask returned a mask of shape {list(mask.shape)} for output '{name}' of shape "
+                f"{list(output.shape)}; a mask must have the output's leading dimensions.",
+                f"return a mask of shape {list(output.shape[:max(1, mask.ndim)])} (e.g. [batch, sequence]) or None to "
+                "compare that output whole.",
+            )
+        masks.append(mask)
+    return masks
+
+
+@dataclass
+class OutputFidelity:
+    """One output's figures, worst case over the input sets it was measured on.
+
+    ``drift`` is over the whole output; ``masked_drift`` over the positions the mask keeps (None
+    where no mask applies). ``rel_rms`` and ``cosine`` are masked where a mask applies.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    drift: float
+    masked_drift: float | None
+    rel_rms: float
+    cosine: float
+
+    @property
+    def judged_drift(self) -> float:
+        """The drift a tolerance is checked against: masked where a mask applies."""
+        return self.drift if self.masked_drift is None else self.masked_drift
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "drift": self.drift, "masked_drift": self.masked_drift,
+                "rel_rms": self.rel_rms, "cosine": self.cosine}
+
+
+def output_fidelity(runs: Sequence[Sequence[OutputComparison]]) -> list[OutputFidelity]:
+    """Per-output figures, worst over ``runs`` (one list of comparisons per input set)."""
+    rows = []
+    for per_output in zip(*runs):
+        first = per_output[0]
+        masked = [c.masked.drift for c in per_output if c.masked is not None]
+        cosines = [c.judged.cosine for c in per_output]
+        rows.append(OutputFidelity(
+            name=first.name or f"output_{first.index}", shape=first.shape,
+            drift=max(c.drift for c in per_output), masked_drift=max(masked) if masked else None,
+            rel_rms=max(c.judged.rel_rms for c in per_output),
+            cosine=math.nan if any(math.isnan(c) for c in cosines) else min(cosines),
+        ))
+    return rows
+
+
+def fidelity_table(rows: Sequence[OutputFidelity], indent: str = "  ") -> str:
+    """Per-output figures as aligned text: drift over all positions, masked drift, rel. RMS, cosine."""
+    width = max([len("output")] + [len(r.name) for r in rows])
+    lines = [f"{indent}{'output':<{width}}  {'shape':<16} {'drift':>9} {'masked drift':>13} {'rel RMS':>9} {'cosine':>10}"]
+    for r in rows:
+        masked = f"{r.masked_drift:.2e}" if r.masked_drift is not None else "-"
+        lines.append(f"{indent}{r.name:<{width}}  {str(list(r.shape)):<16} {r.drift:>9.2e} {masked:>13} "
+                     f"{r.rel_rms:>9.2e} {r.cosine:>10.6f}")
+    if any(r.masked_drift is not None for r in rows):
+        lines.append(f"{indent}(masked: positions the output mask excludes, e.g. padding, are ignored; rel RMS and "
+                     "cosine are masked too, and the masked drift is the one checked against the tolerance)")
+    return "\n".join(lines)
