@@ -201,9 +201,10 @@ class CompileResult:
             allowed = tolerance if tolerance is not None else self._export_tolerance()
             mask = self.output_mask if output_mask is None else output_mask
             check_output_mask(mask)
-            parity = _validate_proto(model, self.graph_module, self.example_inputs, allowed, mask)
+            parity = _validate_proto(model, self.graph_module, self.example_inputs, allowed, output_mask=mask)
             if self.dynamic_sequence and parity.passed:  # one file for every length: check a second one
-                parity = _validate_proto(model, self.graph_module, longer_sequences(self.example_inputs), allowed, mask)
+                parity = _validate_proto(model, self.graph_module, longer_sequences(self.example_inputs), allowed,
+                                         output_mask=mask)
             self.report.parity = parity
             if not parity.passed:
                 raise ExportError(

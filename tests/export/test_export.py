@@ -57,8 +57,8 @@ def test_parity_failure_writes_nothing(compiled, tmp_path, monkeypatch):
 
     original = api._validate_proto
 
-    def strict(model, module, inputs, tolerance):
-        return original(model, module, inputs, tolerance=-1.0)  # nothing can pass
+    def strict(model, module, inputs, tolerance, **options):
+        return original(model, module, inputs, -1.0, **options)  # nothing can pass
 
     monkeypatch.setattr(api, "_validate_proto", strict)
     with pytest.raises(ExportError, match="does not match the compiled module"):
