@@ -197,6 +197,8 @@ class CompileResult:
             "fxcompress_drift_vs_original": f"{self.report.drift:.3e}",
             "simplified": notes.get("simplified", False),
         }
+        if self.report.masked:  # the drift above is over the positions the output mask keeps
+            stamp["fxcompress_unmasked_drift_vs_original"] = f"{self.report.unmasked_drift:.3e}"
         if validate:
             allowed = tolerance if tolerance is not None else self._export_tolerance()
             mask = self.output_mask if output_mask is None else output_mask

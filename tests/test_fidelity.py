@@ -124,8 +124,10 @@ def test_bert_padded_batch_masked_figure_beside_unmasked():
     by_hand = float((got - reference)[keep].abs().max() / reference[keep].abs().max())
     whole = float((got - reference).abs().max() / reference.abs().max())
     assert hidden.masked_drift == pytest.approx(by_hand, rel=1e-6)
-    assert hidden.drift == pytest.approx(whole, rel=1e-6) and hidden.drift >= hidden.masked_drift
-    assert report.unmasked_drift >= report.drift
+    # Relative to the kept positions' own scale, the masked figure may be a little above or below the whole one.
+    assert hidden.drift == pytest.approx(whole, rel=1e-6)
+    assert report.unmasked_drift == pytest.approx(max(o.drift for o in report.outputs))
+    assert report.drift == pytest.approx(max(hidden.masked_drift, rows["pooler_output"].drift))
     assert "masked drift" in report.to_text()
     assert transformers is not None
 

@@ -94,6 +94,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     result = compile_model(loaded.model, loaded.example_inputs, args.recipe, calibration,
                            tolerance=args.tolerance, dynamic_batch=args.dynamic_batch, dump_dir=args.dump_dir)
     result.report.print_table()
+    print(result.report.fidelity_text())
     if args.why_not:
         from fxcompress.inspect.render_text import render_near_misses
         from fxcompress.inspect.why_not import why_not

@@ -229,7 +229,9 @@ def _summary_cards(result: Any, variants: Sequence[Variant]) -> str:
     cards = [("recipe", report.recipe), ("compute nodes", f"{report.nodes_before} → {report.nodes_after}"),
              ("parameters", f"{report.params_before:,} → {report.params_after:,}"),
              ("MACs", f"{first.macs / 1e6:.2f}M → {last.macs / 1e6:.2f}M"),
-             ("drift vs original", f"{report.drift:.2e} (allowed {report.tolerance:.0e})"),
+             ("drift vs original", f"{report.drift:.2e}"
+              + (f" over unmasked positions ({report.unmasked_drift:.2e} over all)" if report.masked else "")
+              + f" (allowed {report.tolerance:.0e})"),
              ("compile time", f"{report.seconds:.2f} s")]
     if report.parity is not None:
         cards.append(("ONNX parity", report.parity.summary()))
