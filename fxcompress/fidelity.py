@@ -16,7 +16,8 @@ freely). Drift and parity therefore ignore them: the mask comes from an input na
   and the reference model's outputs (a dict of tensors by output name), returning either one
   boolean tensor (applied like an attention mask), a list with one boolean tensor or None per
   output, a dict ``{output name: boolean tensor or None}`` (outputs left out are compared
-  whole), or None (no mask). Outputs are named by the model's fields for keyword-called models
+  whole), or None (no mask). It is called once per input set: the example inputs at compile,
+  each parity input set at export and compare. Outputs are named by the model's fields for keyword-called models
   (``last_hidden_state``, the ONNX output names too), by ONNX output name in parity of a plain
   model, ``output``/``output_i`` otherwise; integer indices work as dict keys everywhere.
 

@@ -70,6 +70,9 @@ def test_padded_positions_do_not_gate_and_both_figures_are_reported(garbage, tmp
     assert hidden.masked_drift is not None and hidden.masked_drift < hidden.drift
     assert hidden.drift == pytest.approx(report.unmasked_drift)
     assert rows["pooled"].masked_drift is None  # [B, H]: compared whole
+    # The per-pass drift in the table is the masked figure too (it names the culprit of a DriftError).
+    quantize = [r for r in report.records if r.name == "quantize-int8-dynamic" and r.modified]
+    assert quantize and quantize[-1].drift == pytest.approx(report.drift)
     text = report.to_text()
     assert "masked drift" in text and f"{report.unmasked_drift:.2e}" in text and f"{report.drift:.2e}" in text
     data = json.loads(json.dumps(report.to_dict()))
