@@ -23,7 +23,10 @@ from fxcompress.capture import (
 )
 from fxcompress.errors import DriftError, ExportError, InputError
 from fxcompress.export.onnx_export import export_model_proto, save_model, set_metadata
-from fxcompress.fidelity import OutputFidelity, OutputMask, check_output_mask, fidelity_table, output_fidelity, output_masks, output_tensors
+from fxcompress.fidelity import (
+    MaskedFigures, OutputFidelity, OutputMask, check_output_mask, fidelity_table, output_fidelity, output_masks,
+    output_tensors,
+)
 from fxcompress.export.sparse import bake_weight_masks, compress_initializers
 from fxcompress.infra.context import CompileContext, UserMetric, calibration_source
 from fxcompress.infra.instrument import Instrument, PassRecord
@@ -41,7 +44,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class CompileReport:
+class CompileReport(MaskedFigures):
     """What a compile run did: one record per pass run, plus whole-model figures.
 
     ``drift`` is the figure checked against ``tolerance``: where an output mask applies (padded
@@ -68,11 +71,6 @@ class CompileReport:
     unmasked_drift: float | None = None
     #: per output: drift, masked drift, relative RMS error and cosine against the original
     outputs: list[OutputFidelity] = field(default_factory=list)
-
-    @property
-    def masked(self) -> bool:
-        """Whether an output mask applied to some output (then ``drift`` is the masked figure)."""
-        return any(o.masked_drift is not None for o in self.outputs)
 
     def fidelity_text(self) -> str:
         """The per-output figures against the original as aligned text."""

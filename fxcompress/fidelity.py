@@ -225,6 +225,17 @@ class OutputFidelity:
                 "rel_rms": self.rel_rms, "cosine": self.cosine}
 
 
+class MaskedFigures:
+    """Mixin of the reports that carry per-output figures (compile report, parity report)."""
+
+    outputs: list[OutputFidelity]
+
+    @property
+    def masked(self) -> bool:
+        """Whether an output mask applied to some output (then the headline figures are masked ones)."""
+        return any(o.masked_drift is not None for o in self.outputs)
+
+
 def output_fidelity(runs: Sequence[Sequence[OutputComparison]]) -> list[OutputFidelity]:
     """Per-output figures, worst over ``runs`` (one list of comparisons per input set)."""
     rows = []

@@ -23,13 +23,16 @@ import torch
 from torch import nn
 
 from fxcompress.capture import FlatCall, model_call, run_eager
-from fxcompress.fidelity import OutputFidelity, OutputMask, check_output_mask, fidelity_table, output_fidelity, output_masks, output_tensors
+from fxcompress.fidelity import (
+    MaskedFigures, OutputFidelity, OutputMask, check_output_mask, fidelity_table, output_fidelity, output_masks,
+    output_tensors,
+)
 from fxcompress.numerics import LOSSLESS_TOLERANCE, OutputComparison, compare_outputs, flatten_outputs
 from fxcompress.runtime.session import create_session
 
 
 @dataclass
-class ParityReport:
+class ParityReport(MaskedFigures):
     """Worst-case figures over all inputs and outputs, plus the per-run details.
 
     ``drift``, ``max_abs``, ``max_rel``, ``cosine`` and ``nonfinite`` (and so ``passed``) are over
@@ -51,11 +54,6 @@ class ParityReport:
     #: drift over every position, masked ones included (equal to ``drift`` without a mask)
     unmasked_drift: float | None = None
     outputs: list[OutputFidelity] = field(default_factory=list)
-
-    @property
-    def masked(self) -> bool:
-        """Whether an output mask applied to some output (then the figures are the masked ones)."""
-        return any(o.masked_drift is not None for o in self.outputs)
 
     def summary(self) -> str:
         top1 = f", top-1 agreement {self.top1_agreement:.1%}" if self.top1_agreement is not None else ""
