@@ -138,11 +138,8 @@ class CompileResult:
         inputs and random inputs of the same shapes and compared with ``module``; a mismatch raises
         ExportError. The parity figures, recipe and version are stored as metadata props.
         """
-        dynamic = self.dynamic_batch if dynamic_batch is None else dynamic_batch
-        names = (self.call.names, self.call.output_names) if self.call is not None and self.call.structured else (None, None)
-        model, notes = export_model_proto(bake_weight_masks(self.graph_module), self.example_inputs, dynamic_batch=dynamic,
-                                          simplify=simplify, dynamic_sequence=self.dynamic_sequence,
-                                          input_names=names[0], output_names=names[1])
+        model, notes = export_model_proto(bake_weight_masks(self.graph_module), self.example_inputs, simplify=simplify,
+                                          **self._export_options(dynamic_batch))
         if sparse:  # lossless: ORT rebuilds the dense weights when the session is created
             model = compress_initializers(model)[0]
         stamp: dict[str, Any] = {
@@ -150,18 +147,18 @@ class CompileResult:
             "fxcompress_passes": ",".join(r.name for r in self.report.records if r.modified),
             "fxcompress_drift_vs_original": f"{self.report.drift:.3e}",
             "simplified": notes.get("simplified", False),
+            **self._export_metadata(),
         }
         if validate:
             allowed = tolerance if tolerance is not None else self._export_tolerance()
-            parity = _validate_proto(model, self.graph_module, self.example_inputs, allowed)
-            if self.dynamic_sequence and parity.passed:  # one file for every length: check a second one
-                parity = _validate_proto(model, self.graph_module, longer_sequences(self.example_inputs), allowed)
-            self.report.parity = parity
-            if not parity.passed:
-                raise ExportError(
-                    f"The exported ONNX model does not match the compiled module in ONNX Runtime: {parity.summary()}.",
-                    "nothing was written; report the model, or export with simplify=False / a recipe without the last pass.",
-                )
+            for inputs in self._parity_inputs():  # one file for every shape: check each that differs
+                parity = _validate_proto(model, self.graph_module, inputs, allowed)
+                self.report.parity = parity
+                if not parity.passed:
+                    raise ExportError(
+                        f"The exported ONNX model does not match the compiled module in ONNX Runtime: {parity.summary()}.",
+                        "nothing was written; report the model, or export with simplify=False / a recipe without the last pass.",
+                    )
             stamp.update({"fxcompress_parity_drift": f"{parity.drift:.3e}", "fxcompress_parity_cosine": f"{parity.cosine:.8f}"})
         from fxcompress.version import __version__
 
@@ -178,6 +175,21 @@ class CompileResult:
         The write is atomic.
         """
         return save_model(self.export_proto(**options), path)
+
+    def _export_options(self, dynamic_batch: bool | None) -> dict[str, Any]:
+        """export_model_proto's shape and naming arguments for this result."""
+        names = (self.call.names, self.call.output_names) if self.call is not None and self.call.structured else (None, None)
+        return {"dynamic_batch": self.dynamic_batch if dynamic_batch is None else dynamic_batch,
+                "dynamic_sequence": self.dynamic_sequence, "input_names": names[0], "output_names": names[1]}
+
+    def _parity_inputs(self) -> list[tuple[torch.Tensor, ...]]:
+        """The input sets export parity is checked on: the example, and a second sequence length
+        when the file serves every length."""
+        return [self.example_inputs] + ([longer_sequences(self.example_inputs)] if self.dynamic_sequence else [])
+
+    def _export_metadata(self) -> dict[str, Any]:
+        """Metadata props particular to this kind of result (none here)."""
+        return {}
 
     def _export_tolerance(self) -> float:
         """Lossless unless a kept pass exports inexactly (quantization, fp16): then the recipe's.
@@ -226,6 +238,7 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
     progress: bool = False,
     evaluate: Callable[[Any], float] | None = None,
     max_metric_drop: float | None = None,
+    dynamic_shapes: Any = None,
 ) -> CompileResult:
     """Capture ``model`` and run a recipe of passes over it.
 
@@ -257,6 +270,9 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
             layers in float (quantize-int8, quantize-int8-dynamic) rank layers by sensitivity and
             bisect on how many of the most sensitive stay in float until the metric drops at most
             this much; each trial is listed in the pass's ``stats["metric_trials"]``.
+        dynamic_shapes: an explicit torch.export dynamic-shapes spec for positional inputs, used
+            instead of ``dynamic_batch`` / ``dynamic_sequence`` at capture (what
+            :func:`fxcompress.decoder.compile_decoder` passes for the KV cache).
 
     Raises:
         InputError, CaptureError, RecipeError, PassError, DriftError: each with a one-paragraph
@@ -276,7 +292,8 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
         metric.baseline = metric.score(reference_model, "the original model")
         if call.structured:
             metric.as_user_module = lambda module: StructuredModule(module, call)
-    graph_module = capture(reference_model, example_inputs, dynamic_batch=dynamic_batch, dynamic_sequence=dynamic_sequence)
+    graph_module = capture(reference_model, example_inputs, dynamic_batch=dynamic_batch, dynamic_sequence=dynamic_sequence,
+                           shapes=dynamic_shapes)
     nodes_before, params_before = count_compute_nodes(graph_module), count_parameters(graph_module)
     recorder = RecordDiff()
     all_instruments: list[Instrument] = [Timing(), recorder, VerifyNumerics(inputs, reference), *instruments]
