@@ -152,7 +152,7 @@ def test_left_padded_batch_and_eos_match_transformers_generate(exported):
     stop = int(reference[0, 10])
     reference = model.generate(prompt, attention_mask=mask, max_new_tokens=24, do_sample=False, eos_token_id=stop,
                                pad_token_id=0)
-    ours = fxcompress.generate(path, prompt, attention_mask=mask, max_new_tokens=24, eos_token_id=stop)
+    ours = fxcompress.generate(path, prompt, attention_mask=mask, max_new_tokens=24, eos_token_id=stop, pad_token_id=0)
     assert torch.equal(ours, reference)
 
 

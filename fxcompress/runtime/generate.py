@@ -160,6 +160,7 @@ def generate(
     top_p: float | None = None,
     seed: int | None = None,
     eos_token_id: int | list[int] | None = ...,  # type: ignore[assignment]
+    pad_token_id: int | None = None,
     num_beams: int = 1,
     provider: str = "cpu",
 ) -> torch.Tensor:
@@ -173,7 +174,8 @@ def generate(
         do_sample, temperature, top_k, top_p: decoding; None takes the model's generation config.
         seed: seeds the sampler (None: a fresh one); greedy decoding ignores it.
         eos_token_id: stop a row at these ids (default: the model's); None: never stop early.
-            Rows that stopped are filled with the pad id, as transformers does.
+            Rows that stopped are filled with ``pad_token_id`` (default: the model's, else the
+            first end-of-sequence id, as transformers does).
         num_beams: only 1; beam search raises InputError.
         provider: "cpu" or "cuda" (for a path, bytes or ModelProto).
     """
@@ -189,7 +191,8 @@ def generate(
     _check_options(max_new_tokens, temperature, top_k, top_p, num_beams)
     eos = spec.eos_token_ids if eos_token_id is ... else (
         () if eos_token_id is None else tuple(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]))
-    pad = spec.pad_token_id if spec.pad_token_id is not None else (eos[0] if eos else 0)
+    pad = pad_token_id if pad_token_id is not None else spec.pad_token_id
+    pad = pad if pad is not None else (eos[0] if eos else 0)
     rng = np.random.default_rng(seed)
     loop = _CacheLoop(decoder)
     tokens, unfinished = ids, np.ones(ids.shape[0], dtype=bool)
