@@ -279,6 +279,12 @@ def _where(exc: BaseException) -> str:
 
 def _hint(exc: BaseException) -> str:
     text = f"{type(exc).__name__} {exc}".lower()
+    if "cache" in text and "not a known type" in text:
+        return (
+            "the model returns its KV cache (a transformers Cache object): compile a causal LM with "
+            "fxcompress.compile_decoder(model), which takes and returns the cache as named tensors, or call it "
+            "with use_cache=False."
+        )
     if "data-dependent" in text or "datadependent" in text or "guardondatadependent" in text:
         return (
             "the model branches on or sizes a tensor by its values (e.g. `if x.sum() > 0:` or "

@@ -266,3 +266,10 @@ def test_generate_refuses_an_onnx_file_that_is_not_a_decoder(tmp_path):
     path = result.export_onnx(tmp_path / "linear.onnx")
     with pytest.raises(InputError, match="compile_decoder"):
         fxcompress.generate(path, torch.zeros(1, 2, dtype=torch.long))
+
+
+def test_compile_of_a_causal_lm_with_its_cache_points_at_compile_decoder():
+    model = _model("qwen2")
+    with pytest.raises(fxcompress.CaptureError) as caught:
+        fxcompress.compile(model, {"input_ids": torch.zeros(1, 4, dtype=torch.long)})
+    assert "compile_decoder" in _one_paragraph(caught.value)
