@@ -214,6 +214,7 @@ def decoder_spec(model: nn.Module) -> DecoderSpec:
     from transformers.cache_utils import DynamicLayer
 
     ids = torch.zeros(1, 2, dtype=torch.long)
+    training = {name: m.training for name, m in model.named_modules()}
     try:
         with torch.no_grad():
             outputs = model.eval()(input_ids=ids, attention_mask=torch.ones_like(ids), cache=DynamicCache(),
@@ -225,6 +226,9 @@ def decoder_spec(model: nn.Module) -> DecoderSpec:
             f"takes {SUPPORTED_MODELS}.",
             "check that model(input_ids=ids, cache=transformers.DynamicCache(), use_cache=True) runs.",
         ) from None
+    finally:  # the caller's model keeps its training flags (dropout stays as they set it)
+        for name, m in model.named_modules():
+            m.training = training.get(name, m.training)
     cache = _cache_of(outputs)
     if type(cache) is not DynamicCache or any(type(layer) is not DynamicLayer or layer.keys is None for layer in cache.layers):
         kinds = sorted({type(layer).__name__ for layer in getattr(cache, "layers", [])}) or [type(cache).__name__]

@@ -273,3 +273,13 @@ def test_compile_of_a_causal_lm_with_its_cache_points_at_compile_decoder():
     with pytest.raises(fxcompress.CaptureError) as caught:
         fxcompress.compile(model, {"input_ids": torch.zeros(1, 4, dtype=torch.long)})
     assert "compile_decoder" in _one_paragraph(caught.value)
+
+
+def test_the_callers_model_is_left_untouched():
+    model = _model("llama").train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = model.generation_config.to_dict()
+    fxcompress.compile_decoder(model, recipe="int8-dynamic")
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.generation_config.to_dict() == config
