@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -32,7 +31,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
 import fxcompress  # noqa: E402
+from common import command_line, machine_description  # noqa: E402
 from fxcompress.examples import tiny_lm  # noqa: E402
 from fxcompress.runtime.generate import decoder_session  # noqa: E402
 
@@ -84,11 +86,10 @@ def main(argv: list[str] | None = None) -> dict:
         for row in rows:
             row["tokens_per_s"] = round(128 / statistics.median(times[row["recipe"]]), 1)
     report = {
-        "command": "python benchmarks/decoder.py" + (" --quick" if args.quick else "") +
-                   (f" --recipes {' '.join(args.recipes)}" if args.recipes != ["default", "int8-dynamic"] else ""),
+        "command": command_line(),
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-        "model": {**preset.__dict__, "train_seconds": round(train_seconds, 1),
+        "machine": machine_description("cpu"),
+        "model": {**preset.__dict__, "train_seconds": round(train_seconds, 1), "trained_steps": model.trained_steps,
                   "parameters": sum(p.numel() for p in model.parameters())},
         "perplexity_untrained_chance": len(tiny_lm.ALPHABET),
         "ppl_hf_fp32": round(reference_ppl, 4),
@@ -99,9 +100,10 @@ def main(argv: list[str] | None = None) -> dict:
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
         "# Decoder LLM benchmark (tiny_lm, real weights)", "",
-        f"`{report['command']}` on {report['machine']}, {report['date_utc']} UTC. Model: character-level Llama, "
+        f"`{report['command']}` on {report['machine']['cpu']} ({report['machine']['cores']} cores; torch "
+        f"{report['machine']['torch']}, onnxruntime {report['machine']['onnxruntime']}), {report['date_utc']} UTC. Model: character-level Llama, "
         f"{report['model']['parameters']:,} parameters, {report['model']['layers']} layers x {report['model']['hidden']}, "
-        f"trained {report['model']['train_seconds']} s on pydoc_data.topics; held-out perplexity of the transformers "
+        f"trained {report['model']['trained_steps']} steps ({report['model']['train_seconds']} s) on pydoc_data.topics; held-out perplexity of the transformers "
         f"model {report['ppl_hf_fp32']} (chance: {report['perplexity_untrained_chance']}).", "",
         "| recipe | ppl PyTorch | ppl ONNX | ONNX MB | greedy 64 = HF generate | tokens/s (ORT CPU, 128 new) | compile+export s |",
         "|---|---|---|---|---|---|---|",
