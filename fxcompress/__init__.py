@@ -15,6 +15,7 @@ from fxcompress.version import __version__  # noqa: E402,F401
 
 from fxcompress.api import CompileReport, CompileResult, benchmark, compile, diff, validate  # noqa: E402
 from fxcompress.comparison import ComparisonReport, compare  # noqa: E402
+from fxcompress.decoder import DecoderCompileResult, compile_decoder, generate  # noqa: E402
 from fxcompress.errors import (  # noqa: E402
     CaptureError,
     DriftError,
@@ -32,7 +33,9 @@ from fxcompress.infra.registry import register  # noqa: E402 - the decorator tha
 import fxcompress.passes  # noqa: E402,F401 - registers the built-in passes, presets and leaf functions
 
 __all__ = [
-    "CaptureError", "ComparisonReport", "CompileReport", "CompileResult", "DriftError", "ExportError", "FxCompressError",
+    "CaptureError", "ComparisonReport", "CompileReport", "CompileResult", "DecoderCompileResult", "DriftError",
+    "ExportError", "FxCompressError",
     "InputError", "ModelFileError", "PassError", "Recipe", "RecipeError", "RuntimeProviderError",
-    "UntrustedFileError", "benchmark", "compare", "compile", "diff", "register", "validate",
+    "UntrustedFileError", "benchmark", "compare", "compile", "compile_decoder", "diff", "generate", "register",
+    "validate",
 ]

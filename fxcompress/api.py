@@ -182,11 +182,8 @@ class CompileResult:
         ``output_mask`` (default: compile's) says which output positions parity counts, as in
         :func:`fxcompress.compile`; where one applies the masked drift is the one checked.
         """
-        dynamic = self.dynamic_batch if dynamic_batch is None else dynamic_batch
-        names = (self.call.names, self.call.output_names) if self.call is not None and self.call.structured else (None, None)
-        model, notes = export_model_proto(bake_weight_masks(self.graph_module), self.example_inputs, dynamic_batch=dynamic,
-                                          simplify=simplify, dynamic_sequence=self.dynamic_sequence,
-                                          input_names=names[0], output_names=names[1])
+        model, notes = export_model_proto(bake_weight_masks(self.graph_module), self.example_inputs, simplify=simplify,
+                                          **self._export_options(dynamic_batch))
         if sparse:  # lossless: ORT rebuilds the dense weights when the session is created
             model = compress_initializers(model)[0]
         stamp: dict[str, Any] = {
@@ -194,6 +191,7 @@ class CompileResult:
             "fxcompress_passes": ",".join(r.name for r in self.report.records if r.modified),
             "fxcompress_drift_vs_original": f"{self.report.drift:.3e}",
             "simplified": notes.get("simplified", False),
+            **self._export_metadata(),
         }
         if self.report.masked:  # the drift above is over the positions the output mask keeps
             stamp["fxcompress_unmasked_drift_vs_original"] = f"{self.report.unmasked_drift:.3e}"
@@ -201,16 +199,14 @@ class CompileResult:
             allowed = tolerance if tolerance is not None else self._export_tolerance()
             mask = self.output_mask if output_mask is None else output_mask
             check_output_mask(mask)
-            parity = _validate_proto(model, self.graph_module, self.example_inputs, allowed, output_mask=mask)
-            if self.dynamic_sequence and parity.passed:  # one file for every length: check a second one
-                parity = _validate_proto(model, self.graph_module, longer_sequences(self.example_inputs), allowed,
-                                         output_mask=mask)
-            self.report.parity = parity
-            if not parity.passed:
-                raise ExportError(
-                    f"The exported ONNX model does not match the compiled module in ONNX Runtime: {parity.summary()}.",
-                    "nothing was written; report the model, or export with simplify=False / a recipe without the last pass.",
-                )
+            for inputs in self._parity_inputs():  # one file for every shape: check each that differs
+                parity = _validate_proto(model, self.graph_module, inputs, allowed, output_mask=mask)
+                self.report.parity = parity
+                if not parity.passed:
+                    raise ExportError(
+                        f"The exported ONNX model does not match the compiled module in ONNX Runtime: {parity.summary()}.",
+                        "nothing was written; report the model, or export with simplify=False / a recipe without the last pass.",
+                    )
             stamp.update({"fxcompress_parity_drift": f"{parity.drift:.3e}", "fxcompress_parity_cosine": f"{parity.cosine:.8f}"})
         from fxcompress.version import __version__
 
@@ -227,6 +223,21 @@ class CompileResult:
         The write is atomic.
         """
         return save_model(self.export_proto(**options), path)
+
+    def _export_options(self, dynamic_batch: bool | None) -> dict[str, Any]:
+        """export_model_proto's shape and naming arguments for this result."""
+        names = (self.call.names, self.call.output_names) if self.call is not None and self.call.structured else (None, None)
+        return {"dynamic_batch": self.dynamic_batch if dynamic_batch is None else dynamic_batch,
+                "dynamic_sequence": self.dynamic_sequence, "input_names": names[0], "output_names": names[1]}
+
+    def _parity_inputs(self) -> list[tuple[torch.Tensor, ...]]:
+        """The input sets export parity is checked on: the example, and a second sequence length
+        when the file serves every length."""
+        return [self.example_inputs] + ([longer_sequences(self.example_inputs)] if self.dynamic_sequence else [])
+
+    def _export_metadata(self) -> dict[str, Any]:
+        """Metadata props particular to this kind of result (none here)."""
+        return {}
 
     def _export_tolerance(self) -> float:
         """Lossless unless a kept pass exports inexactly (quantization, fp16): then the recipe's.
@@ -277,6 +288,7 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
     evaluate: Callable[[Any], float] | None = None,
     max_metric_drop: float | None = None,
     output_mask: OutputMask = None,
+    dynamic_shapes: Any = None,
 ) -> CompileResult:
     """Capture ``model`` and run a recipe of passes over it.
 
@@ -317,6 +329,9 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
             a mask applies, the masked drift is the one checked against ``tolerance`` (and by
             ``export_onnx``); the drift over all positions is reported beside it
             (``report.unmasked_drift``, ``report.outputs``).
+        dynamic_shapes: an explicit torch.export dynamic-shapes spec for positional inputs, used
+            instead of ``dynamic_batch`` / ``dynamic_sequence`` at capture (what
+            :func:`fxcompress.decoder.compile_decoder` passes for the KV cache).
 
     Raises:
         InputError, CaptureError, RecipeError, PassError, DriftError: each with a one-paragraph
@@ -339,7 +354,8 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
         metric.baseline = metric.score(reference_model, "the original model")
         if call.structured:
             metric.as_user_module = lambda module: StructuredModule(module, call)
-    graph_module = capture(reference_model, example_inputs, dynamic_batch=dynamic_batch, dynamic_sequence=dynamic_sequence)
+    graph_module = capture(reference_model, example_inputs, dynamic_batch=dynamic_batch, dynamic_sequence=dynamic_sequence,
+                           shapes=dynamic_shapes)
     nodes_before, params_before = count_compute_nodes(graph_module), count_parameters(graph_module)
     recorder = RecordDiff()
     all_instruments: list[Instrument] = [Timing(), recorder, VerifyNumerics(inputs, reference, masks=masks), *instruments]

@@ -279,6 +279,12 @@ def _where(exc: BaseException) -> str:
 
 def _hint(exc: BaseException) -> str:
     text = f"{type(exc).__name__} {exc}".lower()
+    if "cache" in text and "not a known type" in text:
+        return (
+            "the model returns its KV cache (a transformers Cache object): compile a causal LM with "
+            "fxcompress.compile_decoder(model), which takes and returns the cache as named tensors, or call it "
+            "with use_cache=False."
+        )
     if "data-dependent" in text or "datadependent" in text or "guardondatadependent" in text:
         return (
             "the model branches on or sizes a tensor by its values (e.g. `if x.sum() > 0:` or "
@@ -399,7 +405,7 @@ def longer_sequences(inputs: Sequence[torch.Tensor], extra: int = 3) -> tuple[to
 
 @holding_tracing_lock
 def capture(model: nn.Module, example_inputs: Any, *, dynamic_batch: bool = False,
-            dynamic_sequence: bool = False) -> fx.GraphModule:
+            dynamic_sequence: bool = False, shapes: Any = None) -> fx.GraphModule:
     """Capture ``model`` as a plain, trainable ``torch.fx.GraphModule`` of ATen ops.
 
     Args:
@@ -410,6 +416,9 @@ def capture(model: nn.Module, example_inputs: Any, *, dynamic_batch: bool = Fals
             ``(args, kwargs)`` pair or nested lists/tuples of tensors (see :class:`ModelCall`).
         dynamic_batch: make dimension 0 of every input symbolic (needs an example batch >= 2).
         dynamic_sequence: make dimension 1 of every rank-2 input (token ids, masks) symbolic.
+        shapes: an explicit torch.export ``dynamic_shapes`` spec for the positional inputs, used
+            instead of ``dynamic_batch`` / ``dynamic_sequence`` (a decoder's cache lengths, see
+            fxcompress.capture_decoder).
 
     Returns:
         A GraphModule with its own copy of every parameter and buffer.
@@ -422,8 +431,10 @@ def capture(model: nn.Module, example_inputs: Any, *, dynamic_batch: bool = Fals
     work = private_copy(model)
     call = model_call(work, example_inputs)
     inputs = call.flat
-    shapes = dynamic_shapes(inputs, dynamic_batch, dynamic_sequence) if not call.structured else None
-    if call.structured and (dynamic_batch or dynamic_sequence):
+    explicit = shapes is not None
+    if not explicit:
+        shapes = dynamic_shapes(inputs, dynamic_batch, dynamic_sequence) if not call.structured else None
+    if call.structured and (dynamic_batch or dynamic_sequence) and not explicit:
         # torch.export matches dynamic shapes to forward()'s parameters by name when called with keywords
         named = dict(zip(call.parameters, call.args))
         if len(named) < len(call.args):
@@ -436,7 +447,7 @@ def capture(model: nn.Module, example_inputs: Any, *, dynamic_batch: bool = Fals
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: "
             f"{_first_line(exc)}.{_where(exc)}",
-            _hint(exc) if not (dynamic_batch or dynamic_sequence) else
+            _hint(exc) if not (dynamic_batch or dynamic_sequence or explicit) else
             "with dynamic_batch / dynamic_sequence use an example batch and length of at least 2 and a model whose "
             "forward() does not depend on them; or compile without them.",
         ) from None

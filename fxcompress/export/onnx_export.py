@@ -8,6 +8,7 @@ atomically.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import os
 import re
@@ -39,11 +40,16 @@ def export_model_proto(
     dynamic_sequence: bool = False,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
+    shapes: Sequence[Any] | None = None,
+    dim_names: Mapping[tuple[str, int], str] | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Export to an in-memory, checked ModelProto.
 
     ``input_names`` / ``output_names`` name the graph's inputs and outputs (a model called with
     keyword inputs: ``input_ids``, ``attention_mask``; its output fields: ``last_hidden_state``).
+    ``shapes`` is an explicit torch.export dynamic-shapes spec, one entry per input, used instead of
+    ``dynamic_batch`` / ``dynamic_sequence``; ``dim_names`` renames the symbolic dimension
+    ``(graph input or output name, axis)`` that torch left unnamed (e.g. ``s53``).
 
     Returns the model and notes (``simplified``: whether onnxsim's result was kept, node counts).
     Raises ExportError with the exporter's first line and a hint when export fails.
@@ -53,16 +59,18 @@ def export_model_proto(
     modes = {name: m.training for name, m in graph_module.named_modules()}
     graph_module.eval()
     notes: dict[str, Any] = {}
+    exported_module = pin_attention_layout(graph_module)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                graph_module,
+                exported_module,
                 tuple(example_inputs),
                 dynamo=True,
                 verbose=False,
                 external_data=False,
-                dynamic_shapes=dynamic_shapes(tuple(example_inputs), dynamic_batch, dynamic_sequence),
+                dynamic_shapes=list(shapes) if shapes is not None else
+                dynamic_shapes(tuple(example_inputs), dynamic_batch, dynamic_sequence),
                 input_names=list(input_names) if input_names else None,
                 output_names=list(output_names) if output_names else None,
             )
@@ -72,6 +80,8 @@ def export_model_proto(
         for name, m in graph_module.named_modules():
             m.training = modes.get(name, m.training)
     model = program.model_proto
+    if dim_names:
+        _rename_dims(model, dim_names)
     if dynamic_batch and model.graph.input and not model.graph.input[0].type.tensor_type.shape.dim[0].dim_param:
         raise ExportError(
             "The graph has its batch size baked in, so the ONNX batch axis cannot be dynamic.",
@@ -85,6 +95,48 @@ def export_model_proto(
         model, notes["simplified"] = _simplify(model)
     notes["nodes"] = len(model.graph.node)
     return model, notes
+
+
+def pin_attention_layout(graph_module: fx.GraphModule) -> fx.GraphModule:
+    """``graph_module``, or a copy sharing its weights where every ``scaled_dot_product_attention``
+    output goes through a contiguous ``clone`` first.
+
+    torch.onnx's decomposition sees a strided layout for sdpa's output (heads-last) and turns the
+    ``transpose(1, 2).reshape(...)`` after it into a ``view``; its type-promotion step then
+    re-runs the graph with sdpa's contiguous fake result, and that view fails ("Cannot view a
+    tensor with shape ... and strides ..."): T5 and other models whose attention reshapes after a
+    transpose do not export. A contiguous copy gives both steps the same layout; ONNX drops it
+    (Identity) and the compiled module itself is left as it is.
+    """
+    sdpa = torch.ops.aten.scaled_dot_product_attention.default
+    if not any(n.target is sdpa for n in graph_module.graph.nodes):
+        return graph_module
+    pinned = fx.GraphModule(graph_module, copy.deepcopy(graph_module.graph), class_name="GraphModule")
+    graph = pinned.graph
+    for node in [n for n in graph.nodes if n.target is sdpa]:
+        with graph.inserting_after(node):
+            clone = graph.call_function(torch.ops.aten.clone.default, (node,), {"memory_format": torch.contiguous_format})
+        node.replace_all_uses_with(clone, delete_user_cb=lambda user: user is not clone)
+        clone.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+    pinned.recompile()
+    return pinned
+
+
+def _rename_dims(model: onnx.ModelProto, dim_names: Mapping[tuple[str, int], str]) -> None:
+    """Rename the symbolic dims ``dim_names`` names, everywhere the graph's value infos use them."""
+    renames: dict[str, str] = {}
+    for value in list(model.graph.input) + list(model.graph.output):
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            wanted = dim_names.get((value.name, axis))
+            if wanted and dim.dim_param and dim.dim_param != wanted:
+                renames[dim.dim_param] = wanted
+    if not renames:
+        return
+    for value in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                # torch names derived sizes by expression ("s53 + 1"): rename whole tokens only
+                dim.dim_param = re.sub(r"\b\w+\b", lambda m: renames.get(m.group(0), m.group(0)), dim.dim_param)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -1,0 +1,138 @@
+"""compile_decoder(): a Hugging Face causal LM with its KV cache, compiled and exported as one graph.
+
+    result = fxcompress.compile_decoder(model, recipe="default")
+    result.export_onnx("lm.onnx")          # input_ids, attention_mask, position_ids, past_key_values.*
+    fxcompress.generate("lm.onnx", ids, max_new_tokens=64)        # greedy, in ONNX Runtime
+
+The model is wrapped by :class:`fxcompress.capture_decoder.DecoderModule` (cache as flat
+tensors) and compiled like any model; the passes see an ordinary ATen graph. Export names the
+cache inputs and outputs, keeps batch, sequence and past lengths symbolic, checks parity on a
+prefill (empty past) and a one-token decode step as well as the capture example, and stores the
+cache geometry and generation defaults in the file's metadata for :func:`generate`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from fxcompress.api import CompileResult, compile
+from fxcompress.capture_decoder import (
+    DECODER_METADATA, DIM_NAMES, DecoderModule, DecoderSpec, decoder_spec, dynamic_shapes, example_inputs, step_inputs,
+)
+from fxcompress.errors import InputError
+from fxcompress.infra.context import calibration_source
+from fxcompress.infra.instrument import Instrument
+from fxcompress.infra.pass_base import Pass
+from fxcompress.infra.recipe import Recipe
+from fxcompress.runtime.generate import generate as generate_onnx
+
+
+class DecoderCompileResult(CompileResult):
+    """A compiled decoder: :class:`~fxcompress.api.CompileResult` plus ``spec`` (the cache geometry).
+
+    ``module`` takes ``(input_ids, attention_mask, position_ids, *past)`` and returns
+    ``(logits, *present)`` (see :func:`fxcompress.capture_decoder.step_inputs` to build them).
+    """
+
+    spec: DecoderSpec
+
+    def _export_options(self, dynamic_batch: bool | None) -> dict[str, Any]:
+        return {"shapes": dynamic_shapes(self.spec, nested=False), "input_names": self.spec.input_names,
+                "output_names": self.spec.output_names, "dim_names": DIM_NAMES}
+
+    def _parity_inputs(self) -> list[tuple[torch.Tensor, ...]]:
+        # The capture example (batch 2, 3 tokens after 4 cached), a prefill (empty past) and a
+        # one-token decode step: the shapes generation runs at, which torch.export never saw.
+        generator = torch.Generator().manual_seed(1)
+        prompt = torch.randint(0, self.spec.vocab_size, (1, 5), generator=generator)
+        with torch.no_grad():
+            present = list(self.graph_module(*step_inputs(self.spec, prompt))[1:])
+        token = torch.randint(0, self.spec.vocab_size, (1, 1), generator=generator)
+        return [self.example_inputs, step_inputs(self.spec, prompt), step_inputs(self.spec, token, present)]
+
+    def _export_metadata(self) -> dict[str, Any]:
+        return {DECODER_METADATA: self.spec.to_json()}
+
+    def generate(self, input_ids: Any, **options: Any) -> torch.Tensor:
+        """Export (checked, in memory; once) and :func:`generate` in ONNX Runtime."""
+        proto = getattr(self, "_generation_proto", None)
+        if proto is None:
+            proto = self._generation_proto = self.export_proto()
+        return generate_onnx(proto, input_ids, **options)
+
+
+def _prefill_batches(spec: DecoderSpec, calibration: Any) -> Callable[[], Any] | None:
+    """Calibration prompts (token-id tensors ``[batch, length]``) as the graph's prefill inputs."""
+    source = calibration_source(calibration)
+    if source is None:
+        return None
+
+    def batches():
+        for i, prompt in enumerate(source()):
+            ids = prompt.get("input_ids") if isinstance(prompt, dict) else prompt
+            if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
+                raise InputError(f"calibration item {i} is not a [batch, length] tensor of token ids.",
+                                 "pass prompts as LongTensors (or tokenizer outputs with input_ids).")
+            yield step_inputs(spec, ids)
+
+    return batches
+
+
+def compile_decoder(
+    model: nn.Module,
+    recipe: str | os.PathLike | Recipe | Sequence[str | Pass] = "default",
+    calibration: Any = None,
+    *,
+    tolerance: float | None = None,
+    instruments: Sequence[Instrument] = (),
+    dump_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+    evaluate: Callable[[Any], float] | None = None,
+    max_metric_drop: float | None = None,
+) -> DecoderCompileResult:
+    """Capture a causal LM with its KV cache and run a recipe of passes over it.
+
+    Args:
+        model: a transformers causal LM (Llama, Qwen2, Mistral, GPT-2, Phi, ...) using the
+            dynamic cache; never modified.
+        recipe, tolerance, instruments, dump_dir, progress, evaluate, max_metric_drop: as for
+            :func:`fxcompress.compile`; ``evaluate`` receives the compiled flat module.
+        calibration: prompts for data-driven passes: token-id tensors ``[batch, length]`` (or
+            dicts with ``input_ids``), run as prefill steps.
+
+    Returns:
+        A :class:`DecoderCompileResult`; ``export_onnx`` writes one graph for prefill and decode.
+
+    Raises:
+        InputError: not a causal LM, a cache other than the dynamic one, or a generation config
+            the ONNX loop cannot serve (beam search, ...): each names what is supported.
+        CaptureError, RecipeError, PassError, DriftError: as for :func:`fxcompress.compile`.
+    """
+    spec = decoder_spec(model)
+    wrapper = DecoderModule(model, spec.layers)
+    result = compile(wrapper, example_inputs(spec), recipe, _prefill_batches(spec, calibration), tolerance=tolerance,
+                     instruments=instruments, dump_dir=dump_dir, progress=progress, evaluate=evaluate,
+                     max_metric_drop=max_metric_drop, dynamic_shapes=dynamic_shapes(spec))
+    result.__class__ = DecoderCompileResult  # same state, decoder-aware export
+    result.spec = spec
+    return result
+
+
+def generate(model: Any, input_ids: Any, **options: Any) -> torch.Tensor:
+    """Generate tokens in ONNX Runtime from an exported decoder (path, bytes, ModelProto,
+    :class:`~fxcompress.runtime.generate.DecoderSession`) or a :class:`DecoderCompileResult`.
+
+    ``options`` are :func:`fxcompress.runtime.generate.generate`'s: ``max_new_tokens``,
+    ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``eos_token_id``,
+    ``attention_mask``, ``provider``. Returns ``[batch, prompt + new]`` token ids.
+    """
+    if isinstance(model, DecoderCompileResult):
+        return model.generate(input_ids, **options)
+    return generate_onnx(model, input_ids, **options)
+
+
+__all__ = ["DecoderCompileResult", "compile_decoder", "generate"]
