@@ -13,13 +13,18 @@ the fp32 file in points, file size, and latency (p50 at the model's batch, all v
 interleaved in one process, ``runtime/timing.py``). Targets (issue 16): int8 / int8-dynamic within
 0.5 point of fp32, prune + fine-tuning within 1 point.
 
-    flock /tmp/fxcompress-timing.lock python benchmarks/trained_models.py      # full: writes results/trained_models.{json,md}
-    python benchmarks/trained_models.py --quick --out /tmp/tm                  # CI dry run: tiny models, 1 epoch
+    python benchmarks/trained_models.py                         # full: writes results/trained_models.{json,md}
+    python benchmarks/trained_models.py --quick --out /tmp/tm   # CI dry run: tiny models, 1 epoch
+
+A full run holds ``--timing-lock`` (default /tmp/fxcompress-timing.lock, the lock ``flock`` takes)
+while it measures latency, and only then: training and compiling run beside other jobs, timings never.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import sys
@@ -89,10 +94,25 @@ def variants(trained: TrainedModel, work: Path) -> tuple[dict[str, Path], dict[s
     return paths, errors, notes
 
 
-def run_model(trained: TrainedModel, train_s: float, work: Path, rounds: int, threads: int) -> list[dict]:
+@contextlib.contextmanager
+def timing_lock(path: str | None):
+    """Hold an exclusive ``flock`` on ``path`` (no lock when empty): no two timing runs overlap."""
+    if not path:
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def run_model(trained: TrainedModel, train_s: float, work: Path, rounds: int, threads: int, lock: str | None) -> list[dict]:
     paths, errors, notes = variants(trained, work)
     runners = {label: make_runner(create_session(path, "cpu", threads=threads), trained.example) for label, path in paths.items()}
-    timing = time_interleaved(runners, rounds=rounds, block=8, batch_size=trained.batch)
+    with timing_lock(lock):
+        timing = time_interleaved(runners, rounds=rounds, block=8, batch_size=trained.batch)
     reference = trained.onnx_accuracy(paths["fp32"]) if "fp32" in paths else None
     rows = []
     for label in [*paths, *errors]:
@@ -133,7 +153,7 @@ def render(record: dict) -> str:
         "Every figure here comes from models TRAINED by the benchmark (fixed seeds) on scikit-learn's bundled digits: "
         f"accuracy on the {record['test_images']} held-out images through ORT's CPU provider, change against the fp32 "
         f"file in points, file size, p50 latency at the model's batch ({record['threads']} ORT intra-op thread(s), "
-        f"variants of a model interleaved, {record['rounds']} rounds x 8 runs).",
+        f"variants of a model interleaved, {record['rounds']} rounds x 8 runs, under the timing lock).",
         "",
         f"Command: `{record['command']}`  ",
         f"Machine: {machine.get('cpu')}, {machine.get('cores')} cores; torch {machine.get('torch')}, onnxruntime "
@@ -164,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=",".join(TRAINED_MODELS), help="comma-separated subset of " + ", ".join(TRAINED_MODELS))
     parser.add_argument("--rounds", type=int, default=None, help="timing rounds (default 10; --quick: 1)")
     parser.add_argument("--threads", type=int, default=1, help="ORT intra-op threads for the latency column")
+    parser.add_argument("--timing-lock", default=None,
+                        help="file locked while timing (default /tmp/fxcompress-timing.lock; --quick: none; '' for none)")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in TRAINED_MODELS]
@@ -173,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     # Training runs on a fixed thread count: float reduction order (so the trained weights) depends on it.
     torch.set_num_threads(2)
     rounds = args.rounds or (1 if args.quick else 10)
+    lock = args.timing_lock if args.timing_lock is not None else (None if args.quick else "/tmp/fxcompress-timing.lock")
     command = command_line()
     print(f"command: {command}\nmachine: {json.dumps(machine_description('CPUExecutionProvider'))}", flush=True)
     start = time.perf_counter()
@@ -190,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                             "description": f"batch {trained.batch}, {type(trained.model).__name__}"
                                            f"({', '.join(f'{k}={v}' for k, v in kwargs.items()) or 'defaults'}) trained in {train_s:.0f} s"}
             print(f"== {name}: trained in {train_s:.1f} s, PyTorch accuracy {trained.torch_accuracy(trained.model):.4f}", flush=True)
-            rows += run_model(trained, train_s, Path(folder), rounds, args.threads)
+            rows += run_model(trained, train_s, Path(folder), rounds, args.threads, lock)
     record = {"command": command, "quick": args.quick, "threads": args.threads, "rounds": rounds,
               "test_images": test_images, "seconds": time.perf_counter() - start,
               "machine": machine_description("CPUExecutionProvider"), "models": models, "rows": rows}
