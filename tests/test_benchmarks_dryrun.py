@@ -237,3 +237,27 @@ def test_depthwise_int8_quick_run_compares_with_ort_and_scores_the_trained_mobil
     assert record["meta"]["command"].startswith("python benchmarks/depthwise_int8.py --quick")
     table = (tmp_path / "depthwise_int8.md").read_text()
     assert "RANDOM WEIGHTS" in table and "## Trained: DigitsMobileNet" in table
+
+
+def test_trained_models_quick_run_writes_every_model_and_variant(tmp_path):
+    pytest.importorskip("sklearn")
+    result = subprocess.run([sys.executable, str(BENCH / "trained_models.py"), "--quick", "--out", str(tmp_path)],
+                            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "command: python benchmarks/trained_models.py --quick" in result.stdout and "machine: " in result.stdout
+    record = json.loads((tmp_path / "trained_models.json").read_text())
+    variants = {(r["model"], r["variant"]): r for r in record["rows"]}
+    expected = {"fp32", "fxcompress default", "fxcompress int8", "fxcompress int8-dynamic", "fxcompress fp16",
+                "fxcompress prune + fine-tuning", "ORT quantize_static", "ORT quantize_dynamic"}
+    for model in ("digits-cnn", "digits-encoder", "digits-mobilenet"):
+        assert {v for m, v in variants if m == model} == expected, model
+        fp32 = variants[(model, "fp32")]
+        assert fp32["status"] == "ok" and fp32["delta_points"] == 0 and fp32["speedup"] == pytest.approx(1.0)
+        for variant in expected:
+            row = variants[(model, variant)]
+            assert row["weights"] == "trained" and (row["status"] == "ok" or row["error"]), row
+        prune = variants[(model, "fxcompress prune + fine-tuning")]
+        assert prune["status"] == "ok" and prune["macs"][1] < prune["macs"][0] and "within_target" in prune
+    table = (tmp_path / "trained_models.md").read_text()
+    assert "TRAINED" in table and "| digits-encoder | fxcompress int8-dynamic |" in table
+    assert "Command: `python benchmarks/trained_models.py --quick" in table

@@ -12,22 +12,20 @@ import torch
 
 import fxcompress
 from fxcompress.examples.digits_encoder import (
-    DigitsEncoder, encoder_accuracy, load_digits_sequences, onnx_encoder_outputs, to_sequences, train_encoder,
-    with_channel_outliers,
+    encoder_accuracy, load_digits_sequences, onnx_encoder_outputs, to_sequences, with_channel_outliers,
 )
 from fxcompress.passes.presets import int8
 from fxcompress.runtime.session import create_session
+from tests.digits_trained import trained as trained_model
 
 BATCH = 16
 
 
 @pytest.fixture(scope="module")
 def trained():
-    pytest.importorskip("sklearn")
-    data = load_digits_sequences()
-    torch.manual_seed(0)
-    model = train_encoder(DigitsEncoder(width=64, depth=2), data, epochs=15)
-    return model, data
+    # The session's trained encoder (width 64, depth 2, 15 epochs, seed 0), shared with test_digits_int8/prune.
+    model = trained_model("digits-encoder").model
+    return model, load_digits_sequences()
 
 
 def _example(data):

@@ -1,34 +1,28 @@
-"""End to end: the digits CNN trained here, int8 through the exported ONNX in ORT, within 0.5 points."""
+"""End to end on the three trained digits models (CNN, transformer encoder over padded sequences,
+depthwise-separable MobileNet): int8 and int8-dynamic through the exported ONNX in ORT stay within
+half a point of the fp32 export's accuracy (issue 16's target)."""
 
 from __future__ import annotations
 
 import onnx
 import pytest
-import torch
 
 import fxcompress
-from fxcompress.examples.digits import DigitsCNN, load_digits_data, onnx_accuracy, train
+from tests.digits_trained import MODELS, fp32_accuracy, trained
+
+#: ONNX ops each preset's export must contain (proof the file really computes in int8).
+INT8_OPS = {"int8": {"QuantizeLinear", "DequantizeLinear"}, "int8-dynamic": {"DynamicQuantizeLinear", "MatMulInteger"}}
 
 
-@pytest.fixture(scope="module")
-def trained():
-    pytest.importorskip("sklearn")
-    torch.manual_seed(0)
-    data = load_digits_data()
-    return train(DigitsCNN(width=16), data, epochs=6), data
-
-
-def test_int8_accuracy_drop_through_onnx_runtime_is_at_most_half_a_point(trained, tmp_path):
-    model, data = trained
-    example = (data.x_train[:1],)
-    calibration = [(data.x_train[i:i + 32],) for i in range(0, 256, 32)]  # split into batch-1 chunks
-    plain = fxcompress.compile(model, example, []).export_onnx(tmp_path / "fp32.onnx")
-    result = fxcompress.compile(model, example, "int8", calibration=calibration)
-    path = result.export_onnx(tmp_path / "int8.onnx")
-    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
-    fp32_acc = onnx_accuracy(plain, data.x_test, data.y_test)
-    int8_acc = onnx_accuracy(path, data.x_test, data.y_test)
-    print(f"digits accuracy through ORT: fp32 {fp32_acc:.4f}, int8 {int8_acc:.4f}")
-    assert fp32_acc > 0.9, "the test model did not train"
-    assert fp32_acc - int8_acc <= 0.005, (fp32_acc, int8_acc)
+@pytest.mark.parametrize("preset", ["int8", "int8-dynamic"])
+@pytest.mark.parametrize("name", MODELS)
+def test_int8_presets_keep_accuracy_through_onnx_runtime_within_half_a_point(name, preset, tmp_path):
+    model = trained(name)
+    reference = fp32_accuracy(name)
+    assert reference > 0.9, "the test model did not train"
+    result = fxcompress.compile(model.model, model.example, preset, calibration=model.calibration)
+    path = result.export_onnx(tmp_path / f"{preset}.onnx")
+    assert INT8_OPS[preset] <= {n.op_type for n in onnx.load(str(path)).graph.node}
+    accuracy = model.onnx_accuracy(path)
+    print(f"{name} {preset}: accuracy through ORT fp32 {reference:.4f} -> {accuracy:.4f}")
+    assert reference - accuracy <= 0.005, (name, preset, reference, accuracy)

@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -129,16 +128,32 @@ def torch_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((model(x).argmax(1) == y).float().mean())
 
 
-def onnx_accuracy(path: str | os.PathLike, x: torch.Tensor, y: torch.Tensor, batch: int = 1) -> float:
-    """Accuracy of an ONNX classifier in ORT (CPU provider), fed ``batch`` images at a time."""
+def padded_batches(inputs: tuple[torch.Tensor, ...], batch: int):
+    """Yield ``(chunk, real)``: ``batch`` examples of every input at a time, the last partial
+    chunk padded with copies of its last example (for files with a fixed batch); ``real`` of them count."""
+    for i in range(0, len(inputs[0]), batch):
+        chunk = [t[i:i + batch] for t in inputs]
+        real = len(chunk[0])
+        if real < batch:
+            chunk = [torch.cat([t, t[-1:].expand(batch - real, *t.shape[1:])]) for t in chunk]
+        yield tuple(chunk), real
+
+
+def onnx_accuracy(path: str | os.PathLike, x: torch.Tensor | tuple[torch.Tensor, ...], y: torch.Tensor,
+                  batch: int = 1) -> float:
+    """Accuracy of an ONNX classifier in ORT (CPU provider), fed ``batch`` examples at a time.
+
+    ``x`` is one input tensor or a tuple of them (an encoder's tokens and mask); the first output
+    is the logits.
+    """
     from fxcompress.runtime.session import create_session
 
     session = create_session(path, "cpu")
     correct = 0
-    for i in range(0, len(x), batch):
-        logits = session.run((x[i:i + batch].numpy(),))[0]
-        correct += int((logits.argmax(1) == y[i:i + batch].numpy()).sum())
-    return correct / len(x)
+    for i, (chunk, real) in enumerate(padded_batches(x if isinstance(x, tuple) else (x,), batch)):
+        logits = session.run(tuple(t.numpy() for t in chunk))[0][:real]
+        correct += int((logits.argmax(1) == y[i * batch:i * batch + real].numpy()).sum())
+    return correct / len(y)
 
 
 def prune_and_fine_tune(model: nn.Module, data: DigitsData, ratio: float = 0.5, epochs: int = 3):

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fxcompress.examples.digits import DigitsData, load_digits_data
+from fxcompress.examples.digits import DigitsData, load_digits_data, padded_batches
 
 #: Patches per image (2x2 patches of an 8x8 image) and features per token (4 pixels + place one-hot).
 MAX_TOKENS = 16
@@ -148,12 +148,7 @@ def onnx_encoder_outputs(path, tokens: torch.Tensor, mask: torch.Tensor, batch: 
 
     session = create_session(path, "cpu")
     logits, embeddings = [], []
-    for i in range(0, len(tokens), batch):
-        t, m = tokens[i:i + batch], mask[i:i + batch]
-        real = len(t)
-        if real < batch:
-            t = torch.cat([t, t[-1:].expand(batch - real, -1, -1)])
-            m = torch.cat([m, m[-1:].expand(batch - real, -1)])
+    for (t, m), real in padded_batches((tokens, mask), batch):
         out = session.run((t.numpy(), m.numpy()))
         logits.append(torch.from_numpy(out[0][:real]))
         embeddings.append(torch.from_numpy(out[1][:real]))
