@@ -85,8 +85,8 @@ def test_structure_only_biases_change_and_second_run_is_a_no_op(uneven):
     assert not again.modified and again.stats["corrected"] == 0  # the head is still skipped, the rest done
 
 
-def test_the_mean_error_of_a_corrected_layer_vanishes_on_the_calibration_data(uneven):
-    model, inputs, calibration = uneven
+def _stem_mean_errors(model, inputs, calibration, **options):
+    """The stem's per-channel mean error on the calibration data before and after correct-bias."""
     gm, context = _quantized(model, inputs, calibration)
     stem = next(n for n in gm.graph.nodes if weighted_layer(n) is not None)
     # The float reference comes from the graph before correction (the correction moves both modes).
@@ -94,13 +94,25 @@ def test_the_mean_error_of_a_corrected_layer_vanishes_on_the_calibration_data(un
 
     def mean_error():
         errors = [_float_copy_output(gm, x, stem)[1] - ref for x, ref in zip(calibration, reference)]
-        return torch.stack([e.mean(dim=(0, 2, 3)) for e in errors]).mean(0).abs().max()
+        return torch.stack([e.mean(dim=(0, 2, 3)) for e in errors]).mean(0).abs()
 
-    before = float(mean_error())
-    _run(gm, context)
-    after = float(mean_error())
-    print(f"stem's largest per-channel mean error: {before:.2e} -> {after:.2e}")
-    assert before > 1e-5 and after < 1e-3 * before
+    before = mean_error()
+    _run(gm, context, **options)
+    return before, mean_error()
+
+
+def test_the_mean_error_of_a_corrected_layer_vanishes_on_the_calibration_data_without_shrinkage(uneven):
+    before, after = _stem_mean_errors(*uneven, shrinkage="none")
+    print(f"stem's largest per-channel mean error: {float(before.max()):.2e} -> {float(after.max()):.2e}")
+    assert float(before.max()) > 1e-5 and float(after.max()) < 1e-3 * float(before.max())
+
+
+def test_shrinkage_corrects_significant_channels_and_leaves_noise_alone(uneven):
+    before, after = _stem_mean_errors(*uneven)
+    changed = (after - before).abs() > 1e-3 * before
+    print(f"stem: {int(changed.sum())} of {len(before)} channels corrected; mean errors {before} -> {after}")
+    assert bool((after <= before * (1 + 1e-4) + 1e-9).all())  # no channel moves away from its float mean
+    assert 0 < int(changed.sum()) < len(before)  # the stem's rounding errors are mostly noise over 16 images
 
 
 def test_bias_correction_reduces_int8_drift_on_held_out_data(uneven):
