@@ -33,8 +33,7 @@ mean in full.
 On networks with per-channel gains spread over orders of magnitude (``uneven_bn``) a per-tensor
 activation scale can collapse or clip a channel: its mean error is then consistent across images
 (significant) but comparable to the channel's spread, and moving its mean moves it across the
-activation and out of the next quantizer's range (MobileNetV3 at 64x64, uneven batch norms: the
-full correction took the held-out cosine from 0.81 to 0.59). A channel whose mean error exceeds
+activation and out of the next quantizer's range. A channel whose mean error exceeds
 ``max_relative_shift`` times its float standard deviation (over the calibration data, from the
 same probe) is left alone.
 
@@ -112,10 +111,14 @@ def float_channel_means(graph_module: fx.GraphModule, layers: dict[fx.Node, int]
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
     nodes = list(layers)
-    means = [graph.call_function(_sample_channel_means, (remap[n], layers[n], True)) for n in nodes]  # appended last
+    means = []
+    for n in nodes:
+        # Right after the layer: a later in-place op (hardswish_, relu_) may overwrite its output.
+        with graph.inserting_after(remap[n]):
+            means.append(graph.call_function(_sample_channel_means, (remap[n], layers[n], True)))
     graph.output(tuple(means))
     probe = fx.GraphModule(graph_module, graph)
-    probe.graph.eliminate_dead_code()  # what no layer reads (the model's head) is not computed
+    # (no dead-code elimination: an in-place op whose result nobody reads still writes its input)
     probe.recompile()
     collected: dict[fx.Node, list[torch.Tensor]] = {n: [] for n in nodes}
     with torch.no_grad():
