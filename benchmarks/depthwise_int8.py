@@ -219,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--uneven", action="store_true", help="also the uneven_bn stress variant of each model")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--no-digits", action="store_true")
+    parser.add_argument("--keep-digits", action="store_true",
+                        help="skip the trained part and keep the existing results' trained section (it has no timing)")
     parser.add_argument("--digits-only", action="store_true",
                         help="rerun only the trained part (no timing) and keep the models' rows of the existing results")
     parser.add_argument("--width", type=int, default=None,
@@ -249,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
             for bn in (["randomized", "uneven"] if args.uneven else ["randomized"]):
                 print(f"== {name} @ {size}, {bn} batch norms (random weights)", flush=True)
                 rows += run_model(name, size, bn, rounds, calibration, held_out, work)
-        if not args.no_digits:
+        if args.keep_digits:
+            trained = json.loads((Path(args.out) / "depthwise_int8.json").read_text()).get("trained")
+        elif not args.no_digits:
             print("== DigitsMobileNet (trained)", flush=True)
             trained = digits_accuracy(epochs, args.width or (16 if args.quick else 32), presets, work)
     meta = {"command": common.command_line(), "machine": quantization.machine(), "rounds": rounds,

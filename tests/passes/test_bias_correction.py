@@ -68,12 +68,15 @@ def uneven():
     return model, inputs, calibration
 
 
+FULL = {"significance": 0.0, "max_relative_shift": None}  # every layer's mean error, in full
+
+
 def test_structure_only_biases_change_and_second_run_is_a_no_op(uneven):
     model, inputs, calibration = uneven
     gm, context = _quantized(model, inputs, calibration)
     ops_before = [(n.op, n.target) for n in gm.graph.nodes if n.op != "get_attr"]
     weights_before = {n.name: n.args[1] for n in gm.graph.nodes if weighted_layer(n) is not None}
-    result = _run(gm, context)
+    result = _run(gm, context, **FULL)
     layers = [n for n in gm.graph.nodes if weighted_layer(n) is not None]
     assert result.modified and result.stats["corrected"] == 4  # stem, depthwise, pointwise, project
     assert result.stats["skipped"] == 1  # the head sees one value per channel per batch: too few
@@ -81,12 +84,21 @@ def test_structure_only_biases_change_and_second_run_is_a_no_op(uneven):
     assert [(n.op, n.target) for n in gm.graph.nodes if n.op != "get_attr"] == ops_before
     assert all(n.args[1] is weights_before[n.name] for n in layers)  # weights (their fake-quant) untouched
     assert sum(CORRECTED in n.meta for n in layers) == 4
-    again = _run(gm, context)
+    again = _run(gm, context, **FULL)
     assert not again.modified and again.stats["corrected"] == 0  # the head is still skipped, the rest done
 
 
-def test_the_mean_error_of_a_corrected_layer_vanishes_on_the_calibration_data(uneven):
+def test_default_options_are_idempotent_too(uneven):
     model, inputs, calibration = uneven
+    gm, context = _quantized(model, inputs, calibration)
+    first = _run(gm, context)
+    assert first.modified and first.stats["corrected"] >= 2
+    again = _run(gm, context)  # a layer left alone the first time is judged the same way again
+    assert not again.modified and again.stats["corrected"] == 0
+
+
+def _stem_mean_errors(model, inputs, calibration, **options):
+    """The stem's per-channel mean error on the calibration data before and after correct-bias."""
     gm, context = _quantized(model, inputs, calibration)
     stem = next(n for n in gm.graph.nodes if weighted_layer(n) is not None)
     # The float reference comes from the graph before correction (the correction moves both modes).
@@ -94,13 +106,25 @@ def test_the_mean_error_of_a_corrected_layer_vanishes_on_the_calibration_data(un
 
     def mean_error():
         errors = [_float_copy_output(gm, x, stem)[1] - ref for x, ref in zip(calibration, reference)]
-        return torch.stack([e.mean(dim=(0, 2, 3)) for e in errors]).mean(0).abs().max()
+        return torch.stack([e.mean(dim=(0, 2, 3)) for e in errors]).mean(0).abs()
 
-    before = float(mean_error())
-    _run(gm, context)
-    after = float(mean_error())
-    print(f"stem's largest per-channel mean error: {before:.2e} -> {after:.2e}")
-    assert before > 1e-5 and after < 1e-3 * before
+    before = mean_error()
+    _run(gm, context, **options)
+    return before, mean_error()
+
+
+def test_the_mean_error_of_a_corrected_layer_vanishes_on_the_calibration_data_without_shrinkage(uneven):
+    before, after = _stem_mean_errors(*uneven, **FULL)
+    print(f"stem's largest per-channel mean error: {float(before.max()):.2e} -> {float(after.max()):.2e}")
+    assert float(before.max()) > 1e-5 and float(after.max()) < 1e-3 * float(before.max())
+
+
+def test_shrinkage_corrects_significant_channels_and_leaves_noise_alone(uneven):
+    before, after = _stem_mean_errors(*uneven, significance=1.0, max_relative_shift=None)
+    changed = (after - before).abs() > 1e-3 * before
+    print(f"stem: {int(changed.sum())} of {len(before)} channels corrected; mean errors {before} -> {after}")
+    assert bool((after <= before * (1 + 1e-4) + 1e-9).all())  # no channel moves away from its float mean
+    assert 0 < int(changed.sum()) < len(before)  # at one standard error: the stem's rounding errors are mostly noise over 16 images
 
 
 def test_bias_correction_reduces_int8_drift_on_held_out_data(uneven):
@@ -133,3 +157,53 @@ def test_missing_calibration_data_is_an_input_error(uneven):
     gm, _ = _quantized(model, inputs, calibration)
     with pytest.raises(InputError, match="needs calibration data"):
         _run(gm, CompileContext(inputs))
+
+
+class _PooledConv(torch.nn.Module):
+    """A conv read through a global average: the output error is the conv's per-image mean error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 16, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x).mean((2, 3))
+
+
+def _held_out_error(model, calibration, held_out, significance):
+    from fxcompress.infra.recipe import PassStep, Recipe
+
+    steps = [PassStep("quantize-int8")]
+    if significance is not None:
+        steps.append(PassStep("correct-bias", {"significance": significance}))
+    module = fxcompress.compile(model, calibration[0], Recipe(name="q", steps=steps), calibration=calibration,
+                                tolerance=float("inf")).module
+    with torch.no_grad():
+        return sum(float((module(*x) - model(*x)).pow(2).mean()) for x in held_out) / len(held_out)
+
+
+def test_significance_keeps_noise_from_few_calibration_images_out_of_the_biases():
+    # Zero-mean inputs: the quantization error of this conv has no mean, only noise from image to
+    # image. A full correction from 4 images subtracts that noise and makes held-out data worse;
+    # the significance test leaves (almost all of) it out.
+    ratios = {0.0: [], None: []}
+    for seed in range(6):
+        torch.manual_seed(seed)
+        model = _PooledConv().eval()
+        calibration = [_inputs(1, 16, seed=1000 * seed + s) for s in range(4)]
+        held_out = [_inputs(1, 16, seed=50_000 + s) for s in range(24)]
+        plain = _held_out_error(model, calibration, held_out, None)
+        ratios[0.0].append(_held_out_error(model, calibration, held_out, 0.0) / plain)
+        default = create_pass("correct-bias").options.significance
+        ratios[None].append(_held_out_error(model, calibration, held_out, default) / plain)
+    full, tested = (sum(r) / len(r) for r in ratios.values())
+    print(f"held-out error vs no correction: full means {full:.3f}x, significance test {tested:.3f}x ({ratios})")
+    assert full > 1.05  # the case the test is about: correcting noise hurts
+    assert tested < 1.01 and tested < full
+
+
+def test_negative_significance_is_a_recipe_error():
+    from fxcompress.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="significance must be >= 0"):
+        create_pass("correct-bias", {"significance": -1.0})

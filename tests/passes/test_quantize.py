@@ -95,6 +95,32 @@ def test_every_conv_and_gemm_runs_as_int8_kernel_in_ort(tmp_path):
     assert not {"Conv", "FusedConv", "Gemm", "MatMul", "FusedGemm"} & set(ops), ops
 
 
+@pytest.mark.parametrize("preset", ["quantize-int8", "int8"])
+def test_silu_and_squeeze_excitation_run_as_int8_kernels_in_ort(tmp_path, preset):
+    from tests.passes.test_equalize import Gated
+
+    torch.manual_seed(0)
+    model, inputs = Gated().eval(), (torch.randn(1, 3, 12, 12),)
+    calibration = _calibration(8)
+    if preset == "int8":  # equalize-layers scales the gate: a float multiply on C values stays before the product
+        result = fxcompress.compile(model, inputs, "int8", calibration=calibration, tolerance=1.0)
+    else:
+        result = _compile(model, inputs, calibration, tolerance=1.0)
+    gm = result.module
+    assert aten.silu.default not in _targets(gm)  # x * sigmoid(x), a Q after each
+    for node in gm.graph.nodes:
+        if node.target in (aten.sigmoid.default, aten.mul.Tensor) and len(node.users) == 1 and \
+                next(iter(node.users)).target is not aten.mul.Tensor:
+            assert [u.target for u in node.users] == [FQ_TENSOR], node
+    layers = Counter(entry["kind"] for entry in _record(result).stats["layers"])
+    assert layers["sigmoid"] == 3 and layers["mul"] >= 3  # two SiLUs and the gate; their products
+    path = result.export_onnx(tmp_path / "q.onnx")
+    create_session(path, "cpu", optimized_model_path=tmp_path / "opt.onnx")
+    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
+    assert ops["QLinearSigmoid"] == 3 and ops["QLinearMul"] == 3 and ops["QLinearConv"] == 5, ops
+    assert "Sigmoid" not in ops and ops["Mul"] == (1 if preset == "int8" else 0), ops
+
+
 def test_shape_only_ops_and_max_pool_reuse_the_source_parameters():
     class PoolFlatten(nn.Module):
         def __init__(self):
