@@ -12,7 +12,8 @@ about 6x smaller.
   error of each is spread over the columns not yet quantized, weighted by the inverse Hessian
   ``H = X^T X`` of the layer's inputs on the calibration data, so the layer's *outputs* on that
   data stay close (Frantar et al., 2022). The grid of a block is chosen when its first column is
-  reached, from the already-updated weights.
+  reached, from the already-updated weights. Layers are done in graph order, each on the inputs
+  the already-quantized layers before it produce (``sequential``).
 
 In the graph every quantized layer becomes one call of :func:`nbits_linear` (an embedding lookup:
 :func:`nbits_embedding`), a two-faced op as in ``quantize-int8-dynamic``:
@@ -246,6 +247,9 @@ class QuantizeWeightsOptions:
     max_drift: float | None = option(None, "keep the most sensitive layers in float until drift on calibration data is under this")
     calibration_batches: int = option(32, "use at most this many calibration batches (gptq, max_drift)")
     damp: float = option(0.01, "GPTQ dampening: fraction of the mean Hessian diagonal added to it")
+    sequential: bool = option(True, "GPTQ layer after layer, each seeing the inputs the already quantized layers "
+                                    "before it produce (one pass over the calibration data per input tensor); "
+                                    "False: all from the float model in one pass")
 
     def __post_init__(self) -> None:
         fail = lambda what, fix: RecipeError(f"quantize-weights: {what}", fix)  # noqa: E731
@@ -410,31 +414,44 @@ class QuantizeWeightsPass(DataDrivenPass):
     def _grids(self, graph_module: fx.GraphModule, sites: list[_Site], enabled: list[int], method: str,
                batches: list[tuple[torch.Tensor, ...]]) -> dict[int, _Grid]:
         opts = self.options
-        hessians: dict[str, torch.Tensor] = {}
-        gptq_sites = []
+        gptq_sites: dict[str, list[_Site]] = {}  # by input node, in graph order
         if method == "gptq":
             for i in enabled:
                 s = sites[i]
                 members = [t for t in sites if t.group == s.group]
                 if s.kind == "linear" and len(members) == 1 and "shared_with" not in s.extra:
-                    gptq_sites.append(s)
+                    gptq_sites.setdefault(_node(graph_module, s.node).args[0].name, []).append(s)
                 elif s.kind == "linear":
                     s.extra["method"] = "rtn (weight shared: GPTQ would change what the other readers see)"
-            hessians = _input_hessians(graph_module, [_node(graph_module, s.node) for s in gptq_sites], batches)
+        by_gptq = {s.node for group in gptq_sites.values() for s in group}
         grids: dict[int, _Grid] = {}
         for i in enabled:
             s = sites[i]
-            if s.group in grids:
-                continue
-            weight = attribute(graph_module, str(_node(graph_module, s.weight).target)).detach()
-            symmetric = opts.is_symmetric(s.bits)
-            if s in gptq_sites:
-                x = _node(graph_module, s.node).args[0]
-                new, scale, zero = gptq(weight, hessians[x.name], s.bits, opts.block_size, symmetric, opts.damp)
+            if s.group not in grids and s.node not in by_gptq:
+                weight = attribute(graph_module, str(_node(graph_module, s.weight).target)).detach()
+                grids[s.group] = _Grid(*block_grid(weight, s.bits, opts.block_size, opts.is_symmetric(s.bits)), None, "rtn")
+        if not gptq_sites:
+            return grids
+        # Sequential GPTQ: a working copy whose weights are replaced by their quantized values as
+        # the layers are done, so each layer's Hessian sees the errors of the layers before it.
+        work = copy.deepcopy(graph_module) if opts.sequential else graph_module
+        if opts.sequential:
+            for i in enabled:
+                s = sites[i]
+                if s.node not in by_gptq:
+                    grid = grids[s.group]
+                    tensor = attribute(work, str(_node(work, s.weight).target))
+                    tensor.data.copy_(fake_quantize_blocks(tensor.detach(), grid.scale, grid.zero_point, s.bits, opts.block_size))
+        everything = None if opts.sequential else _input_hessians(
+            work, [_node(work, s.node) for group in gptq_sites.values() for s in group], batches)
+        for input_name, group in gptq_sites.items():
+            hessian = (everything or _input_hessians(work, [_node(work, group[0].node)], batches))[input_name]
+            for s in group:
+                tensor = attribute(work, str(_node(work, s.weight).target))
+                new, scale, zero = gptq(tensor.detach(), hessian, s.bits, opts.block_size, opts.is_symmetric(s.bits), opts.damp)
                 grids[s.group] = _Grid(scale, zero, new, "gptq")
-            else:
-                scale, zero = block_grid(weight, s.bits, opts.block_size, symmetric)
-                grids[s.group] = _Grid(scale, zero, None, "rtn")
+                if opts.sequential:
+                    tensor.data.copy_(new)
         return grids
 
     # -- the rewrite --
@@ -507,8 +524,7 @@ def _input_hessians(graph_module: fx.GraphModule, linears: list[fx.Node],
                     batches: list[tuple[torch.Tensor, ...]]) -> dict[str, torch.Tensor]:
     """``X^T X / rows`` of each linear layer's input over ``batches`` (float64), keyed by input node name.
 
-    Layers reading one tensor (q, k, v projections) share it. Inputs come from the float model
-    (all layers in one pass over the data, not layer by layer through the quantized ones).
+    Layers reading one tensor (q, k, v projections) share it. One pass over ``batches``.
     """
     inputs = {node.args[0].name: node.args[0] for node in linears}
     sums: dict[str, torch.Tensor] = {}
