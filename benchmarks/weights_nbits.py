@@ -51,26 +51,26 @@ def llama(vocab: int, hidden: int, layers: int, heads: int = 4):
     return LlamaForCausalLM(config)
 
 
-def corpus(limit_bytes: int) -> tuple[bytes, bytes]:
-    """Training and held-out text: the standard library's sources (sorted, so the split is reproducible)."""
+def corpus(limit_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training and held-out bytes: the standard library's sources (sorted, so the split is reproducible)."""
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
     data = b"".join(f.read_bytes() for f in files)[:limit_bytes]
-    split = int(len(data) * 0.9)
-    return data[:split], data[split:]
+    tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+    split = int(len(tokens) * 0.9)
+    return tokens[:split], tokens[split:]
 
 
-def windows(data: bytes, length: int, count: int, seed: int) -> torch.Tensor:
-    tokens = torch.tensor(list(data), dtype=torch.long)
+def windows(tokens: torch.Tensor, length: int, count: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(tokens) - length - 1, (count,), generator=g)
     return torch.stack([tokens[s:s + length + 1] for s in starts])
 
 
-def train(model, data: bytes, steps: int, length: int) -> None:
+def train(model, data: torch.Tensor, steps: int, length: int) -> None:
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     for step in range(steps):
-        batch = windows(data, length, 16, step)
+        batch = windows(data, length, 8, step)
         logits = model(input_ids=batch[:, :-1]).logits
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
         optimizer.zero_grad()
@@ -107,7 +107,7 @@ def quality(tmp: Path, quick: bool) -> dict:
     length = 64
     print("training", flush=True)
     start = time.time()
-    train(model, train_text, 300 if quick else 1500, length)
+    train(model, train_text, 200 if quick else 1500, length)
     trained_s = time.time() - start
     held_out = windows(test_text, length, 32 if quick else 128, 12345)
     calibration = [(row[None, :-1],) for row in windows(train_text, length, 16, 777)]

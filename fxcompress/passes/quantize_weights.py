@@ -314,6 +314,10 @@ class QuantizeWeightsPass(DataDrivenPass):
             kept, drift = select_float_layers(graph_module, build, sensitivity, enabled, batches, opts.max_drift)
             for i in kept:
                 sites[i].reason = "max_drift"
+                for j in enabled:  # a tied table stays float with it: its float copy is in the file anyway
+                    if sites[j].group == sites[i].group and j not in kept:
+                        sites[j].reason = f"tied to '{sites[i].name}', kept float by max_drift"
+            kept = [i for i in enabled if sites[i].reason is not None]
             for i, value in sensitivity.items():
                 sites[i].extra["sensitivity"] = value
             notes["calibration_drift"] = drift
