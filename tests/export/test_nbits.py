@@ -163,3 +163,45 @@ def test_int4_weights_file_is_under_a_third_of_fp32(tmp_path):
     fp32 = fxcompress.compile(model, (ids,), "default").export_onnx(tmp_path / "fp32.onnx").stat().st_size
     int4 = fxcompress.compile(model, (ids,), "int4-weights", calibration=calibration).export_onnx(tmp_path / "int4.onnx")
     assert int4.stat().st_size <= 0.3 * fp32, (int4.stat().st_size, fp32)
+
+
+def test_fine_tuned_module_exports_its_new_weights(tmp_path):
+    """QAT: train result.module a few steps, export again: the file holds the trained weights' codes."""
+    torch.manual_seed(0)
+    model, ids = Ragged().eval(), torch.randint(0, 100, (2, 7))
+    result = fxcompress.compile(model, (ids,), [QuantizeWeightsPass(accuracy_level=0, min_features=8, block_size=16)],
+                                tolerance=1.0)
+    before = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(result.export_onnx(tmp_path / "a.onnx"))).graph.initializer}
+    gm = result.module.train()
+    optimizer = torch.optim.SGD(gm.parameters(), lr=1.0)
+    for _ in range(3):
+        optimizer.zero_grad()
+        gm(ids).square().mean().backward()
+        optimizer.step()
+    gm.eval()
+    after = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(result.export_onnx(tmp_path / "b.onnx"))).graph.initializer}
+    assert result.report.parity.drift < 1e-5
+    assert not np.array_equal(before["fc.weight_q4"], after["fc.weight_q4"])
+
+
+def test_saved_module_reloads_and_still_exports_matmulnbits():
+    import io
+
+    from fxcompress.export.onnx_export import export_model_proto
+    from fxcompress.passes.quantize_weights import nbits_embedding, nbits_linear
+
+    torch.manual_seed(0)
+    model, ids = Ragged().eval(), torch.randint(0, 100, (2, 7))
+    # remove-guards (in every preset) drops export's guard function, which does not pickle
+    result = fxcompress.compile(model, (ids,), ["remove-guards", QuantizeWeightsPass(min_features=8)], tolerance=1.0)
+    buffer = io.BytesIO()
+    torch.save(result.module, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    calls = Counter(n.target for n in loaded.graph.nodes)
+    assert calls[nbits_linear] == 1 and calls[nbits_embedding] == 1
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), result.module(ids))
+    proto, notes = export_model_proto(loaded, (ids,))
+    assert notes["nbits_weights"] == 2
+    assert Counter(n.op_type for n in proto.graph.node)["MatMulNBits"] == 1
