@@ -45,7 +45,9 @@ import torch
 from torch import fx
 
 from fxcompress.analysis.macs import register_linear_like
-from fxcompress.analysis.sensitivity import layer_sensitivities, select_float_layers
+from fxcompress.analysis.sensitivity import (
+    layer_sensitivities, report_trial, select_float_layers, select_float_layers_by_metric,
+)
 from fxcompress.capture import register_leaf_function
 from fxcompress.errors import RecipeError
 from fxcompress.graph_meta import QUANT_META, layer_name, matches_layer
@@ -308,20 +310,26 @@ class QuantizeWeightsPass(DataDrivenPass):
                 batches = require_batches(context.calibration_batches(), context.example_inputs, self.name,
                                           opts.calibration_batches)
         grids = self._grids(graph_module, sites, enabled, method, batches)
+        build = lambda on: self._apply(copy.deepcopy(graph_module), sites, grids, set(on))  # noqa: E731
+        sensitivity: dict[int, float] = {}
         if opts.max_drift is not None and batches:
-            build = lambda on: self._apply(copy.deepcopy(graph_module), sites, grids, set(on))  # noqa: E731
             sensitivity = layer_sensitivities(graph_module, build, enabled, batches)
             kept, drift = select_float_layers(graph_module, build, sensitivity, enabled, batches, opts.max_drift)
-            for i in kept:
-                sites[i].reason = "max_drift"
-                for j in enabled:  # a tied table stays float with it: its float copy is in the file anyway
-                    if sites[j].group == sites[i].group and j not in kept:
-                        sites[j].reason = f"tied to '{sites[i].name}', kept float by max_drift"
-            kept = [i for i in enabled if sites[i].reason is not None]
-            for i, value in sensitivity.items():
-                sites[i].extra["sensitivity"] = value
+            enabled = _keep_float(sites, enabled, kept, "max_drift")
             notes["calibration_drift"] = drift
-            enabled = [i for i in enabled if i not in kept]
+        metric = context.metric
+        if metric is not None and metric.max_drop is not None and enabled:
+            # Accuracy-aware: drift ranks the layers (cheap), the user's metric picks how many stay in float.
+            sample = batches or [tuple(context.example_inputs)]
+            if not sensitivity:
+                sensitivity = layer_sensitivities(graph_module, build, enabled, sample)
+            ranked = sorted(enabled, key=lambda i: sensitivity.get(i, 0.0), reverse=True)
+            kept, trials = select_float_layers_by_metric(build, ranked, metric.drop_of, metric.max_drop,
+                                                         on_trial=report_trial if context.progress else lambda t: None)
+            enabled = _keep_float(sites, enabled, kept, "max_metric_drop")
+            notes["metric_trials"] = [vars(t) for t in trials]
+        for i, value in sensitivity.items():
+            sites[i].extra["sensitivity"] = value
         graph_module = self._apply(graph_module, sites, grids, set(enabled))
         stats: dict[str, Any] = {"quantized_layers": len(enabled), "method": method, "bits": opts.bits,
                                  "block_size": opts.block_size, "layers": self._report(sites), **notes}
@@ -511,6 +519,17 @@ class QuantizeWeightsPass(DataDrivenPass):
                     row[key] = s.extra[key]
             rows.append(row)
         return rows
+
+
+def _keep_float(sites: list[_Site], enabled: list[int], kept: list[int], reason: str) -> list[int]:
+    """Mark ``kept`` (and the tables tied to them: their float copy is in the file anyway) float;
+    the sites still enabled."""
+    for i in kept:
+        sites[i].reason = reason
+        for j in enabled:
+            if sites[j].group == sites[i].group and sites[j].reason is None:
+                sites[j].reason = f"tied to '{sites[i].name}', kept float by {reason}"
+    return [i for i in enabled if sites[i].reason is None]
 
 
 def _node(graph_module: fx.GraphModule, name: str) -> fx.Node:

@@ -249,3 +249,22 @@ def test_presets_run_on_a_tiny_llama():
         assert record.stats["bits"] == bits and record.stats["quantized_layers"] == 9
         assert record.stats["method"] == ("gptq" if bits == 4 else "rtn")
         assert result.report.drift <= result.recipe.tolerance
+
+
+def test_the_users_metric_decides_which_layers_stay_float():
+    model, ids = tiny_llama(layers=1)
+    batch = torch.randint(0, 256, (1, 12))
+
+    def evaluate(module) -> float:  # higher is better: agreement with the float model's logits
+        with torch.no_grad():
+            return -float((module(batch)["logits"] - reference).abs().mean())
+
+    with torch.no_grad():
+        reference = model(batch)["logits"]
+    full = fxcompress.compile(model, (ids,), [QuantizeWeightsPass()], evaluate=evaluate, tolerance=1.0).report.metric["drop"]
+    assert full > 0
+    result = fxcompress.compile(model, (ids,), [QuantizeWeightsPass()], evaluate=evaluate, max_metric_drop=full / 3,
+                                tolerance=1.0)
+    stats = result.report.records[0].stats
+    assert stats["metric_trials"] and any(row.get("reason") == "max_metric_drop" for row in stats["layers"])
+    assert result.report.metric["drop"] <= full / 3
