@@ -475,12 +475,13 @@ class QuantizeWeightsPass(DataDrivenPass):
         ctx = RewriteContext(graph_module, self.name)
         opts = self.options
         made: dict[int, tuple[fx.Node, fx.Node, fx.Node]] = {}  # group -> (weight, scale, zero point) nodes
+        by_name = {n.name: n for n in graph_module.graph.nodes}  # sites' nodes are only erased after their own rewrite
         for i in sorted(enabled):
             s = sites[i]
-            node = _node(graph_module, s.node)
+            node = by_name[s.node]
             grid = grids[s.group]
             if s.group not in made:
-                weight = _node(graph_module, s.weight)
+                weight = by_name[s.weight]
                 anchor = node
                 tag = s.name.replace(".", "_") or "weight"
                 if grid.weight is not None:
