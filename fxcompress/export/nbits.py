@@ -17,7 +17,7 @@ runs, with the weight stored packed:
   made), and scales and zero points are literally the same tensors. When D is not a multiple of
   the block size the gathered rows are sliced back to D.
 
-Codes come from :func:`fxcompress.passes.quantize_weights.block_codes`, the function the PyTorch
+Codes come from :func:`fxcompress.passes.block_quant.block_codes`, the function the PyTorch
 face rounds with, so the file holds exactly the module's weights.
 """
 
@@ -30,8 +30,9 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from fxcompress.export.int8_weights import _names_read
-from fxcompress.passes.quantize_weights import GATHER_OP, LINEAR_OP, ONNX_DOMAIN, block_codes
+from fxcompress.export.int8_weights import drop_unread_initializers
+from fxcompress.passes.block_quant import block_codes
+from fxcompress.passes.quantize_weights import GATHER_OP, LINEAR_OP, ONNX_DOMAIN
 
 MS_DOMAIN = "com.microsoft"
 
@@ -111,9 +112,7 @@ def lower_nbits(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             nodes.extend(_gather(graph, node, p, bits, block_size))
     del graph.node[:]
     graph.node.extend(nodes)
-    read = _names_read(graph) | {o.name for o in graph.output}
-    for tensor in [t for t in graph.initializer if t.name not in read]:
-        graph.initializer.remove(tensor)
+    drop_unread_initializers(graph)
     _set_opsets(model)
     return model, len(markers)
 

@@ -13,7 +13,8 @@ from torch import nn
 
 import fxcompress
 from fxcompress.export.nbits import pack_codes
-from fxcompress.passes.quantize_weights import QuantizeWeightsPass, fake_quantize_blocks
+from fxcompress.passes.block_quant import fake_quantize_blocks
+from fxcompress.passes.quantize_weights import QuantizeWeightsPass
 from fxcompress.runtime.session import create_session
 from tests.passes.test_quantize_weights import tiny_llama
 

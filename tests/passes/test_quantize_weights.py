@@ -15,9 +15,8 @@ from torch import nn
 import fxcompress
 from fxcompress.errors import InputError, RecipeError
 from fxcompress.graph_meta import QUANT_META
-from fxcompress.passes.quantize_weights import (
-    QuantizeWeightsPass, block_codes, block_grid, fake_quantize_blocks, nbits_embedding, nbits_linear,
-)
+from fxcompress.passes.block_quant import block_codes, block_grid, fake_quantize_blocks, gptq
+from fxcompress.passes.quantize_weights import QuantizeWeightsPass, nbits_embedding, nbits_linear
 
 aten = torch.ops.aten
 
@@ -156,8 +155,6 @@ def test_gptq_beats_round_to_nearest_on_outlier_channels():
 def test_gptq_weights_lie_on_their_grid():
     weight = torch.randn(16, 96)
     x = torch.randn(200, 96)
-    from fxcompress.passes.quantize_weights import gptq
-
     new, scale, zero = gptq(weight, x.T.double() @ x.double(), 4, 32, symmetric=False)
     assert torch.allclose(fake_quantize_blocks(new, scale, zero, 4, 32), new, atol=1e-6)
 
@@ -268,3 +265,39 @@ def test_the_users_metric_decides_which_layers_stay_float():
     stats = result.report.records[0].stats
     assert stats["metric_trials"] and any(row.get("reason") == "max_metric_drop" for row in stats["layers"])
     assert result.report.metric["drop"] <= full / 3
+
+
+class Small(nn.Module):
+    """A wide layer, a narrow one (8 input features) and an embedding; the narrow one reads the wide one's weight too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 64)
+        self.wide = nn.Linear(64, 8)
+        self.narrow = nn.Linear(8, 4)
+
+    def forward(self, ids):
+        h = self.wide(self.embed(ids))
+        return self.narrow(h), h @ self.wide.weight  # wide's weight also read by a matmul: shared
+
+
+@pytest.mark.parametrize("options, layer, reason", [
+    ({}, "narrow", "min_features"),
+    ({"embeddings": "float"}, "embed", "embeddings=float"),
+    ({"keep_float": ("emb*",)}, "embed", "keep_float"),
+])
+def test_each_reason_to_stay_float(options, layer, reason):
+    model, ids = Small().eval(), torch.randint(0, 50, (2, 5))
+    result = fxcompress.compile(model, (ids,), [QuantizeWeightsPass(options)], tolerance=1.0)
+    layers = _layers(result)
+    assert layers[layer]["precision"] == "float" and layers[layer]["reason"] == reason
+    assert layers["wide"]["precision"] == "int4"
+
+
+def test_gptq_leaves_a_shared_weight_to_round_to_nearest():
+    model, ids = Small().eval(), torch.randint(0, 50, (2, 5))
+    result = fxcompress.compile(model, (ids,), [QuantizeWeightsPass(method="gptq")], calibration=[(ids,)], tolerance=1.0)
+    wide = _layers(result)["wide"]
+    assert wide["precision"] == "int4" and wide["method"].startswith("rtn (weight shared")
+    # the weight is not rewritten: the matmul reading it too still sees the float values
+    assert torch.equal(result.module.get_parameter("wide.weight"), model.wide.weight)
