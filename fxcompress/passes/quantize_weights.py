@@ -49,7 +49,7 @@ from fxcompress.analysis.sensitivity import (
 )
 from fxcompress.capture import register_leaf_function
 from fxcompress.errors import RecipeError
-from fxcompress.graph_meta import QUANT_META, layer_name, matches_layer
+from fxcompress.graph_meta import PRECISION_KEY, QUANT_META, layer_name, matches_layer
 from fxcompress.infra.context import CompileContext
 from fxcompress.infra.pass_base import DataDrivenPass, PassResult, option
 from fxcompress.infra.registry import register
@@ -395,6 +395,7 @@ class QuantizeWeightsPass(DataDrivenPass):
                                like=node, before=node)
             ctx.stamp(new, [node])
             new.meta[QUANT_META] = {"role": f"nbits-{s.kind}", "layer": s.name, "bits": s.bits}
+            new.meta[PRECISION_KEY] = f"int{s.bits} weights"  # what reports show for the layer
             node.replace_all_uses_with(new)
             ctx.erase(node)  # and the float weight's get_attr, when GPTQ replaced it
         graph_module.graph.lint()

@@ -14,7 +14,7 @@ from torch import nn
 
 import fxcompress
 from fxcompress.errors import InputError, RecipeError
-from fxcompress.graph_meta import QUANT_META
+from fxcompress.graph_meta import PRECISION_KEY, QUANT_META
 from fxcompress.passes.block_quant import block_codes, block_grid, fake_quantize_blocks, gptq
 from fxcompress.passes.quantize_weights import QuantizeWeightsPass, nbits_embedding, nbits_linear
 
@@ -59,6 +59,7 @@ def test_structure_every_linear_and_the_tied_table(llama_int4):
     embed = next(n for n in result.module.graph.nodes if n.target is nbits_embedding)
     head = next(n for n in result.module.graph.nodes if n.target is nbits_linear and n.meta[QUANT_META]["layer"] == "lm_head")
     assert embed.args[1:4] == head.args[1:4]
+    assert head.meta[PRECISION_KEY] == "int4 weights"
 
 
 def test_idempotent(llama_int4):
