@@ -92,9 +92,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, block_size: int
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    h += torch.eye(cols, dtype=h.dtype) * damp * torch.diagonal(h).mean()
-    # Upper Cholesky factor of H^-1: row i holds how column i's error moves the later columns.
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    hinv = _inverse_factor(h, damp)
     n_blocks = -(-cols // block_size)
     scale = torch.ones(rows, n_blocks, dtype=torch.float32)
     zero = torch.zeros(rows, n_blocks, dtype=torch.uint8)
@@ -120,6 +118,20 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, block_size: int
         w[:, end:] -= errors @ hinv[start:end, end:]
     return out.to(weight.dtype), scale, zero
 
+
+
+def _inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``: row i holds how column i's
+    rounding error moves the later columns. A Hessian too ill-conditioned to factor (inputs
+    nearly collinear on little data) gets 10x more damping, up to five times."""
+    eye = torch.eye(h.shape[0], dtype=h.dtype) * torch.diagonal(h).mean()
+    for attempt in range(6):
+        try:
+            factor = torch.linalg.cholesky(h + eye * max(damp, 1e-6) * 10**attempt)
+            return torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
+        except torch.linalg.LinAlgError:
+            continue
+    raise torch.linalg.LinAlgError("the input Hessian cannot be factored even with 1e5x the damping")
 
 
 def packed_bytes(rows: int, cols: int, bits: int, block_size: int, symmetric: bool) -> int:

@@ -302,3 +302,10 @@ def test_gptq_leaves_a_shared_weight_to_round_to_nearest():
     assert wide["precision"] == "int4" and wide["method"].startswith("rtn (weight shared")
     # the weight is not rewritten: the matmul reading it too still sees the float values
     assert torch.equal(result.module.get_parameter("wide.weight"), model.wide.weight)
+
+
+def test_gptq_survives_collinear_inputs():
+    weight = torch.randn(8, 64)
+    x = torch.randn(3, 64).repeat(20, 1)  # rank 3: the Hessian is singular without damping
+    new, scale, zero = gptq(weight, x.T.double() @ x.double(), 4, 32, symmetric=False, damp=0.0)
+    assert torch.isfinite(new).all() and torch.allclose(fake_quantize_blocks(new, scale, zero, 4, 32), new, atol=1e-6)
