@@ -100,7 +100,7 @@ def ort_rtn(fp32_path: Path, out: Path, block_size: int, accuracy_level: int | N
     return out
 
 
-def quality(tmp: Path, quick: bool) -> dict:
+def quality(tmp: Path, quick: bool, only: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     model = llama(256, 128 if quick else 256, 2 if quick else 4)
     train_text, test_text = corpus(2_000_000 if quick else 8_000_000)
@@ -118,7 +118,15 @@ def quality(tmp: Path, quick: bool) -> dict:
         "fxcompress int4-weights (GPTQ)": "int4-weights",
         "fxcompress int4 RTN": ["quantize-weights"],
         "fxcompress int4 GPTQ, accuracy_level=0": [QuantizeWeightsPass(method="gptq", accuracy_level=0)],
+        "fxcompress int4 GPTQ block 32": [QuantizeWeightsPass(method="gptq", block_size=32)],
+        "fxcompress int4 GPTQ block 128": [QuantizeWeightsPass(method="gptq", block_size=128)],
+        "fxcompress int4 RTN block 128": [QuantizeWeightsPass(block_size=128)],
+        "fxcompress int4 GPTQ block 64": [QuantizeWeightsPass(method="gptq", block_size=64)],
+        "fxcompress int4 GPTQ block 128, lm_head int8": [QuantizeWeightsPass(method="gptq", block_size=128, lm_head="int8")],
+        "fxcompress int4 GPTQ block 64, lm_head int8": [QuantizeWeightsPass(method="gptq", block_size=64, lm_head="int8")],
     }
+    if only:
+        variants = {k: v for k, v in variants.items() if k == "fp32" or any(o in k for o in only)}
     rows = {}
     for label, recipe in variants.items():
         result = fxcompress.compile(model, example, recipe, calibration=calibration, tolerance=10.0)
@@ -126,7 +134,7 @@ def quality(tmp: Path, quick: bool) -> dict:
         rows[label] = {"ppl": perplexity(create_session(path, "cpu"), held_out), "bytes": path.stat().st_size}
         print(f"  {label}: {rows[label]}", flush=True)
     fp32 = tmp / "q_0.onnx"
-    for block in (128, 32):
+    for block in () if only else (128, 32):
         path = ort_rtn(fp32, tmp / f"ort_{block}.onnx", block, 4)
         label = f"ORT MatMulNBitsQuantizer RTN int4 block {block}"
         rows[label] = {"ppl": perplexity(create_session(path, "cpu"), held_out), "bytes": path.stat().st_size}
@@ -165,13 +173,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--only", nargs="*", help="quality variants whose label contains one of these (and fp32)")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(2)
     report = {}
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_quality:
-            report["quality"] = quality(Path(tmp), args.quick)
+            report["quality"] = quality(Path(tmp), args.quick, args.only)
         if not args.skip_speed:
             report["speed"] = speed(Path(tmp), args.quick)
     text = json.dumps(report, indent=1, default=float)
