@@ -60,10 +60,16 @@ def store_int8_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     if stored:
         del graph.node[:]
         graph.node.extend(kept)
-        read = _names_read(graph) | {o.name for o in graph.output}
-        for tensor in [t for t in graph.initializer if t.name not in read]:
-            graph.initializer.remove(tensor)
+        drop_unread_initializers(graph)
     return model, stored
+
+
+def drop_unread_initializers(graph: onnx.GraphProto) -> None:
+    """Remove the initializers no node (nor subgraph) reads and no output names: the float
+    weights a lowering replaced."""
+    read = _names_read(graph) | {o.name for o in graph.output}
+    for tensor in [t for t in graph.initializer if t.name not in read]:
+        graph.initializer.remove(tensor)
 
 
 def _names_read(graph: onnx.GraphProto) -> set[str]:

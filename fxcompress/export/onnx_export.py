@@ -24,6 +24,7 @@ from fxcompress.capture import dynamic_shapes, holding_tracing_lock
 from fxcompress.errors import ExportError, ModelFileError
 from fxcompress.export.atomic import write_atomically
 from fxcompress.export.int8_weights import store_int8_weights
+from fxcompress.export.nbits import lower_nbits
 from fxcompress.graph_meta import layer_name
 
 #: Protobuf cannot serialise a single message over 2 GiB.
@@ -89,6 +90,8 @@ def export_model_proto(
         )
     # Quantized weights go into the file as int8 (a quarter of the bytes), not as fp32 + QuantizeLinear.
     model, notes["int8_weights"] = store_int8_weights(model)
+    # Block-quantized weights (quantize-weights) become ORT's MatMulNBits / GatherBlockQuantized, packed.
+    model, notes["nbits_weights"] = lower_nbits(model)
     check_model(model)
     notes["nodes_exported"] = len(model.graph.node)
     if simplify:

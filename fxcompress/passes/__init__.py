@@ -12,6 +12,7 @@ from fxcompress.passes import fuse  # noqa: F401
 from fxcompress.passes import reparameterize  # noqa: F401
 from fxcompress.passes import quantize  # noqa: F401
 from fxcompress.passes import quantize_dynamic  # noqa: F401
+from fxcompress.passes import quantize_weights  # noqa: F401
 from fxcompress.passes import precision  # noqa: F401
 from fxcompress.passes import space_to_depth  # noqa: F401
 from fxcompress.passes import smooth_quant  # noqa: F401

@@ -192,11 +192,21 @@ def observe_channel_ranges(module: fx.GraphModule, nodes: Sequence[fx.Node], bat
         amax = value.detach().abs().movedim(dim, 0).reshape(value.shape[dim], -1).amax(dim=1).double()
         ranges[node] = amax if node not in ranges else torch.maximum(ranges[node], amax)
 
-    interpreter = _Observer(module, {n: (lambda v, n=n: record(n, v)) for n in nodes})
+    watch_values(module, {n: (lambda v, n=n: record(n, v)) for n in nodes}, batches)
+    return ranges
+
+
+def watch_values(module: fx.GraphModule, watched: dict[fx.Node, Callable[[torch.Tensor], None]],
+                 batches: Sequence[tuple[torch.Tensor, ...]]) -> None:
+    """Run ``batches`` through ``module`` (no grad), handing each watched node's value to its callback.
+
+    For statistics none of the functions above collect (quantize-weights: the ``X^T X`` of each
+    linear layer's input, for GPTQ).
+    """
+    interpreter = _Observer(module, watched)
     with torch.no_grad():
         for batch in batches:
             interpreter.run(*batch)
-    return ranges
 
 
 class _NoBar:
