@@ -9,12 +9,14 @@ export verified ONNX:
     fxcompress.validate("model.onnx", model, (example,)).passed
     fxcompress.benchmark("model.onnx", (example,), provider="cpu").p50_ms
     print(fxcompress.compare(result, model))   # vs the plain export: parity, interleaved latency, size
+    fxcompress.sweep(["torchvision:resnet18", ...], ["default", "int8"], log="sweep.jsonl", workers=2)
 """
 
 from fxcompress.version import __version__  # noqa: E402,F401
 
 from fxcompress.api import CompileReport, CompileResult, benchmark, compile, diff, validate  # noqa: E402
 from fxcompress.comparison import ComparisonReport, compare  # noqa: E402
+from fxcompress.sweeps import SweepResult, sweep  # noqa: E402
 from fxcompress.errors import (  # noqa: E402
     CaptureError,
     DriftError,
@@ -34,5 +36,5 @@ import fxcompress.passes  # noqa: E402,F401 - registers the built-in passes, pre
 __all__ = [
     "CaptureError", "ComparisonReport", "CompileReport", "CompileResult", "DriftError", "ExportError", "FxCompressError",
     "InputError", "ModelFileError", "PassError", "Recipe", "RecipeError", "RuntimeProviderError",
-    "UntrustedFileError", "benchmark", "compare", "compile", "diff", "register", "validate",
+    "SweepResult", "UntrustedFileError", "benchmark", "compare", "compile", "diff", "register", "sweep", "validate",
 ]
