@@ -281,7 +281,9 @@ def check_limits(memory_gb: float | None, time_limit: float | None) -> None:
 def _ray_trial(task: Task, memory_bytes: int | None, time_limit: float | None) -> dict:
     """What a Ray task runs: the trial in its own capped process on that node."""
     record = run_isolated(task, memory_bytes, time_limit)
-    record["node"] = socket.gethostname()
+    import ray
+
+    record["node"] = ray.get_runtime_context().get_node_id()
     return record
 
 
