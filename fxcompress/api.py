@@ -30,6 +30,7 @@ from fxcompress.infra.instruments import DumpIR, RecordDiff, Timing, VerifyNumer
 from fxcompress.infra.pass_base import Pass
 from fxcompress.infra.recipe import Recipe, resolve_recipe
 from fxcompress.analysis.graph_stats import count_compute_nodes, count_parameters
+from fxcompress.analysis.sensitivity import trials_through
 from fxcompress.numerics import LOSSLESS_TOLERANCE, compare_outputs, flatten_outputs, worst_drift
 from fxcompress.inspect.pass_table import pass_rows, print_table, render_plain
 from fxcompress.runtime.parity import ParityReport, validate
@@ -226,6 +227,7 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
     progress: bool = False,
     evaluate: Callable[[Any], float] | None = None,
     max_metric_drop: float | None = None,
+    executor: Any = None,
 ) -> CompileResult:
     """Capture ``model`` and run a recipe of passes over it.
 
@@ -257,6 +259,9 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
             layers in float (quantize-int8, quantize-int8-dynamic) rank layers by sensitivity and
             bisect on how many of the most sensitive stay in float until the metric drops at most
             this much; each trial is listed in the pass's ``stats["metric_trials"]``.
+        executor: where the per-layer sensitivity and metric trials of that search run: an
+            executor of :mod:`fxcompress.sweeps` (e.g. ``RayExecutor``, one Ray task per trial);
+            default: in this process, one after another.
 
     Raises:
         InputError, CaptureError, RecipeError, PassError, DriftError: each with a one-paragraph
@@ -288,7 +293,8 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
         source = calibration_batches
         calibration_batches = lambda: (call.flatten(batch) for batch in source())  # noqa: E731
     manager.bind(CompileContext(inputs, calibration_batches, reference, progress, metric))
-    result = manager(graph_module)
+    with trials_through(executor.map_calls if executor is not None else None):
+        result = manager(graph_module)
     compiled = result.graph_module
     drift = _final_drift(compiled, inputs, reference)
     report = CompileReport(

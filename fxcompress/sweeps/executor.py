@@ -121,6 +121,12 @@ class Executor:
         self.run(tasks, lambda task, record: records.__setitem__(task.key, record))
         return [records[t.key] for t in tasks]
 
+    def map_calls(self, function: Callable[[Any], Any], items: list) -> list:
+        """``[function(item) for item in items]`` as trials of this executor: how a compile's
+        per-layer sensitivity and metric trials run (``compile(..., executor=)``). ``function``
+        is usually a closure over the graph, so only executors that can ship one support it."""
+        raise NotImplementedError
+
     def close(self) -> None:
         """Release what the executor holds (worker processes, the Ray connection)."""
 
@@ -139,6 +145,9 @@ class SequentialExecutor(Executor):
     def run(self, tasks: Sequence[Task], on_record: OnRecord) -> None:
         for task in tasks:
             on_record(task, call_task(task))
+
+    def map_calls(self, function: Callable[[Any], Any], items: list) -> list:
+        return [function(item) for item in items]
 
 
 # --- one trial in its own capped process --------------------------------------------------------
@@ -261,6 +270,11 @@ class ProcessExecutor(Executor):
             for trial in running:
                 trial.kill()
 
+    def map_calls(self, function: Callable[[Any], Any], items: list) -> list:
+        raise InputError("The process executor runs named trial functions (package.module:function), and a "
+                         "compile's per-layer trials are closures over the model's graph, which it cannot ship.",
+                         "pass executor=RayExecutor(...) (Ray ships closures) or leave executor out to run them here.")
+
     def _fits(self, task: Task, running: list[_Running]) -> bool:
         if task.exclusive or any(r.task.exclusive for r in running):
             return not running
@@ -285,6 +299,10 @@ def _ray_trial(task: Task, memory_bytes: int | None, time_limit: float | None) -
 
     record["node"] = ray.get_runtime_context().get_node_id()
     return record
+
+
+def _call_one(function: Callable[[Any], Any], item: Any) -> Any:
+    return function(item)
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -363,6 +381,12 @@ class RayExecutor(Executor):
             except Exception as exc:  # noqa: BLE001 - the Ray worker or its node died
                 record = _failure(CRASHED, exc)
             on_record(task, record)
+
+    def map_calls(self, function: Callable[[Any], Any], items: list) -> list:
+        # The closure (graph, batches) is put in the object store once and shared by every trial.
+        shared = self._ray.put(function)
+        remote = self._ray.remote(max_retries=0, num_cpus=1)(_call_one)
+        return self._ray.get([remote.remote(shared, item) for item in items])
 
     def close(self) -> None:
         if self._owned and self._ray.is_initialized():
