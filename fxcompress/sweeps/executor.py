@@ -384,7 +384,11 @@ class RayExecutor(Executor):
 
     def map_calls(self, function: Callable[[Any], Any], items: list) -> list:
         # The closure (graph, batches) is put in the object store once and shared by every trial.
-        shared = self._ray.put(function)
+        try:
+            shared = self._ray.put(function)
+        except Exception as exc:  # noqa: BLE001 - cloudpickle's TypeError/RuntimeError on an unshippable object
+            raise InputError(f"Ray cannot serialize these trials ({type(exc).__name__}: {str(exc)[:200]}), so they cannot "
+                             "run on other workers.", "leave executor out to run them in this process.") from None
         remote = self._ray.remote(max_retries=0, num_cpus=1)(_call_one)
         return self._ray.get([remote.remote(shared, item) for item in items])
 
