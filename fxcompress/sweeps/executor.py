@@ -234,7 +234,9 @@ class ProcessExecutor(Executor):
 
     Args:
         workers: how many non-exclusive trials run at once (default: the machine's cores).
-        memory_gb: address-space cap of each trial's process (``RLIMIT_AS``); None: no cap.
+        memory_gb: address-space cap of each trial's process (``RLIMIT_AS``); None: no cap. Address
+            space is far more than resident memory (torch and ONNX Runtime reserve several GiB, a
+            compile holds copies of the model): allow a few times the model's working set.
         time_limit: seconds a trial may run before it is stopped; None: no limit.
     """
 
