@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -44,10 +43,13 @@ MEASURED = ("status", "nodes_before", "nodes_after", "all_nodes_before", "all_no
             "onnx_bytes", "parity_passed")
 
 
-def _tree_rss_bytes(root: int) -> int:
-    """Resident memory of ``root`` and all its descendants now (from /proc)."""
+def _tree_sample(root: int, cpu_ticks: dict[int, int]) -> int:
+    """Resident memory of ``root`` and all its descendants now (from /proc); also records each
+    one's CPU time so far in ``cpu_ticks`` (trial processes are reaped by the fork server or Ray,
+    not by us, so RUSAGE_CHILDREN would miss them)."""
     parents: dict[int, int] = {}
     rss: dict[int, int] = {}
+    ticks: dict[int, int] = {}
     page = os.sysconf("SC_PAGE_SIZE")
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -59,6 +61,7 @@ def _tree_rss_bytes(root: int) -> int:
             continue
         parents[int(entry)] = int(fields[1])
         rss[int(entry)] = int(fields[21]) * page
+        ticks[int(entry)] = int(fields[11]) + int(fields[12])
     total, frontier = 0, [root]
     seen = set()
     while frontier:
@@ -67,6 +70,7 @@ def _tree_rss_bytes(root: int) -> int:
             continue
         seen.add(pid)
         total += rss.get(pid, 0)
+        cpu_ticks[pid] = max(cpu_ticks.get(pid, 0), ticks.get(pid, 0))
         frontier.extend(child for child, parent in parents.items() if parent == pid)
     return total
 
@@ -76,14 +80,14 @@ def _run(name: str, specs: list[str], recipes: list[str], extra: list[str], work
     command = [sys.executable, "-m", "fxcompress.cli", "sweep", *specs, *(f"--recipe={r}" for r in recipes), "--log", str(log),
                *extra]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = [0]
+    cpu_ticks: dict[int, int] = {}
 
     def sample() -> None:
         while process.poll() is None:
-            peak[0] = max(peak[0], _tree_rss_bytes(process.pid))
+            peak[0] = max(peak[0], _tree_sample(process.pid, cpu_ticks))
             time.sleep(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -91,14 +95,13 @@ def _run(name: str, specs: list[str], recipes: list[str], extra: list[str], work
     output, _ = process.communicate()
     wall = time.perf_counter() - start
     sampler.join()
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if process.returncode != 0:
         raise SystemExit(f"{name}: the sweep failed:\n{output[-3000:]}")
     records = [json.loads(line) for line in log.read_text().splitlines()]
     return {"executor": name, "command": " ".join(["fxcompress sweep", "SPECS", *extra]), "trials": len(records),
             "wall_s": round(wall, 1), "trials_per_min": round(60 * len(records) / wall, 2),
             "peak_tree_rss_gib": round(peak[0] / 2**30, 2),
-            "cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1),
+            "cpu_s": round(sum(cpu_ticks.values()) / os.sysconf("SC_CLK_TCK"), 1),
             "trial_seconds_sum": round(sum(r["seconds"] for r in records), 1),
             "statuses": {s: sum(r["status"] == s for r in records) for s in {r["status"] for r in records}},
             "records": records}
@@ -119,7 +122,7 @@ def _markdown(result: dict) -> str:
         f"{result['trials']} trials ({', '.join(result['specs'])}; recipes {', '.join(result['recipes'])}), compile + ONNX export + ORT parity "
         "per trial. Peak memory is the largest sum of resident memory over the whole process tree "
         "(driver, trial processes, Ray daemons and workers) seen at one moment.", "",
-        "| executor | wall s | trials/min | speedup | peak RSS (tree) GiB | CPU s | sum of trial s | statuses | records = sequential |",
+        "| executor | wall s | trials/min | speedup | peak RSS (tree) GiB | CPU s (tree) | sum of trial s | statuses | records = sequential |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
@@ -131,24 +134,38 @@ def _markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _k_machines(runs: list[dict], cores: int) -> str:
+def _process_start_seconds() -> float:
+    """Seconds to start a fresh trial process and get its record back, once the fork server runs."""
+    from fxcompress.sweeps.executor import Task, run_isolated
+
+    run_isolated(Task("warm-up", "builtins:dict"))  # starts the fork server
+    start = time.perf_counter()
+    run_isolated(Task("start", "builtins:dict"))
+    return time.perf_counter() - start
+
+
+def _k_machines(runs: list[dict], cores: int, start_s: float) -> str:
     sequential, processes, on_ray = runs
     per_trial = sequential["wall_s"] / sequential["trials"]
-    overhead = max(0.0, processes["trial_seconds_sum"] / processes["trials"] - per_trial)
     peak_trial_gib = max((r.get("peak_rss_mb", 0) for r in processes["records"]), default=0) / 1024
-    ray_fixed = max(0.0, on_ray["wall_s"] - processes["wall_s"])
+    ray_extra = on_ray["wall_s"] - processes["wall_s"]
     return (
-        f"In process, one trial here takes {per_trial:.1f} s of wall time on average. An isolated trial (its own "
-        f"spawned process) adds about {overhead:.1f} s (start-up, imports) and its process peaked at "
-        f"{peak_trial_gib:.1f} GiB, so a machine with c cores and M GiB runs min(c, M/{max(peak_trial_gib, 0.1):.1f}) compile "
-        f"trials at once. Two workers on this {cores}-core machine gave {sequential['wall_s'] / processes['wall_s']:.2f}x "
-        f"(the machine is shared with other jobs, so cores were not free; on idle cores the bound is 2x). Ray costs a fixed "
-        f"start ({ray_fixed:.0f} s more than the process pool here, for starting the instance) and a few hundred MB of "
-        f"daemons per node, then schedules the same capped trials per CPU. With K machines of c cores in one Ray cluster, "
-        f"compile trials are independent, so a sweep of N trials takes about N x (t + {overhead:.1f} s) / (K x c) plus "
-        f"Ray's start-up: throughput grows linearly in K x c until the driver, which only submits tasks and appends one "
-        f"log line per trial (milliseconds each), becomes the limit at thousands of trials per minute. Benchmark "
-        f"(timed) trials reserve a whole node, so they scale with K only: K timed trials at once, one per machine."
+        f"In process, one trial here took {per_trial:.1f} s of wall time on average. An isolated trial's fresh process "
+        f"forks from a fork server that has fxcompress imported: {start_s:.2f} s from start to record for an empty trial; "
+        f"what it does pay is torch's first-call warm-up in every new process (a few seconds per trial), which the "
+        f"in-process run pays once. A trial's process peaked at {peak_trial_gib:.1f} GiB resident, so a machine with c "
+        f"cores and M GiB runs min(c, M / {max(peak_trial_gib, 0.1):.1f}) of these compile trials at once. Two workers on "
+        f"this {cores}-core machine gave {sequential['wall_s'] / processes['wall_s']:.2f}x; the machine was shared with "
+        f"other jobs, where two busy processes also win a larger share of the cores than one, so read it as \"about 2x "
+        f"on 2 cores\", not as superlinear. Ray, on the same 2 cores, took {ray_extra:+.0f} s against the process pool: "
+        f"starting the instance and its daemons (gcs, raylet, workers: {on_ray['peak_tree_rss_gib']} GiB of the tree at "
+        f"peak) costs a fixed start and, on a 2-core machine, CPU the trials would have used. That cost is per machine, "
+        f"not per trial, so Ray pays where there are more machines: with K machines of c cores in one cluster (`ray start "
+        f"--head` on one, `ray start --address=HEAD:PORT` on the others, `fxcompress sweep --ray HEAD:PORT`), independent "
+        f"compile trials take about N x t / (K x c) plus Ray's start-up, i.e. throughput linear in K x c (at "
+        f"{60 / per_trial:.1f} trials/min per core for models like these) until the driver, which only submits tasks and "
+        f"appends one log line per trial, becomes the limit at thousands of trials per minute. Benchmark (timed) trials "
+        f"reserve a whole node (every CPU, and its GPU), so they scale with K only: K timed trials at once, one per machine."
     )
 
 
@@ -160,6 +177,7 @@ def main() -> int:
     specs = QUICK if args.quick else [f"benchmarks.zoo:{m}" for m in MODELS]
     recipes = ["default", "fp16"] if args.quick else ["default"]
     runs = []
+    start_s = _process_start_seconds()
     with tempfile.TemporaryDirectory() as work:
         for name, extra in EXECUTORS.items():
             print(f"{name} ...", flush=True)
@@ -168,7 +186,7 @@ def main() -> int:
     for run in runs:
         run["same_as_sequential"] = _same_records(runs[0]["records"], run["records"])
     result = {"command": command_line(), "machine": machine_description(), "specs": specs, "recipes": recipes, "trials": runs[0]["trials"],
-              "runs": runs, "k_machines": _k_machines(runs, os.cpu_count() or 1)}
+              "process_start_s": round(start_s, 3), "runs": runs, "k_machines": _k_machines(runs, os.cpu_count() or 1, start_s)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out.with_suffix(".json"), result)
     write_text(args.out, _markdown(result))
