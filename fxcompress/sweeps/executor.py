@@ -154,8 +154,29 @@ class SequentialExecutor(Executor):
 # --- one trial in its own capped process --------------------------------------------------------
 
 
-def _child_main(connection, task: Task, memory_bytes: int | None) -> None:
+def _die_with(owner: int) -> None:
+    """End this trial's process when ``owner`` (the sweep that started it) is gone, so a sweep
+    stopped with SIGTERM or SIGKILL leaves no orphaned trial running. (The trial's parent is the
+    fork server, which outlives a killed sweep while it has children, so the kernel's
+    parent-death signal is not enough.)"""
+    import threading
+
+    def watch() -> None:
+        while True:
+            try:
+                os.kill(owner, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:  # alive, another user's (cannot happen for our own parent)
+                pass
+            time.sleep(1.0)
+
+    threading.Thread(target=watch, name="fxcompress-owner-watch", daemon=True).start()
+
+
+def _child_main(connection, task: Task, memory_bytes: int | None, owner: int) -> None:
     """Entry point of a trial's process: cap memory and threads, run, send the record back."""
+    _die_with(owner)
     if memory_bytes:
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     _limit_threads(task.cpus)
@@ -188,7 +209,7 @@ class _Running:
         self.task = task
         self.memory_bytes = memory_bytes
         self.receiver, sender = context.Pipe(duplex=False)
-        self.process = context.Process(target=_child_main, args=(sender, task, memory_bytes), daemon=True,
+        self.process = context.Process(target=_child_main, args=(sender, task, memory_bytes, os.getpid()), daemon=True,
                                        name=f"fxcompress-trial-{task.key}"[:60])
         self.start = time.perf_counter()
         self.deadline = None if time_limit is None else self.start + time_limit
