@@ -101,7 +101,7 @@ def _run(name: str, specs: list[str], recipes: list[str], extra: list[str], work
     return {"executor": name, "command": " ".join(["fxcompress sweep", "SPECS", *extra]), "trials": len(records),
             "wall_s": round(wall, 1), "trials_per_min": round(60 * len(records) / wall, 2),
             "peak_tree_rss_gib": round(peak[0] / 2**30, 2),
-            "cpu_s": round(sum(cpu_ticks.values()) / os.sysconf("SC_CLK_TCK"), 1),
+            "cpu_s": round(sum(cpu_ticks.values()) / os.sysconf("SC_CLK_TCK"), 1), "cpu_source": "proc",
             "trial_seconds_sum": round(sum(r["seconds"] for r in records), 1),
             "statuses": {s: sum(r["status"] == s for r in records) for s in {r["status"] for r in records}},
             "records": records}
@@ -127,7 +127,8 @@ def _markdown(result: dict) -> str:
     ]
     for run in runs:
         lines.append(f"| {run['executor']} | {run['wall_s']} | {run['trials_per_min']} | {base['wall_s'] / run['wall_s']:.2f}x | "
-                     f"{run['peak_tree_rss_gib']} | {run['cpu_s']} | {run['trial_seconds_sum']} | "
+                     f"{run['peak_tree_rss_gib']} | {run['cpu_s'] if run.get('cpu_source') == 'proc' else 'not measured'} | "
+                     f"{run['trial_seconds_sum']} | "
                      f"{', '.join(f'{n} {s}' for s, n in sorted(run['statuses'].items()))} | "
                      f"{'yes' if run['same_as_sequential'] else 'NO'} |")
     lines += ["", "## What this says about K machines", "", result["k_machines"], ""]
@@ -173,7 +174,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="four tiny test models (a dry run)")
     parser.add_argument("--out", type=Path, default=OUT / "sweep_scaling.md")
+    parser.add_argument("--render", action="store_true", help="only rebuild the markdown from the JSON next to --out")
     args = parser.parse_args()
+    if args.render:
+        result = json.loads(args.out.with_suffix(".json").read_text())
+        result.setdefault("process_start_s", round(_process_start_seconds(), 3))
+        result.setdefault("recipes", ["default"])
+        result["k_machines"] = _k_machines(result["runs"], result["machine"]["cores"], result["process_start_s"])
+        write_text(args.out, _markdown(result))
+        print(args.out)
+        return 0
     specs = QUICK if args.quick else [f"benchmarks.zoo:{m}" for m in MODELS]
     recipes = ["default", "fp16"] if args.quick else ["default"]
     runs = []
