@@ -21,6 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import machine_description  # noqa: E402
 from benchmarks.report import machine_line, write_text  # noqa: E402
+from fxcompress.sweeps.log import TrialLog  # noqa: E402
+from fxcompress.sweeps.table import to_markdown  # noqa: E402
 from tests import sweep_log  # noqa: E402
 from tests.models import TOO_BIG  # noqa: E402
 
@@ -131,6 +133,10 @@ def main() -> int:
         if log.exists():
             lines += [*summary(list(sweep_log.read(log).values())), ""]
     cli_log, test_log = OUT / "cli_default.jsonl", OUT / "default.jsonl"
+    for log, title in ((cli_log, "`fxcompress sweep` of the zoo, recipe default (cli_default.jsonl)"),
+                       (OUT / "timm.jsonl", "timm models, recipe default (`fxcompress sweep`, timm.jsonl)")):
+        if log.exists():  # the same table `fxcompress sweep --table` writes, rebuilt from the log alone
+            write_text(log.with_suffix(".md"), to_markdown(list(TrialLog(log).read().values()), title))
     if cli_log.exists() and test_log.exists():
         lines += [*agreement(list(sweep_log.read(test_log).values()), list(sweep_log.read(cli_log).values())), ""]
     timm_log = OUT / "timm.jsonl"

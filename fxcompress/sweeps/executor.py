@@ -24,6 +24,7 @@ Compile trials (``exclusive=False``, one CPU) run side by side.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import multiprocessing
 import os
@@ -31,6 +32,7 @@ import resource
 import signal
 import socket
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -174,8 +176,14 @@ def _die_with(owner: int) -> None:
     threading.Thread(target=watch, name="fxcompress-owner-watch", daemon=True).start()
 
 
-def _child_main(connection, task: Task, memory_bytes: int | None, owner: int) -> None:
-    """Entry point of a trial's process: cap memory and threads, run, send the record back."""
+def _child_main(connection, task: Task, memory_bytes: int | None, owner: int, stderr_path: str) -> None:
+    """Entry point of a trial's process: cap memory and threads, run, send the record back.
+    Its stderr goes to ``stderr_path``, whose tail the parent puts in the record if it dies."""
+    import faulthandler
+
+    with open(stderr_path, "ab", buffering=0) as stderr:
+        os.dup2(stderr.fileno(), 2)
+    faulthandler.enable()  # a native crash leaves the Python stack in that tail
     _die_with(owner)
     if memory_bytes:
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
@@ -209,7 +217,10 @@ class _Running:
         self.task = task
         self.memory_bytes = memory_bytes
         self.receiver, sender = context.Pipe(duplex=False)
-        self.process = context.Process(target=_child_main, args=(sender, task, memory_bytes, os.getpid()), daemon=True,
+        handle, self.stderr_path = tempfile.mkstemp(prefix="fxcompress-trial-", suffix=".stderr")
+        os.close(handle)
+        self.process = context.Process(target=_child_main, args=(sender, task, memory_bytes, os.getpid(), self.stderr_path),
+                                       daemon=True,
                                        name=f"fxcompress-trial-{task.key}"[:60])
         self.start = time.perf_counter()
         self.deadline = None if time_limit is None else self.start + time_limit
@@ -241,16 +252,29 @@ class _Running:
         if code is not None and code < 0:
             name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
             if -code == signal.SIGKILL:
-                return _failure(OUT_OF_MEMORY, detail="the trial's process was killed by SIGKILL, most likely by the "
-                                "kernel's out-of-memory killer")
-            return _failure(CRASHED, detail=f"the trial's process died from signal {name}")
-        return _failure(CRASHED, detail=f"the trial's process exited with status {code} before reporting a result")
+                record = _failure(OUT_OF_MEMORY, detail="the trial's process was killed by SIGKILL, most likely by the "
+                                  "kernel's out-of-memory killer")
+            else:
+                record = _failure(CRASHED, detail=f"the trial's process died from signal {name}")
+        else:
+            record = _failure(CRASHED, detail=f"the trial's process exited with status {code} before reporting a result")
+        try:
+            with open(self.stderr_path, "rb") as f:
+                f.seek(max(0, os.path.getsize(self.stderr_path) - 2000))
+                tail = f.read().decode(errors="replace").strip()
+        except OSError:
+            tail = ""
+        if tail:
+            record["stderr_tail"] = tail
+        return record
 
     def kill(self) -> None:
         if self.process.is_alive():
             self.process.kill()
         self.process.join(5)
         self.receiver.close()
+        with contextlib.suppress(OSError):
+            os.remove(self.stderr_path)
 
 
 def run_isolated(task: Task, memory_bytes: int | None = None, time_limit: float | None = None) -> dict:

@@ -80,7 +80,8 @@ def sweep(
             appended as each trial finishes.
         table: where to write the table of all trials: ``.md`` (markdown) or ``.html``; a list for both.
         workers: 0 (default) runs trials in this process one by one; N >= 1 runs each in its own
-            process, N at a time, with the caps below.
+            process, N at a time, with the caps below. As with any Python multiprocessing, a script
+            that does this must call sweep under ``if __name__ == "__main__":``.
         ray: ``"auto"`` for a local Ray instance (``ray_cpus`` CPUs), or a running cluster's
             ``HOST:PORT``; each trial is a Ray task that runs in its own capped process.
         executor: an :class:`~fxcompress.sweeps.executor.Executor` to use instead (not closed here).

@@ -35,6 +35,7 @@ def test_process_executor_isolates_crash_memory_and_time():
     assert sorted(finished) == sorted(t.key for t in tasks)  # every trial reported exactly once
     assert records["ok1"].get("value") == 1 and records["ok2"].get("value") == 2, records
     assert records["segv"]["status"] == "crashed" and "SIGSEGV" in records["segv"]["error"]
+    assert "Segmentation fault" in records["segv"]["stderr_tail"] and "in segfault" in records["segv"]["stderr_tail"]
     assert records["oom"]["status"] == "out_of_memory", records["oom"]
     assert records["slow"]["status"] == "timeout" and "40 s" in records["slow"]["error"]
     assert records["raise"]["status"] == "error" and records["raise"]["error_type"] == "ValueError"
