@@ -9,6 +9,7 @@ export verified ONNX:
     fxcompress.validate("model.onnx", model, (example,)).passed
     fxcompress.benchmark("model.onnx", (example,), provider="cpu").p50_ms
     print(fxcompress.compare(result, model))   # vs the plain export: parity, interleaved latency, size
+    fxcompress.sweep(["torchvision:resnet18", ...], ["default", "int8"], log="sweep.jsonl", workers=2)
 """
 
 from fxcompress.version import __version__  # noqa: E402,F401
@@ -16,6 +17,7 @@ from fxcompress.version import __version__  # noqa: E402,F401
 from fxcompress.api import CompileReport, CompileResult, benchmark, compile, diff, validate  # noqa: E402
 from fxcompress.comparison import ComparisonReport, compare  # noqa: E402
 from fxcompress.decoder import DecoderCompileResult, compile_decoder, generate  # noqa: E402
+from fxcompress.sweeps import SweepResult, sweep  # noqa: E402
 from fxcompress.errors import (  # noqa: E402
     CaptureError,
     DriftError,
@@ -36,6 +38,6 @@ __all__ = [
     "CaptureError", "ComparisonReport", "CompileReport", "CompileResult", "DecoderCompileResult", "DriftError",
     "ExportError", "FxCompressError",
     "InputError", "ModelFileError", "PassError", "Recipe", "RecipeError", "RuntimeProviderError",
-    "UntrustedFileError", "benchmark", "compare", "compile", "compile_decoder", "diff", "generate", "register",
-    "validate",
+    "SweepResult", "UntrustedFileError", "benchmark", "compare", "compile", "compile_decoder", "diff", "generate",
+    "register", "sweep", "validate",
 ]

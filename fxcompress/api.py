@@ -34,6 +34,7 @@ from fxcompress.infra.instruments import DumpIR, RecordDiff, Timing, VerifyNumer
 from fxcompress.infra.pass_base import Pass
 from fxcompress.infra.recipe import Recipe, resolve_recipe
 from fxcompress.analysis.graph_stats import count_compute_nodes, count_parameters
+from fxcompress.analysis.sensitivity import trials_through
 from fxcompress.numerics import LOSSLESS_TOLERANCE, compare_outputs, flatten_outputs, worst_drift, worst_unmasked_drift
 from fxcompress.inspect.pass_table import pass_rows, print_table, render_plain
 from fxcompress.runtime.parity import ParityReport, validate
@@ -289,6 +290,7 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
     max_metric_drop: float | None = None,
     output_mask: OutputMask = None,
     dynamic_shapes: Any = None,
+    executor: Any = None,
 ) -> CompileResult:
     """Capture ``model`` and run a recipe of passes over it.
 
@@ -332,6 +334,9 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
         dynamic_shapes: an explicit torch.export dynamic-shapes spec for positional inputs, used
             instead of ``dynamic_batch`` / ``dynamic_sequence`` at capture (what
             :func:`fxcompress.decoder.compile_decoder` passes for the KV cache).
+        executor: where the per-layer sensitivity and metric trials of that search run: an
+            executor of :mod:`fxcompress.sweeps` (e.g. ``RayExecutor``, one Ray task per trial);
+            default: in this process, one after another.
 
     Raises:
         InputError, CaptureError, RecipeError, PassError, DriftError: each with a one-paragraph
@@ -367,7 +372,8 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
         source = calibration_batches
         calibration_batches = lambda: (call.flatten(batch) for batch in source())  # noqa: E731
     manager.bind(CompileContext(inputs, calibration_batches, reference, progress, metric))
-    result = manager(graph_module)
+    with trials_through(executor.map_calls if executor is not None else None):
+        result = manager(graph_module)
     compiled = result.graph_module
     comparisons = _final_comparisons(compiled, inputs, reference, masks, call.output_names if call.structured else None)
     drift = worst_drift(comparisons)  # masked where a mask applies: the figure the tolerance gates

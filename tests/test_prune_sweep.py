@@ -67,15 +67,13 @@ def test_prune_ci_subset(name, tmp_path):
     assert _prune_and_check(name, tmp_path)["shrank"]
 
 
-PEER_MEMORY_BYTES = 8 << 30  # Torch-Pruning's graph tracing takes over 20 GiB on maxvit_t
+PEER_MEMORY_GB = 8  # Torch-Pruning's graph tracing takes over 20 GiB on maxvit_t
 PEER_SECONDS = 900
 
 
-def _torch_pruning_shrinks(name: str) -> bool:
-    """Torch-Pruning at ratio 0.5 on ``name``: did the model shrink and still run? (In this process.)"""
-    import resource
-
-    resource.setrlimit(resource.RLIMIT_AS, (PEER_MEMORY_BYTES, PEER_MEMORY_BYTES))
+def torch_pruning_trial(name: str) -> dict:
+    """Torch-Pruning at ratio 0.5 on ``name``: did the model shrink and still run? A trial function
+    (``tests.test_prune_sweep:torch_pruning_trial``) for the sweep executor, which caps its process."""
     import torch_pruning as tp
 
     model, inputs = _build(name)
@@ -87,28 +85,22 @@ def _torch_pruning_shrinks(name: str) -> bool:
         pruner.step()
         with torch.no_grad():
             model(*inputs)
-        return tp.utils.count_ops_and_params(model, inputs)[0] < before
-    except Exception:  # noqa: BLE001 - a peer failure (MemoryError included) counts as "did not shrink and run"
-        return False
+        return {"status": "ok", "shrank": tp.utils.count_ops_and_params(model, inputs)[0] < before}
+    except Exception as exc:  # noqa: BLE001 - a peer failure counts as "did not shrink and run"
+        return {"status": "ok", "shrank": False, "error": f"{type(exc).__name__}: {str(exc)[:100]}"}
 
 
 def _peer_shrinks(name: str) -> tuple[bool, str | None]:
-    """:func:`_torch_pruning_shrinks` in a child process capped at 8 GiB and 15 minutes, so that the
-    peer running out of memory or time is a "no" for that model instead of the end of the sweep."""
+    """:func:`torch_pruning_trial` in its own process (the sweep executor's isolation: 8 GiB, 15 minutes),
+    so that the peer crashing or running out of memory or time is a "no" for that model, not the end of the sweep."""
     pytest.importorskip("torch_pruning")
-    import concurrent.futures
-    import multiprocessing
+    from fxcompress.sweeps.executor import Task, run_isolated
 
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        future = pool.submit(_torch_pruning_shrinks, name)
-        try:
-            return future.result(timeout=PEER_SECONDS), None
-        except concurrent.futures.TimeoutError:
-            for process in list(pool._processes.values()):  # noqa: SLF001 - the only way to stop a stuck worker
-                process.kill()
-            return False, f"over {PEER_SECONDS} s"
-        except Exception as exc:  # noqa: BLE001 - the child died (killed for memory) or could not start
-            return False, f"{type(exc).__name__}: {str(exc)[:100]}"
+    record = run_isolated(Task(f"torch-pruning {name}", "tests.test_prune_sweep:torch_pruning_trial", (name,)),
+                          PEER_MEMORY_GB << 30, PEER_SECONDS)
+    if record["status"] != "ok":
+        return False, f"{record['status']}: {str(record.get('error'))[:100]}"
+    return record["shrank"], record.get("error")
 
 
 def _ours(name: str, tmp_path) -> dict:

@@ -13,14 +13,21 @@ returns the graph with the rewrite applied to the ``enabled`` layer indices only
 Accuracy-aware selection (:func:`select_float_layers_by_metric`) ranks layers the same way but
 lets the user's own metric (``compile(..., evaluate=, max_metric_drop=)``) decide how many of the
 most sensitive ones stay in float: drift is cheap and ranks well, the metric is what users ship on.
+
+Every per-layer sensitivity trial and every metric trial goes through one *trial map*,
+``map(function, items) -> list``: in this process by default, or the ``map_calls`` of the
+executor a compile was given (``compile(..., executor=)``; fxcompress.sweeps: Ray ships each
+trial to a worker), bound with :func:`trials_through` for that compile only (a context variable,
+so compiles in other threads keep their own).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Sequence
-
+import contextlib
+import contextvars
 import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -28,6 +35,25 @@ from torch import nn
 from fxcompress.numerics import compare_outputs, flatten_outputs, worst_drift
 
 Build = Callable[[Sequence[int]], nn.Module]
+TrialMap = Callable[[Callable[[Any], Any], list], list]
+
+_TRIAL_MAP: contextvars.ContextVar[TrialMap | None] = contextvars.ContextVar("fxcompress_trial_map", default=None)
+
+
+@contextlib.contextmanager
+def trials_through(trial_map: TrialMap | None) -> Iterator[None]:
+    """Run the trials of this block through ``trial_map(function, items)`` (None: in-process)."""
+    token = _TRIAL_MAP.set(trial_map)
+    try:
+        yield
+    finally:
+        _TRIAL_MAP.reset(token)
+
+
+def map_trials(function: Callable[[Any], Any], items: Sequence[Any]) -> list:
+    """``[function(item) for item in items]``, through the bound trial map if there is one."""
+    trial_map = _TRIAL_MAP.get()
+    return [function(item) for item in items] if trial_map is None else list(trial_map(function, list(items)))
 
 
 def drift_on_batches(reference: nn.Module | list, candidate: nn.Module, batches: Sequence[tuple[torch.Tensor, ...]]) -> float:
@@ -50,7 +76,8 @@ def layer_sensitivities(reference: nn.Module, build: Build, layers: Sequence[int
                         batches: Sequence[tuple[torch.Tensor, ...]]) -> dict[int, float]:
     """Drift of the model with only layer ``i`` rewritten, for every ``i`` in ``layers``."""
     expected = reference_outputs(reference, batches)
-    return {i: drift_on_batches(expected, build([i]), batches) for i in layers}
+    layers = list(layers)
+    return dict(zip(layers, map_trials(lambda i: drift_on_batches(expected, build([i]), batches), layers)))
 
 
 def select_float_layers(reference: nn.Module, build: Build, sensitivity: dict[int, float], layers: Sequence[int],
@@ -109,7 +136,7 @@ def select_float_layers_by_metric(build: Build, ranked: Sequence[int], drop_of: 
     trials: list[MetricTrial] = []
 
     def trial(k: int) -> bool:
-        metric, drop = drop_of(build(ranked[k:]))
+        ((metric, drop),) = map_trials(lambda kept: drop_of(build(ranked[kept:])), [k])
         accepted = drop <= max_drop
         trials.append(MetricTrial(k, metric, drop, accepted))
         on_trial(trials[-1])

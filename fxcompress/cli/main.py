@@ -1,4 +1,4 @@
-"""Command line: ``fxcompress compile | bench | diff | inspect | passes | demo``.
+"""Command line: ``fxcompress compile | bench | diff | inspect | sweep | passes | demo``.
 
 Errors the user can fix are printed as one paragraph (no stack trace) with exit status 2.
 """
@@ -47,6 +47,29 @@ def _add_bench(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads for --ops (default: one per core)")
 
 
+def _add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="compile many models x recipes as isolated trials: a resumable log and a table")
+    p.add_argument("specs", nargs="*", help="model SPECs as for compile (torchvision:NAME, package.module:function, ...)")
+    p.add_argument("--specs-file", default=None, help="a file listing one SPEC per line (# comments)")
+    p.add_argument("--recipe", dest="recipes", action="append", default=None,
+                   help="preset name or TOML recipe path; repeat for several (default: default)")
+    p.add_argument("--log", required=True, help="JSON-lines results log; a rerun skips the trials already in it")
+    p.add_argument("--table", action="append", default=None, help="write the table here (.md or .html); repeatable")
+    p.add_argument("--workers", type=int, default=0, help="run each trial in its own process, N at a time (default 0: in this process)")
+    p.add_argument("--ray", default=None, metavar="auto|HOST:PORT", help="run trials as Ray tasks: a local instance or a cluster")
+    p.add_argument("--ray-cpus", type=int, default=None, help="CPUs of the local Ray instance (--ray auto)")
+    p.add_argument("--memory-gb", type=float, default=None, help="address-space cap per trial (needs --workers or --ray)")
+    p.add_argument("--time-limit", type=float, default=None, help="seconds per trial (needs --workers or --ray)")
+    p.add_argument("--benchmark", action="store_true", help="also time each result vs the plain export (trials run alone)")
+    p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="ORT provider for --benchmark")
+    p.add_argument("--iters", type=int, default=48, help="timed runs per variant with --benchmark (default 48)")
+    p.add_argument("--input-shape", action="append", default=None, help="input shape for every spec, like 1,3,224,224")
+    p.add_argument("--calibration", default=None, help="random:N, a .pt file, or package.module:function (every spec)")
+    p.add_argument("--retry-failed", action="store_true", help="rerun logged trials that did not end ok")
+    p.add_argument("--import", dest="imports", action="append", default=None, metavar="MODULE",
+                   help="import this module first (it registers your own passes); repeat for several")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fxcompress", description="Graph-level compiler passes for PyTorch models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     add_diff_parser(sub)
     add_inspect_parser(sub)
+    _add_sweep(sub)
     passes = sub.add_parser("passes", help="list registered passes, their options and the presets")
     passes.add_argument("--import", dest="imports", action="append", default=None, metavar="MODULE",
                         help="import this module first, so that the passes it registers are listed too")
@@ -129,6 +153,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from fxcompress.errors import InputError
+    from fxcompress.sweeps import sweep
+    from fxcompress.sweeps.trials import read_spec_file
+
+    _import_user_modules(args)
+    specs = list(args.specs) + (read_spec_file(args.specs_file) if args.specs_file else [])
+    if not specs:
+        raise InputError("fxcompress sweep was given no model specs.", "list SPECs on the command line or give --specs-file FILE.")
+    result = sweep(specs, args.recipes or ["default"], log=args.log, table=args.table, workers=args.workers, ray=args.ray,
+                   ray_cpus=args.ray_cpus, memory_gb=args.memory_gb, time_limit=args.time_limit, benchmark=args.benchmark,
+                   provider=args.provider, runs=args.iters, input_shapes=_shapes(args.input_shape),
+                   calibration=args.calibration, retry_failed=args.retry_failed)
+    print(result.markdown())
+    print(f"Ran {result.ran} trial(s) ({result.executor}), skipped {result.skipped} already in {result.log}.")
+    for path in result.tables:
+        print(f"Wrote {path}")
+    return 0
+
+
 def cmd_passes(args: argparse.Namespace) -> int:
     _import_user_modules(args)
     from fxcompress.infra.pass_base import option_help
@@ -154,7 +198,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.out_dir), epochs=args.epochs)
 
 
-COMMANDS = {"compile": cmd_compile, "bench": cmd_bench, "passes": cmd_passes, "demo": cmd_demo, "diff": cmd_diff, "inspect": cmd_inspect}
+COMMANDS = {"compile": cmd_compile, "bench": cmd_bench, "passes": cmd_passes, "demo": cmd_demo, "diff": cmd_diff, "inspect": cmd_inspect,
+            "sweep": cmd_sweep}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
