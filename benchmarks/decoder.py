@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="the tiny_lm TEST preset and fewer rounds")
     parser.add_argument("--recipes", nargs="+", default=["default", "int8-dynamic"])
     parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decoder"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for decoder.md / .json")
     args = parser.parse_args(argv)
     preset = tiny_lm.TEST if args.quick else tiny_lm.BENCHMARK
     rounds = args.rounds or (2 if args.quick else 5)
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ppl_hf_fp32": round(reference_ppl, 4),
         "rows": rows,
     }
-    out = Path(args.out)
+    out = Path(args.out) / "decoder"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [

@@ -53,3 +53,24 @@ def test_perplexity_through_onnx_matches_pytorch_and_int8_keeps_it(trained, tmp_
     prompt = tiny_lm.encode("The ")[None]
     text = tiny_lm.decode(fxcompress.generate(path, prompt, max_new_tokens=20, do_sample=True, seed=0)[0])
     assert text.startswith("The ") and len(text) == 24
+
+
+@pytest.mark.slow
+def test_decoder_benchmark_quick_run_writes_its_table(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root))
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "decoder.py"), "--quick", "--rounds", "1", "--out",
+                           str(tmp_path)], cwd=root, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "decoder.json").read_text())
+    rows = {row["recipe"]: row for row in report["rows"]}
+    assert set(rows) == {"default", "int8-dynamic"}
+    assert rows["default"]["greedy64_equals_hf"] and rows["default"]["ppl_onnx"] == pytest.approx(report["ppl_hf_fp32"], rel=1e-4)
+    assert rows["int8-dynamic"]["ppl_onnx"] == pytest.approx(report["ppl_hf_fp32"], rel=0.05)
+    assert "| int8-dynamic |" in (tmp_path / "decoder.md").read_text()
