@@ -45,7 +45,8 @@ def _config(name: str):
     raise KeyError(name)
 
 
-ARCHITECTURES = ["llama", "qwen2", "mistral", "gpt2", "phi"]
+# Llama in CI; the others (about 45 s each on 2 cores) run with the slow tests.
+ARCHITECTURES = ["llama"] + [pytest.param(name, marks=pytest.mark.slow) for name in ("qwen2", "mistral", "gpt2", "phi")]
 
 
 def _model(name: str, seed: int = 0):
