@@ -145,7 +145,8 @@ def time_model(trained: TrainedModel, paths: dict[str, Path], rows: list[dict], 
 def _note(r: dict) -> str:
     parts = []
     if "macs" in r:
-        parts.append(f"ratio {r['ratio']}, MACs {r['macs'][1] / r['macs'][0]:.0%} and params "
+        overrides = (r.get("options") or {}).get("overrides")
+        parts.append(f"ratio {r['ratio']}{f' (overrides {overrides})' if overrides else ''}, MACs {r['macs'][1] / r['macs'][0]:.0%} and params "
                      f"{r['params'][1] / r['params'][0]:.0%} of fp32; fine-tune {r['fine_tune']}")
     if "target_points" in r:
         parts.append(f"target drop <= {r['target_points']} pt: {'met' if r['within_target'] else 'MISSED'}")
