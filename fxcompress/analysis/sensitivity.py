@@ -37,7 +37,7 @@ from fxcompress.numerics import compare_outputs, flatten_outputs, worst_drift
 Build = Callable[[Sequence[int]], nn.Module]
 TrialMap = Callable[[Callable[[Any], Any], list], list]
 
-_TRIAL_MAP: contextvars.ContextVar[TrialMap | None] = contextvars.ContextVar("fxcompress_trial_map", default=None)
+_TRIAL_MAP: contextvars.ContextVar[TrialMap | None] = contextvars.ContextVar("sensitivity_trial_map", default=None)
 
 
 @contextlib.contextmanager
