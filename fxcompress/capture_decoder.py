@@ -77,6 +77,9 @@ class DecoderSpec:
     max_new_tokens: int | None = None
     max_length: int = 20
     model_type: str = field(default="")
+    #: file name (beside this graph) of a separately compiled graph for the prompt step, or None:
+    #: this graph serves prefill and decode alike (see fxcompress.decoder.PREFILL_CHOICE)
+    prefill_graph: str | None = None
 
     @property
     def layers(self) -> int:

@@ -9,11 +9,19 @@ tensors) and compiled like any model; the passes see an ordinary ATen graph. Exp
 cache inputs and outputs, keeps batch, sequence and past lengths symbolic, checks parity on a
 prefill (empty past) and a one-token decode step as well as the capture example, and stores the
 cache geometry and generation defaults in the file's metadata for :func:`generate`.
+
+Weight-only presets choose per graph: low-bit weights pay where a step is memory-bound (decode,
+one token per row), and dynamic int8 wins where it is compute-bound (a long prompt), so
+``int4-weights`` and ``int8-weights`` also compile an ``int8-dynamic`` graph for the prompt step
+(:data:`PREFILL_CHOICE`; ``prefill_recipe=`` overrides it). Export then writes two files, the
+decoder and ``<name>.prefill.onnx`` beside it, and generate() runs the prompt on the second.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -28,7 +36,13 @@ from fxcompress.infra.context import calibration_source
 from fxcompress.infra.instrument import Instrument
 from fxcompress.infra.pass_base import Pass
 from fxcompress.infra.recipe import Recipe
-from fxcompress.runtime.generate import generate as generate_onnx
+from fxcompress.runtime.generate import DecoderSession, generate as generate_onnx
+from fxcompress.runtime.session import create_session
+
+#: The recipe a preset's prompt (prefill) graph gets, where it differs from the decode graph's.
+#: Weight-only int4/int8 speeds decoding (memory-bound) but loses to dynamic int8 on prompts of
+#: tens of tokens and more (compute-bound): benchmarks/results/decoder.md, prefill sweep.
+PREFILL_CHOICE = {"int4-weights": "int8-dynamic", "int8-weights": "int8-dynamic"}
 
 
 class DecoderCompileResult(CompileResult):
@@ -39,6 +53,34 @@ class DecoderCompileResult(CompileResult):
     """
 
     spec: DecoderSpec
+    #: the separately compiled graph for the prompt step (None: this graph serves prefill too)
+    prefill: "DecoderCompileResult | None" = None
+
+    @property
+    def graphs(self) -> dict[str, str]:
+        """Which recipe each graph got: ``{"prefill": ..., "decode": ...}`` (what the preset chose)."""
+        return {"prefill": (self.prefill or self).recipe.name, "decode": self.recipe.name}
+
+    def __repr__(self) -> str:
+        chosen = f", prefill graph {self.prefill.recipe.name!r}" if self.prefill is not None else ""
+        return super().__repr__()[:-1] + chosen + ")"
+
+    def export_onnx(self, path: str | os.PathLike, **options: Any) -> Path:
+        """Export as :meth:`CompileResult.export_onnx`; with a prefill graph, that graph is written
+        first as ``<name>.prefill.onnx`` beside ``path`` and named in the decoder's metadata (if the
+        decoder's export then fails, the prefill file is removed: nothing is left half-written)."""
+        if self.prefill is None:
+            return super().export_onnx(path, **options)
+        path = Path(path)
+        prefill_path = path.with_name(f"{path.stem}.prefill{path.suffix or '.onnx'}")
+        self.prefill.export_onnx(prefill_path, **options)
+        try:
+            metadata = {**(options.pop("metadata", None) or {}),
+                        DECODER_METADATA: replace(self.spec, prefill_graph=prefill_path.name).to_json()}
+            return super().export_onnx(path, metadata=metadata, **options)
+        except BaseException:
+            prefill_path.unlink(missing_ok=True)
+            raise
 
     def _export_options(self, dynamic_batch: bool | None) -> dict[str, Any]:
         return {"shapes": dynamic_shapes(self.spec, nested=False), "input_names": self.spec.input_names,
@@ -59,10 +101,13 @@ class DecoderCompileResult(CompileResult):
 
     def generate(self, input_ids: Any, **options: Any) -> torch.Tensor:
         """Export (checked, in memory; once) and :func:`generate` in ONNX Runtime."""
-        proto = getattr(self, "_generation_proto", None)
-        if proto is None:
-            proto = self._generation_proto = self.export_proto()
-        return generate_onnx(proto, input_ids, **options)
+        session = getattr(self, "_generation_session", None)
+        provider = options.pop("provider", "cpu")
+        if session is None or session.device != ("cuda" if provider == "cuda" else "cpu"):
+            prompt = None if self.prefill is None else create_session(self.prefill.export_proto(), provider)
+            session = self._generation_session = DecoderSession(create_session(self.export_proto(), provider),
+                                                                self.spec, prompt)
+        return generate_onnx(session, input_ids, **options)
 
 
 def _prefill_batches(spec: DecoderSpec, calibration: Any) -> Callable[[], Any] | None:
@@ -93,6 +138,7 @@ def compile_decoder(
     progress: bool = False,
     evaluate: Callable[[Any], float] | None = None,
     max_metric_drop: float | None = None,
+    prefill_recipe: str | os.PathLike | Recipe | Sequence[str | Pass] | None = "auto",
 ) -> DecoderCompileResult:
     """Capture a causal LM with its KV cache and run a recipe of passes over it.
 
@@ -103,9 +149,13 @@ def compile_decoder(
             :func:`fxcompress.compile`; ``evaluate`` receives the compiled flat module.
         calibration: prompts for data-driven passes: token-id tensors ``[batch, length]`` (or
             dicts with ``input_ids``), run as prefill steps.
+        prefill_recipe: the recipe of a separate graph for the prompt step. "auto" (default):
+            :data:`PREFILL_CHOICE` for the preset that ran (``int8-dynamic`` under the weight-only
+            presets), else none; None: one graph for both. ``result.graphs`` says what was chosen.
 
     Returns:
-        A :class:`DecoderCompileResult`; ``export_onnx`` writes one graph for prefill and decode.
+        A :class:`DecoderCompileResult`; ``export_onnx`` writes one graph for prefill and decode,
+        or the decoder and its prefill graph (``<name>.prefill.onnx``) where one was chosen.
 
     Raises:
         InputError: not a causal LM, a cache other than the dynamic one, or a generation config
@@ -114,11 +164,20 @@ def compile_decoder(
     """
     spec = decoder_spec(model)
     wrapper = DecoderModule(model, spec.layers)
-    result = compile(wrapper, example_inputs(spec), recipe, _prefill_batches(spec, calibration), tolerance=tolerance,
-                     instruments=instruments, dump_dir=dump_dir, progress=progress, evaluate=evaluate,
-                     max_metric_drop=max_metric_drop, dynamic_shapes=dynamic_shapes(spec))
-    result.__class__ = DecoderCompileResult  # same state, decoder-aware export
-    result.spec = spec
+
+    def compile_graph(graph_recipe: Any, dump: Any) -> DecoderCompileResult:
+        result = compile(wrapper, example_inputs(spec), graph_recipe, _prefill_batches(spec, calibration),
+                         tolerance=tolerance, instruments=instruments, dump_dir=dump, progress=progress,
+                         evaluate=evaluate, max_metric_drop=max_metric_drop, dynamic_shapes=dynamic_shapes(spec))
+        result.__class__ = DecoderCompileResult  # same state, decoder-aware export
+        result.spec = spec
+        return result
+
+    result = compile_graph(recipe, dump_dir)
+    if isinstance(prefill_recipe, str) and prefill_recipe == "auto":
+        prefill_recipe = PREFILL_CHOICE.get(result.recipe.name)
+    if prefill_recipe is not None:
+        result.prefill = compile_graph(prefill_recipe, None if dump_dir is None else Path(dump_dir) / "prefill")
     return result
 
 

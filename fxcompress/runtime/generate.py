@@ -1,7 +1,9 @@
 """Token generation in ONNX Runtime over a decoder exported by ``fxcompress.compile_decoder``.
 
 One graph serves prefill (the prompt, an empty past) and every decode step (one token, the
-cache so far). The cache never leaves ONNX Runtime: each step binds the ``present.*`` outputs
+cache so far), unless the export paired it with a prefill graph compiled differently (its spec's
+``prefill_graph``, a file beside it): then that graph runs the prompt and hands its cache to the
+decode graph, which has the same inputs and outputs. The cache never leaves ONNX Runtime: each step binds the ``present.*`` outputs
 ORT allocated (OrtValues, on the session's device) as the next step's ``past_key_values.*``
 inputs through IO binding, so only the last position's logits are copied out per step.
 
@@ -27,10 +29,17 @@ from fxcompress.runtime.session import RuntimeSession, create_session, to_numpy
 
 @dataclass
 class DecoderSession:
-    """An ORT session over an exported decoder and the :class:`DecoderSpec` read from its metadata."""
+    """An ORT session over an exported decoder and the :class:`DecoderSpec` read from its metadata;
+    ``prefill``: the session of its paired prefill graph, if it has one (else ``runtime`` runs the prompt too)."""
 
     runtime: RuntimeSession
     spec: DecoderSpec
+    prefill: RuntimeSession | None = None
+
+    @property
+    def prompt_runtime(self) -> RuntimeSession:
+        """The session that runs a prompt (empty past)."""
+        return self.prefill if self.prefill is not None else self.runtime
 
     @property
     def device(self) -> str:
@@ -38,20 +47,55 @@ class DecoderSession:
 
 
 def decoder_session(model: str | os.PathLike | bytes | onnx.ModelProto | DecoderSession, provider: str = "cpu",
-                    *, optimize: bool = True) -> DecoderSession:
+                    *, optimize: bool = True, prefill: str | os.PathLike | bytes | onnx.ModelProto | None = None
+                    ) -> DecoderSession:
     """Open an exported decoder (path, bytes or ModelProto) for :func:`generate`; a
     DecoderSession is returned as it is.
 
+    A file exported with a paired prefill graph opens that graph too (the file its metadata
+    names, beside it); ``prefill`` gives it explicitly (needed for bytes or a ModelProto).
+
     Raises InputError when the model carries no decoder metadata (it was not exported by
-    ``compile_decoder``), naming what is supported.
+    ``compile_decoder``), naming what is supported, or when its prefill graph is missing.
     """
     if isinstance(model, DecoderSession):
         return model
+    folder = None
     if isinstance(model, (str, os.PathLike)):
         from fxcompress.export.onnx_export import load_onnx
 
+        folder = os.path.dirname(os.fspath(model))
         model = load_onnx(model)
-    proto = model if isinstance(model, onnx.ModelProto) else onnx.load_from_string(model)
+    proto = _decoder_proto(model)
+    spec = _decoder_spec(proto)
+    if prefill is None and spec.prefill_graph is not None:
+        prefill = os.path.join(folder, spec.prefill_graph) if folder is not None else None
+        if prefill is None or not os.path.exists(prefill):
+            raise InputError(
+                f"This decoder was exported with a separate prefill graph ({spec.prefill_graph!r}), which "
+                + ("was not found beside it." if prefill is not None else "cannot be located from bytes or a ModelProto."),
+                "keep the two files of the export together and open the decoder by its path, or pass "
+                "decoder_session(model, prefill=...).",
+            )
+    prompt = None
+    if prefill is not None:
+        if isinstance(prefill, (str, os.PathLike)):
+            from fxcompress.export.onnx_export import load_onnx
+
+            prefill = load_onnx(prefill)
+        prompt_proto = _decoder_proto(prefill)
+        if _decoder_spec(prompt_proto).kv_shapes != spec.kv_shapes:
+            raise InputError("the prefill graph's cache geometry differs from the decoder's: they come from different models.",
+                             "pass the prefill graph exported with this decoder.")
+        prompt = create_session(prompt_proto, provider, optimize=optimize)
+    return DecoderSession(create_session(proto, provider, optimize=optimize), spec, prompt)
+
+
+def _decoder_proto(model: bytes | onnx.ModelProto) -> onnx.ModelProto:
+    return model if isinstance(model, onnx.ModelProto) else onnx.load_from_string(model)
+
+
+def _decoder_spec(proto: onnx.ModelProto) -> DecoderSpec:
     text = next((p.value for p in proto.metadata_props if p.key == DECODER_METADATA), None)
     if text is None:
         raise InputError(
@@ -60,7 +104,7 @@ def decoder_session(model: str | os.PathLike | bytes | onnx.ModelProto | Decoder
             "past_key_values.*/present.* inputs and outputs).",
             "compile the model with fxcompress.compile_decoder(model) and export that result.",
         )
-    return DecoderSession(create_session(proto, provider, optimize=optimize), DecoderSpec.from_json(text))
+    return DecoderSpec.from_json(text)
 
 
 def _check_options(max_new_tokens: Any, temperature: float, top_k: Any, top_p: float, num_beams: Any) -> None:
@@ -122,13 +166,17 @@ class _CacheLoop:
 
     def __init__(self, decoder: DecoderSession) -> None:
         self.decoder = decoder
-        self.session = decoder.runtime.session
-        self.binding = self.session.io_binding()
         self.present: list[Any] | None = None
+        self.bindings: dict[int, Any] = {}  # one IO binding per session, reused every step
 
     def step(self, ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
         """Run ``ids`` after the cache so far; return the last position's logits ``[batch, vocab]``."""
-        spec, binding = self.decoder.spec, self.binding
+        spec = self.decoder.spec
+        # The prompt runs on the prefill graph where the export paired one; decode steps on the decoder.
+        session = (self.decoder.prompt_runtime if self.present is None else self.decoder.runtime).session
+        binding = self.bindings.get(id(session))
+        if binding is None:
+            binding = self.bindings[id(session)] = session.io_binding()
         head = step_inputs(spec, ids, None, mask)[:3]
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
@@ -142,7 +190,7 @@ class _CacheLoop:
                 binding.bind_ortvalue_input(name, value)
         for name in spec.output_names:
             binding.bind_output(name, self.decoder.device)
-        self.session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         self.present = list(outputs[1:])
         return outputs[0].numpy()[:, -1, :]
@@ -218,8 +266,8 @@ def generate(
 def sequence_logits(model: str | os.PathLike | bytes | onnx.ModelProto | DecoderSession, input_ids: Any,
                     provider: str = "cpu") -> np.ndarray:
     """Logits ``[batch, length, vocab]`` of every position of ``input_ids`` in one prefill run
-    (what perplexity is computed from)."""
+    (what perplexity is computed from; on the prefill graph where the export paired one)."""
     decoder = decoder_session(model, provider)
     ids, _ = _prompt(input_ids, None, decoder.spec.vocab_size)
-    return decoder.runtime.session.run(["logits"], {name: to_numpy(value) for name, value in
+    return decoder.prompt_runtime.session.run(["logits"], {name: to_numpy(value) for name, value in
                                                     zip(decoder.spec.input_names, step_inputs(decoder.spec, ids))})[0]

@@ -1,0 +1,110 @@
+"""Per-graph precision for decoders: weight-only presets pair the decode graph with an
+``int8-dynamic`` prefill graph; export writes both, generate() runs the prompt on the first and
+every later token on the second."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import fxcompress
+from fxcompress.capture_decoder import DECODER_METADATA, DecoderSpec, step_inputs
+from fxcompress.errors import InputError
+from fxcompress.runtime.generate import decoder_session
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def paired(model, tmp_path_factory):
+    result = fxcompress.compile_decoder(model, recipe="int4-weights")
+    path = result.export_onnx(tmp_path_factory.mktemp("paired") / "lm.onnx")
+    return result, path
+
+
+def _op_types(path) -> set[str]:
+    return {node.op_type for node in onnx.load(str(path)).graph.node}
+
+
+def test_weight_only_preset_chooses_int8_dynamic_for_the_prompt_and_says_so(paired):
+    result, path = paired
+    assert result.graphs == {"prefill": "int8-dynamic", "decode": "int4-weights"}
+    assert "prefill graph 'int8-dynamic'" in repr(result)
+    prefill_path = path.with_name("lm.prefill.onnx")
+    assert sorted(p.name for p in path.parent.iterdir()) == ["lm.onnx", "lm.prefill.onnx"]
+    assert "MatMulNBits" in _op_types(path) and "MatMulNBits" not in _op_types(prefill_path)
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} & _op_types(prefill_path)
+    proto = onnx.load(str(path))
+    spec = DecoderSpec.from_json(next(p.value for p in proto.metadata_props if p.key == DECODER_METADATA))
+    assert spec.prefill_graph == "lm.prefill.onnx"
+
+
+def test_generate_runs_the_prompt_on_the_prefill_graph_then_decodes_on_the_decoder(paired):
+    result, path = paired
+    session = decoder_session(path)
+    assert session.prefill is not None
+    prompt = torch.tensor([[5, 17, 33, 2, 9, 41]])
+    tokens = fxcompress.generate(session, prompt, max_new_tokens=3, eos_token_id=None)
+    # the same two steps by hand: prompt through the prefill file, next token through the decoder file
+    spec = session.spec
+    prefill = session.prefill.session
+    decode = session.runtime.session
+    feeds = dict(zip(spec.input_names, (t.numpy() for t in step_inputs(spec, prompt))))
+    logits, *present = prefill.run(None, feeds)
+    first = int(logits[0, -1].argmax())
+    step = step_inputs(spec, torch.tensor([[first]]), [torch.from_numpy(p) for p in present])
+    logits, *_ = decode.run(None, dict(zip(spec.input_names, (t.numpy() for t in step))))
+    second = int(logits[0, -1].argmax())
+    assert tokens[0, prompt.shape[1]:prompt.shape[1] + 2].tolist() == [first, second]
+    # the decode graph's own prompt logits differ (int4 vs int8): the pairing is what ran
+    own, *_ = decode.run(None, feeds)
+    assert not np.allclose(own, prefill.run(None, feeds)[0])
+    # the in-memory result generates the same tokens as its files
+    assert torch.equal(result.generate(prompt, max_new_tokens=3, eos_token_id=None), tokens)
+
+
+def test_a_decoder_file_without_its_prefill_graph_is_refused_clearly(paired, tmp_path):
+    _, path = paired
+    alone = tmp_path / "alone.onnx"
+    alone.write_bytes(path.read_bytes())
+    with pytest.raises(InputError, match="separate prefill graph.*not found") as info:
+        decoder_session(alone)
+    assert "keep the two files" in str(info.value)
+    assert decoder_session(alone, prefill=path.with_name("lm.prefill.onnx")).prefill is not None
+
+
+def test_prefill_recipe_none_gives_one_graph_and_an_explicit_choice_is_honoured(model, tmp_path):
+    single = fxcompress.compile_decoder(model, recipe="int8-weights", prefill_recipe=None)
+    assert single.prefill is None and single.graphs == {"prefill": "int8-weights", "decode": "int8-weights"}
+    single.export_onnx(tmp_path / "one.onnx")
+    assert [p.name for p in tmp_path.iterdir()] == ["one.onnx"]
+    assert fxcompress.compile_decoder(model).prefill is None  # lossless default: one graph
+    chosen = fxcompress.compile_decoder(model, recipe="int8-weights", prefill_recipe="default")
+    assert chosen.graphs == {"prefill": "default", "decode": "int8-weights"}
+
+
+def test_a_failed_decoder_export_leaves_no_prefill_file(paired, tmp_path, monkeypatch):
+    result, _ = paired
+    from fxcompress.api import CompileResult
+
+    original = CompileResult.export_onnx
+
+    def failing(self, path, **options):
+        if self is result:  # the prefill graph exports, the decoder does not
+            raise RuntimeError("simulated export failure")
+        return original(self, path, **options)
+
+    monkeypatch.setattr(CompileResult, "export_onnx", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        result.export_onnx(tmp_path / "lm.onnx")
+    assert list(tmp_path.iterdir()) == []
