@@ -1,118 +1,308 @@
-"""Decoder LLM benchmark: a causal LM with real weights, compressed, exported and generated from.
+"""Decoder LLMs: weight-only int4/int8 and dynamic int8 against ORT's quantizers, quality and speed.
 
-    python benchmarks/decoder.py                  # tiny_lm BENCHMARK preset (a few minutes of training)
-    python benchmarks/decoder.py --quick          # the TEST preset (seconds): a smoke run
-    python benchmarks/decoder.py --recipes default int8-dynamic
+    python benchmarks/decoder.py            # trained tiny_lm (minutes) + a 6x768 Llama, vocab 32000
+    python benchmarks/decoder.py --quick    # a dry run of every step on small models (CI)
 
-The model is fxcompress.examples.tiny_lm: a character-level Llama trained at run time on Python's
-own documentation (``pydoc_data.topics``); the last tenth of that text is held out. Per recipe:
-held-out perplexity in PyTorch (compiled module) and through the exported ONNX graph in ONNX
-Runtime, the ONNX file size, whether 64 greedy tokens from the fp32 export equal transformers'
-``generate``, and greedy generation throughput in ONNX Runtime (prefill + decode with the cache
-bound through IO binding; median of interleaved rounds, CPU provider).
+Two parts, side by side in one run (ORT CPU provider; interleaved timing):
+
+1. **Quality, real weights**: fxcompress.examples.tiny_lm (a character-level Llama trained at run
+   time on ``pydoc_data.topics``; the last tenth held out). Each variant is one ONNX graph:
+   fxcompress ``default`` (fp32), ``int8-dynamic``, ``int8-weights``, ``int4-weights`` (GPTQ on 16
+   calibration prompts from the training text), int4 round-to-nearest; and ORT's peers applied to
+   the fp32 export: ``MatMulNBitsQuantizer`` (defaults: RTN, asymmetric, block 128; RTN block 32
+   with accuracy_level 4; HQQ block 32) and ``quantize_dynamic``. Held-out perplexity in ORT, its
+   rise over fp32, file size, and 64 greedy tokens against transformers' ``generate`` of the
+   trained model (tokens equal, in order, before the first difference).
+2. **Speed, random weights**: a Llama of 6 layers x 768 (12 heads, 4 KV heads, MLP 2048, vocab
+   32000, untied lm_head): decode (one token after a 128-token cache, batch 1 and 4) and prefill
+   (lengths 1, 16, 32, 64, 128 x batch 1, 4, empty cache) per variant, each one graph; the
+   fastest variant per shape; and what the ``int4-weights`` preset chose per graph
+   (``result.graphs``: the prompt on ``int8-dynamic``, decoding on int4) timed end to end
+   with ``fxcompress.generate`` (128-token prompt, 32 new tokens) against the single graphs.
+   Speed does not depend on the weights' values; ``int4-weights`` runs round-to-nearest there
+   (no calibration), the same kernels as GPTQ.
 
 Timing runs must not overlap other timing runs: run it under ``flock /tmp/fxcompress-timing.lock``
-on shared machines. Writes benchmarks/results/decoder.md and .json.
+on shared machines. Writes benchmarks/results/decoder.md and .json (``--out`` elsewhere).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
+import logging
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable
 
+import numpy as np
+import onnx
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import fxcompress  # noqa: E402
 from common import command_line, machine_description  # noqa: E402
+from fxcompress.capture_decoder import DECODER_METADATA, step_inputs  # noqa: E402
 from fxcompress.examples import tiny_lm  # noqa: E402
+from fxcompress.passes.quantize_weights import QuantizeWeightsPass  # noqa: E402
 from fxcompress.runtime.generate import decoder_session  # noqa: E402
+from fxcompress.runtime.timing import time_interleaved  # noqa: E402
+
+PREFILL_LENGTHS = (1, 16, 32, 64, 128)
+BATCHES = (1, 4)
+DECODE_PAST = 128
+#: the fxcompress variants: label -> recipe (one graph each: prefill_recipe=None)
+OURS: dict[str, Any] = {
+    "fp32": "default",
+    "int8-dynamic": "int8-dynamic",
+    "int8-weights": "int8-weights",
+    "int4-weights": "int4-weights",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# ORT's quantizers, applied to the fp32 export
+
+
+def _keep_decoder_metadata(quantized: onnx.ModelProto, source: onnx.ModelProto) -> onnx.ModelProto:
+    """The peer's file with the fp32 file's decoder description (so generate() and perplexity run it)."""
+    if not any(p.key == DECODER_METADATA for p in quantized.metadata_props):
+        onnx.helper.set_model_props(quantized, {**{p.key: p.value for p in quantized.metadata_props},
+                                                DECODER_METADATA: next(p.value for p in source.metadata_props
+                                                                       if p.key == DECODER_METADATA)})
+    return quantized
+
+
+def ort_nbits(fp32: Path, out: Path, config: str) -> Path:
+    """ORT's MatMulNBitsQuantizer: "default" (its defaults), "rtn32" (block 32, accuracy_level 4), "hqq32"."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    source = onnx.load(str(fp32))
+    if config == "default":
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32)))
+    elif config == "rtn32":
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32)), block_size=32, accuracy_level=4)
+    elif config == "hqq32":
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32)), algo_config=HQQWeightOnlyQuantConfig(block_size=32))
+    else:
+        raise ValueError(config)
+    quantizer.process()
+    onnx.save(_keep_decoder_metadata(quantizer.model.model, source), str(out))
+    return out
+
+
+def ort_dynamic(fp32: Path, out: Path) -> Path:
+    """ORT's quantize_dynamic with its defaults (int8 weights, per tensor)."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    quantize_dynamic(str(fp32), str(out))
+    onnx.save(_keep_decoder_metadata(onnx.load(str(out)), onnx.load(str(fp32))), str(out))
+    return out
+
+
+PEERS: dict[str, Callable[[Path, Path], Path]] = {
+    "ORT int4 RTN (defaults: block 128)": lambda fp32, out: ort_nbits(fp32, out, "default"),
+    "ORT int4 RTN block 32, acc 4": lambda fp32, out: ort_nbits(fp32, out, "rtn32"),
+    "ORT int4 HQQ block 32": lambda fp32, out: ort_nbits(fp32, out, "hqq32"),
+    "ORT quantize_dynamic": ort_dynamic,
+}
+
+
+def export_variants(model, folder: Path, calibration: Any, extra: dict[str, Any] | None = None,
+                    peers: tuple[str, ...] = tuple(PEERS)) -> dict[str, Path]:
+    """label -> ONNX path: fxcompress's variants (one graph each), then ORT's on the fp32 export."""
+    paths: dict[str, Path] = {}
+    for label, recipe in {**OURS, **(extra or {})}.items():
+        begin = time.perf_counter()
+        result = fxcompress.compile_decoder(model, recipe=recipe, calibration=calibration, prefill_recipe=None)
+        paths[label] = result.export_onnx(folder / f"v{len(paths)}.onnx")
+        print(f"  {label}: compiled and exported in {time.perf_counter() - begin:.0f} s", flush=True)
+    for label in peers:
+        paths[label] = PEERS[label](paths["fp32"], folder / f"v{len(paths)}.onnx")
+        print(f"  {label}: quantized", flush=True)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. quality on the trained tiny LM
+
+
+def greedy_agreement(tokens: torch.Tensor, reference: torch.Tensor, prompt_length: int) -> int:
+    """New tokens equal to the reference's, in order, before the first difference."""
+    new, ref = tokens[0, prompt_length:], reference[0, prompt_length:]
+    differ = (new != ref).nonzero()
+    return int(differ[0]) if len(differ) else int(len(new))
+
+
+def quality(folder: Path, quick: bool) -> dict:
+    preset = tiny_lm.TEST if quick else tiny_lm.BENCHMARK
+    begin = time.perf_counter()
+    model, data = tiny_lm.train_tiny_lm(preset)
+    train_seconds = time.perf_counter() - begin
+    generator = torch.Generator().manual_seed(777)
+    starts = torch.randint(0, len(data.train) - preset.context, (16,), generator=generator).tolist()
+    calibration = [data.train[s:s + preset.context][None] for s in starts]
+    windows = 16 if quick else 64
+    print(f"tiny_lm trained ({train_seconds:.0f} s); exporting the variants", flush=True)
+    extra = {"int4 round-to-nearest": ["quantize-weights"]}
+    paths = export_variants(model, folder, calibration, extra)
+    prompt = tiny_lm.encode("The for statement is used to ")[None]
+    reference = model.generate(prompt, max_new_tokens=64, do_sample=False, eos_token_id=None, pad_token_id=0)
+    rows = []
+    for label, path in paths.items():
+        session = decoder_session(path)
+        tokens = fxcompress.generate(session, prompt, max_new_tokens=64, eos_token_id=None)
+        rows.append({"variant": label, "ppl": tiny_lm.perplexity(session, data.valid, context=preset.context,
+                                                                 windows=windows),
+                     "bytes": path.stat().st_size, "greedy_agree_64": greedy_agreement(tokens, reference, prompt.shape[1])})
+    base = rows[0]
+    for row in rows:
+        row["ppl_rise_pct"] = 100 * (row["ppl"] / base["ppl"] - 1)
+        row["size_vs_fp32"] = row["bytes"] / base["bytes"]
+    return {"model": {**preset.__dict__, "parameters": sum(p.numel() for p in model.parameters()),
+                      "trained_steps": model.trained_steps, "train_seconds": round(train_seconds, 1)},
+            "ppl_transformers": tiny_lm.perplexity(model, data.valid, context=preset.context, windows=windows),
+            "chance_ppl": len(tiny_lm.ALPHABET), "rows": rows}
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. speed on the random-weight 6 x 768 Llama
+
+
+def speed_model(quick: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    size = (dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=4096) if quick else
+            dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=12,
+                 num_key_value_heads=4, vocab_size=32000))
+    return LlamaForCausalLM(LlamaConfig(**size, max_position_embeddings=1024, tie_word_embeddings=False)).eval()
+
+
+def _feeds(spec, batch: int, length: int, past: int) -> dict[str, np.ndarray]:
+    generator = torch.Generator().manual_seed(batch * 1000 + length)
+    ids = torch.randint(0, spec.vocab_size, (batch, length), generator=generator)
+    cache = None if past == 0 else [torch.randn(spec.past_shape(i, batch, past), generator=generator)
+                                    for i in range(2 * spec.layers)]
+    return {name: t.numpy() for name, t in zip(spec.input_names, step_inputs(spec, ids, cache))}
+
+
+def speed(folder: Path, quick: bool) -> dict:
+    model = speed_model(quick)
+    print("speed model built; exporting the variants", flush=True)
+    peers = ("ORT int4 RTN block 32, acc 4", "ORT quantize_dynamic")
+    paths = export_variants(model, folder, None, peers=peers)
+    sessions = {label: decoder_session(path) for label, path in paths.items()}
+    spec = next(iter(sessions.values())).spec
+    shapes = [("decode", b, 1, DECODE_PAST) for b in BATCHES] + \
+             [("prefill", b, n, 0) for b in BATCHES for n in PREFILL_LENGTHS]
+    rounds, block = (1, 1) if quick else (5, 4)
+    table = []
+    for kind, batch, length, past in shapes:
+        feeds = _feeds(spec, batch, length, past)
+        runners = {label: (lambda s=s: s.runtime.session.run(["logits"], feeds)) for label, s in sessions.items()}
+        stats = time_interleaved(runners, rounds=rounds, block=block, warmup=1)
+        row = {"kind": kind, "batch": batch, "tokens": length, "past": past,
+               "ms": {label: round(s["p50_ms"], 3) for label, s in stats.items()}}
+        row["fastest"] = min(row["ms"], key=row["ms"].get)
+        table.append(row)
+        print(f"  {kind} batch {batch} x {length} (past {past}): " +
+              ", ".join(f"{k} {v:.2f} ms" for k, v in row["ms"].items()), flush=True)
+    # The preset's own choice per graph, end to end: prompt on the prefill graph, decoding on int4.
+    chosen = fxcompress.compile_decoder(model, recipe="int4-weights")
+    pair_path = chosen.export_onnx(folder / "chosen.onnx")
+    generation = {f"int4-weights as chosen ({chosen.graphs['prefill']} prefill)": decoder_session(pair_path),
+                  **{label: sessions[label] for label in ("fp32", "int8-dynamic", "int4-weights")}}
+    prompt = torch.randint(0, spec.vocab_size, (1, 128), generator=torch.Generator().manual_seed(5))
+    new_tokens = 4 if quick else 32
+    runners = {label: (lambda s=s: fxcompress.generate(s, prompt, max_new_tokens=new_tokens, eos_token_id=None))
+               for label, s in generation.items()}
+    stats = time_interleaved(runners, rounds=1 if quick else 3, block=1, warmup=1)
+    return {"model": {"layers": spec.layers, "hidden": model.config.hidden_size, "vocab": spec.vocab_size,
+                      "parameters": sum(p.numel() for p in model.parameters())},
+            "graphs_chosen": chosen.graphs, "rounds": rounds, "block": block,
+            "bytes": {label: path.stat().st_size for label, path in paths.items()},
+            "shapes": table,
+            "generate": {"prompt": 128, "new_tokens": new_tokens,
+                         "seconds": {label: round(s["p50_ms"] / 1000, 3) for label, s in stats.items()}}}
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def _markdown(report: dict) -> str:
+    machine, q, s = report["machine"], report["quality"], report["speed"]
+    lines = [
+        "# Decoder LLM benchmark", "",
+        f"`{report['command']}` on {machine['cpu']} ({machine['cores']} cores; torch {machine['torch']}, "
+        f"onnxruntime {machine['onnxruntime']}; ORT CPU provider), {report['date_utc']} UTC.", "",
+        "## Quality: trained tiny_lm (real weights)", "",
+        f"Character-level Llama, {q['model']['parameters']:,} parameters ({q['model']['layers']} layers x "
+        f"{q['model']['hidden']}, tied embeddings), trained {q['model']['trained_steps']} steps "
+        f"({q['model']['train_seconds']} s) on pydoc_data.topics; held-out perplexity of the transformers model "
+        f"{q['ppl_transformers']:.4f} (chance {q['chance_ppl']}). Perplexity in ONNX Runtime; greedy: new tokens "
+        "equal to transformers' generate (fp32) before the first difference, of 64.", "",
+        "| variant | perplexity | rise vs fp32 | file (KB) | size vs fp32 | greedy agreement /64 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in q["rows"]:
+        lines.append(f"| {row['variant']} | {row['ppl']:.4f} | {row['ppl_rise_pct']:+.2f}% | {row['bytes'] / 1e3:.0f} | "
+                     f"{row['size_vs_fp32']:.3f}x | {row['greedy_agree_64']} |")
+    labels = list(s["shapes"][0]["ms"])
+    fp32 = "fp32"
+    lines += [
+        "", "## Speed: random-weight Llama", "",
+        f"{s['model']['layers']} layers x {s['model']['hidden']}, vocab {s['model']['vocab']}, "
+        f"{s['model']['parameters'] / 1e6:.1f}M parameters. Median ms per step ({s['rounds']} interleaved rounds x "
+        f"{s['block']} runs); in brackets the speed-up over fp32. Decode: one token per row after a "
+        f"{DECODE_PAST}-token cache; prefill: the prompt with an empty cache.", "",
+        "| step | batch | tokens | " + " | ".join(labels) + " | fastest |",
+        "|---|---|---|" + "---|" * len(labels) + "---|",
+    ]
+    for row in s["shapes"]:
+        base = row["ms"][fp32]
+        cells = [f"{ms:.2f} ({base / ms:.2f}x)" for ms in row["ms"].values()]
+        lines.append(f"| {row['kind']} | {row['batch']} | {row['tokens']} | " + " | ".join(cells) + f" | {row['fastest']} |")
+    decode = next(r for r in s["shapes"] if r["kind"] == "decode" and r["batch"] == 1)
+    lines += ["", "Decode tokens/s at batch 1 (cache of 128): " +
+              ", ".join(f"{label} {1000 / ms:.1f}" for label, ms in decode["ms"].items()) + ".", "",
+              "Files (MB): " + ", ".join(f"{label} {b / 1e6:.1f} ({b / s['bytes'][fp32]:.3f}x)"
+                                          for label, b in s["bytes"].items()) + ".", "",
+              f"What `int4-weights` chose per graph: {s['graphs_chosen']}. End to end with fxcompress.generate "
+              f"({s['generate']['prompt']}-token prompt, {s['generate']['new_tokens']} new tokens, batch 1), seconds:", "",
+              "| graphs | seconds |", "|---|---|"]
+    for label, seconds in s["generate"]["seconds"].items():
+        lines.append(f"| {label} | {seconds:.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the tiny_lm TEST preset and fewer rounds")
-    parser.add_argument("--recipes", nargs="+", default=["default", "int8-dynamic"])
-    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="small models, one round: a dry run of every step")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for decoder.md / .json")
     args = parser.parse_args(argv)
-    preset = tiny_lm.TEST if args.quick else tiny_lm.BENCHMARK
-    rounds = args.rounds or (2 if args.quick else 5)
-    windows = 16 if args.quick else 64
-
-    start = time.perf_counter()
-    model, data = tiny_lm.train_tiny_lm(preset)
-    train_seconds = time.perf_counter() - start
-    reference_ppl = tiny_lm.perplexity(model, data.valid, context=preset.context, windows=windows)
-    prompt = tiny_lm.encode("The for statement is used to ")[None]
-    rows = []
+    torch.set_num_threads(2)
+    logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # ORT's quantizers log every initializer otherwise
     with tempfile.TemporaryDirectory() as folder:
-        sessions = {}
-        for recipe in args.recipes:
-            begin = time.perf_counter()
-            result = fxcompress.compile_decoder(model, recipe=recipe)
-            path = result.export_onnx(Path(folder) / f"{recipe}.onnx")
-            seconds = time.perf_counter() - begin
-            session = sessions[recipe] = decoder_session(path)
-            greedy = fxcompress.generate(session, prompt, max_new_tokens=64, eos_token_id=None)
-            reference = model.generate(prompt, max_new_tokens=64, do_sample=False, eos_token_id=None, pad_token_id=0)
-            rows.append({
-                "recipe": recipe,
-                "compile_export_s": round(seconds, 1),
-                "ppl_torch": round(tiny_lm.perplexity(result.module, data.valid, context=preset.context, windows=windows,
-                                                      spec=result.spec), 4),
-                "ppl_onnx": round(tiny_lm.perplexity(session, data.valid, context=preset.context, windows=windows), 4),
-                "onnx_mb": round(os.path.getsize(path) / 1e6, 3),
-                "greedy64_equals_hf": bool(torch.equal(greedy, reference)),
-                "sample": tiny_lm.decode(greedy[0]),
-            })
-        # interleaved: each round times every recipe once, so drift in machine load hits all alike
-        times: dict[str, list[float]] = {r: [] for r in args.recipes}
-        for _ in range(rounds):
-            for recipe in args.recipes:
-                begin = time.perf_counter()
-                fxcompress.generate(sessions[recipe], prompt, max_new_tokens=128, eos_token_id=None)
-                times[recipe].append(time.perf_counter() - begin)
-        for row in rows:
-            row["tokens_per_s"] = round(128 / statistics.median(times[row["recipe"]]), 1)
-    report = {
-        "command": command_line(),
-        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-        "machine": machine_description("cpu"),
-        "model": {**preset.__dict__, "train_seconds": round(train_seconds, 1), "trained_steps": model.trained_steps,
-                  "parameters": sum(p.numel() for p in model.parameters())},
-        "perplexity_untrained_chance": len(tiny_lm.ALPHABET),
-        "ppl_hf_fp32": round(reference_ppl, 4),
-        "rows": rows,
-    }
+        quality_part = quality(Path(folder), args.quick)
+        for path in Path(folder).iterdir():
+            path.unlink()
+        speed_part = speed(Path(folder), args.quick)
+    report = {"command": command_line(), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+              "machine": machine_description("cpu"), "quick": args.quick, "quality": quality_part, "speed": speed_part}
     out = Path(args.out) / "decoder"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [
-        "# Decoder LLM benchmark (tiny_lm, real weights)", "",
-        f"`{report['command']}` on {report['machine']['cpu']} ({report['machine']['cores']} cores; torch "
-        f"{report['machine']['torch']}, onnxruntime {report['machine']['onnxruntime']}), {report['date_utc']} UTC. Model: character-level Llama, "
-        f"{report['model']['parameters']:,} parameters, {report['model']['layers']} layers x {report['model']['hidden']}, "
-        f"trained {report['model']['trained_steps']} steps ({report['model']['train_seconds']} s) on pydoc_data.topics; held-out perplexity of the transformers "
-        f"model {report['ppl_hf_fp32']} (chance: {report['perplexity_untrained_chance']}).", "",
-        "| recipe | ppl PyTorch | ppl ONNX | ONNX MB | greedy 64 = HF generate | tokens/s (ORT CPU, 128 new) | compile+export s |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        lines.append(f"| {row['recipe']} | {row['ppl_torch']} | {row['ppl_onnx']} | {row['onnx_mb']} | "
-                     f"{'yes' if row['greedy64_equals_hf'] else 'no'} | {row['tokens_per_s']} | {row['compile_export_s']} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    text = _markdown(report)
+    out.with_suffix(".md").write_text(text)
+    print(text)
     return report
 
 

@@ -74,12 +74,26 @@ def _describe(batch: Sequence[Any]) -> str:
                            else type(t).__name__ for t in batch) + ")"
 
 
-def checked_batches(batches: Iterable[Any], example_inputs: Sequence[torch.Tensor], what: str) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Yield calibration batches shaped exactly like ``example_inputs``, checking each one.
+def symbolic_dims(graph_module: fx.GraphModule) -> tuple[frozenset[int], ...]:
+    """Per graph input, the dimensions captured as symbolic (a decoder's batch, sequence and past
+    lengths; a symbolic batch or sequence): calibration batches may differ from the example there."""
+    dims = []
+    for node in graph_module.graph.find_nodes(op="placeholder"):
+        value = node.meta.get("val")
+        shape = getattr(value, "shape", ())
+        dims.append(frozenset(i for i, size in enumerate(shape) if not isinstance(size, int)))
+    return tuple(dims)
 
-    A batch whose leading (batch) dimension is a multiple of the example's is split into
-    example-sized chunks, because a captured graph may have its batch size baked in. Anything else
-    that differs (count, dtype, other dimensions), a non-tensor, or a NaN/Inf raises InputError.
+
+def checked_batches(batches: Iterable[Any], example_inputs: Sequence[torch.Tensor], what: str,
+                    symbolic: Sequence[frozenset[int]] = ()) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Yield calibration batches shaped like ``example_inputs``, checking each one.
+
+    Dimensions the graph holds symbolic (``symbolic[i]`` for input ``i``, see :func:`symbolic_dims`)
+    may take any size. Otherwise a batch whose leading (batch) dimension is a multiple of the
+    example's is split into example-sized chunks, because a captured graph may have its batch size
+    baked in. Anything else that differs (count, dtype, other dimensions), a non-tensor, or a
+    NaN/Inf raises InputError.
     """
     expected = _describe(example_inputs)
     for index, item in enumerate(batches):
@@ -89,7 +103,7 @@ def checked_batches(batches: Iterable[Any], example_inputs: Sequence[torch.Tenso
                 f"Calibration batch {index} is {_describe(batch)} but the model was captured with {expected}.",
                 f"give {what} input tuples with one tensor per model input, shaped like the example inputs.",
             )
-        chunks = _split_like(batch, example_inputs)
+        chunks = [batch] if _fits_symbolic(batch, example_inputs, symbolic) else _split_like(batch, example_inputs)
         if chunks is None:
             raise InputError(
                 f"Calibration batch {index} is {_describe(batch)} but the model was captured with {expected}; "
@@ -103,6 +117,15 @@ def checked_batches(batches: Iterable[Any], example_inputs: Sequence[torch.Tenso
                     "clean the calibration data (ranges computed from NaN/Inf would make every scale useless).",
                 )
         yield from chunks
+
+
+def _fits_symbolic(batch: tuple[torch.Tensor, ...], example: Sequence[torch.Tensor],
+                   symbolic: Sequence[frozenset[int]]) -> bool:
+    if len(symbolic) != len(example) or not any(symbolic):
+        return False
+    return all(t.dtype == e.dtype and t.dim() == e.dim()
+               and all(a == b or i in dims for i, (a, b) in enumerate(zip(t.shape, e.shape)))
+               for t, e, dims in zip(batch, example, symbolic))
 
 
 def _split_like(batch: tuple[torch.Tensor, ...], example: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, ...]] | None:
@@ -120,14 +143,15 @@ def _split_like(batch: tuple[torch.Tensor, ...], example: Sequence[torch.Tensor]
 
 
 def require_batches(batches: Iterable[Any], example_inputs: Sequence[torch.Tensor], pass_name: str,
-                    limit: int | None = None) -> list[tuple[torch.Tensor, ...]]:
+                    limit: int | None = None, symbolic: Sequence[frozenset[int]] = ()) -> list[tuple[torch.Tensor, ...]]:
     """All (checked, example-shaped) calibration batches as a list; InputError if there are none.
+    ``symbolic``: as for :func:`checked_batches`.
 
     Calibration sets are small by nature (tens to hundreds of inputs); holding them lets the
     calibrators and the sensitivity analysis read them several times.
     """
     out: list[tuple[torch.Tensor, ...]] = []
-    for chunk in checked_batches(batches, example_inputs, f"{pass_name}'s calibration"):
+    for chunk in checked_batches(batches, example_inputs, f"{pass_name}'s calibration", symbolic):
         out.append(chunk)
         if limit is not None and len(out) >= limit:
             break

@@ -66,6 +66,7 @@ from fxcompress.passes.calibrators import (
     choose_range,
     observe,
     require_batches,
+    symbolic_dims,
     symmetric_weight_scales,
 )
 
@@ -487,7 +488,8 @@ class QuantizeInt8Pass(DataDrivenPass):
         context = self.context
         if context is None:
             context = CompileContext(example_inputs=())
-        batches = require_batches(context.calibration_batches(), context.example_inputs, self.name, opts.calibration_batches)
+        batches = require_batches(context.calibration_batches(), context.example_inputs, self.name, opts.calibration_batches,
+                                  symbolic=symbolic_dims(graph_module))
         rewritten = functionalize_inplace(graph_module.graph)
         if "sigmoid" in opts.ops and "mul" in opts.ops:
             rewritten += decompose_silu(graph_module.graph)

@@ -57,7 +57,7 @@ from fxcompress.infra.context import CompileContext
 from fxcompress.infra.pass_base import DataDrivenPass, PassResult, option
 from fxcompress.infra.registry import register
 from fxcompress.passes.block_quant import block_grid, fake_quantize_blocks, gptq, packed_bytes
-from fxcompress.passes.calibrators import require_batches, watch_values
+from fxcompress.passes.calibrators import require_batches, symbolic_dims, watch_values
 from fxcompress.passes.quantize import is_quantized
 from fxcompress.rewrite.context import RewriteContext
 from fxcompress.rewrite.matchers import argument, attribute, other_readers, tensor_val
@@ -204,7 +204,7 @@ class QuantizeWeightsPass(DataDrivenPass):
                     batches = [tuple(context.example_inputs)]
             else:
                 batches = require_batches(context.calibration_batches(), context.example_inputs, self.name,
-                                          opts.calibration_batches)
+                                          opts.calibration_batches, symbolic=symbolic_dims(graph_module))
         grids = self._grids(graph_module, sites, enabled, method, batches)
         build = lambda on: self._apply(copy.deepcopy(graph_module), sites, grids, set(on))  # noqa: E731
         sensitivity: dict[int, float] = {}
