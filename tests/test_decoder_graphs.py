@@ -108,3 +108,16 @@ def test_a_failed_decoder_export_leaves_no_prefill_file(paired, tmp_path, monkey
     with pytest.raises(RuntimeError, match="simulated"):
         result.export_onnx(tmp_path / "lm.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_gptq_calibrates_on_prompts_of_any_length(model):
+    """The decoder graph is symbolic in batch, sequence and past: calibration prompts need not
+    have the capture example's shape (GPTQ through compile_decoder used to refuse them)."""
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 96, (1, 5), generator=generator), torch.randint(0, 96, (2, 9), generator=generator),
+               torch.randint(0, 96, (1, 17), generator=generator)]
+    result = fxcompress.compile_decoder(model, recipe="int4-weights", calibration=prompts, prefill_recipe=None)
+    record = next(r for r in result.report.records if r.name == "quantize-weights")
+    assert record.stats["method"] == "gptq" and "fallback" not in record.stats
+    with pytest.raises(InputError, match="token ids"):
+        fxcompress.compile_decoder(model, recipe="int4-weights", calibration=[torch.randn(1, 5)], prefill_recipe=None)
