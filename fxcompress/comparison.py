@@ -144,8 +144,8 @@ def compare(
             ``attention_mask`` excludes) the masked drift is checked against the tolerance and
             the drift over all positions is reported beside it.
 
-    Parity of each ONNX model is measured against ``original`` at the recipe's tolerance (the
-    lossless bound for lossless recipes), so a lossy preset's drift shows here, not only in the
+    Parity of each ONNX model is measured against ``original`` at the tolerance compile was
+    given (``tolerance=``, else the recipe's; at least the lossless bound), so a lossy preset's drift shows here, not only in the
     compile report.
     """
     if not isinstance(result, CompileResult):
@@ -159,7 +159,7 @@ def compare(
     check_output_mask(output_mask)
     mask = result.output_mask if output_mask is None else output_mask
     inputs = result.model_inputs
-    tolerance = max(result.recipe.tolerance, LOSSLESS_TOLERANCE)
+    tolerance = max(result.tolerance, LOSSLESS_TOLERANCE)
     models: dict[str, tuple[onnx.ModelProto | str, int]] = {}
     if baseline:
         plain = compile_model(original, inputs, [], dynamic_batch=result.dynamic_batch, dynamic_sequence=result.dynamic_sequence)
