@@ -119,7 +119,10 @@ def export_variants(model, folder: Path, calibration: Any, extra: dict[str, Any]
     paths: dict[str, Path] = {}
     for label, recipe in {**OURS, **(extra or {})}.items():
         begin = time.perf_counter()
-        result = fxcompress.compile_decoder(model, recipe=recipe, calibration=calibration, prefill_recipe=None)
+        # an ad-hoc pass list gets the int4-weights preset's tolerance (its own default is 0.05)
+        tolerance = 0.3 if isinstance(recipe, list) else None
+        result = fxcompress.compile_decoder(model, recipe=recipe, calibration=calibration, prefill_recipe=None,
+                                            tolerance=tolerance)
         paths[label] = result.export_onnx(folder / f"v{len(paths)}.onnx")
         print(f"  {label}: compiled and exported in {time.perf_counter() - begin:.0f} s", flush=True)
     for label in peers:

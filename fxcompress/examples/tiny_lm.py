@@ -71,7 +71,7 @@ class TinyLMConfig:
 #: Seconds of training: a model clearly better than chance (tests).
 TEST = TinyLMConfig(hidden=64, layers=2, heads=4, context=64, batch=8, steps=120, seconds=300.0)
 #: A few minutes of training: perplexity that compression can visibly hurt (benchmarks).
-BENCHMARK = TinyLMConfig(hidden=128, layers=2, heads=4, context=128, batch=16, steps=300, seconds=240.0, lr=2e-3)
+BENCHMARK = TinyLMConfig(hidden=192, layers=3, heads=4, context=128, batch=16, steps=400, seconds=900.0, lr=2e-3)
 
 
 @dataclass
