@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Sequence
 
 import torch
@@ -372,6 +372,60 @@ def _make_layer(node: fx.Node, kind: str) -> QuantLayer | None:
 
 
 
+class QuantizedBuilder:
+    """``build(enabled)`` of the per-layer search: :func:`build_quantized` over one plan.
+
+    Picklable, so that an executor (``compile(..., executor=)``, e.g. Ray) can run the search's
+    trials in other processes or on other machines. A GraphModule pickles as its generated code
+    and weights and is traced again on arrival, which renames nodes and moves weight reads
+    (``get_attr``) but keeps the order of everything else: nodes travel as keys (a weight read by
+    its target, any other node by its position among the others), checked on arrival.
+    """
+
+    def __init__(self, graph_module: fx.GraphModule, plan: QuantPlan, params: dict[fx.Node, AffineParams]) -> None:
+        self.graph_module, self.plan, self.params = graph_module, plan, params
+
+    def __call__(self, enabled: Sequence[int]) -> fx.GraphModule:
+        return build_quantized(self.graph_module, self.plan, self.params, set(enabled))
+
+    @staticmethod
+    def _keys(graph_module: fx.GraphModule) -> tuple[dict[fx.Node, Any], list[tuple[str, str]]]:
+        keys: dict[fx.Node, Any] = {}
+        ops = []
+        for node in graph_module.graph.nodes:
+            if node.op == "get_attr":
+                keys[node] = ("attr", node.target)
+            else:
+                keys[node] = ("node", len(ops))
+                ops.append((node.op, str(node.target)))
+        return keys, ops
+
+    def __getstate__(self) -> dict[str, Any]:
+        key, ops = self._keys(self.graph_module)
+        plan = self.plan
+        return {
+            "graph_module": self.graph_module,
+            "ops": ops,
+            "layers": [replace(layer, node=key[layer.node], inputs=[key[n] for n in layer.inputs], output=key[layer.output])
+                       for layer in plan.layers],
+            "owners": {key[point]: owners for point, owners in plan.owners.items()},
+            "mirrors": {key[point]: key[source] for point, source in plan.mirrors.items()},
+            "params": {key[node]: value for node, value in self.params.items()},
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.graph_module = state["graph_module"]
+        keys, ops = self._keys(self.graph_module)
+        if ops != state["ops"]:
+            raise RuntimeError("the quantization search's graph changed in transit (its nodes do not line up).")
+        nodes = {key: node for node, key in keys.items()}
+        layers = [replace(layer, node=nodes[layer.node], inputs=[nodes[n] for n in layer.inputs], output=nodes[layer.output])
+                  for layer in state["layers"]]
+        self.plan = QuantPlan(layers, {nodes[k]: v for k, v in state["owners"].items()},
+                              {nodes[k]: nodes[v] for k, v in state["mirrors"].items()})
+        self.params = {nodes[k]: v for k, v in state["params"].items()}
+
+
 def build_quantized(graph_module: fx.GraphModule, plan: QuantPlan, params: dict[fx.Node, AffineParams],
                     enabled: set[int]) -> fx.GraphModule:
     """A new GraphModule (sharing ``graph_module``'s weights) with the ``enabled`` layers quantized.
@@ -505,7 +559,7 @@ class QuantizeInt8Pass(DataDrivenPass):
         drift = None
         if opts.max_drift is not None and enabled:
             sample = batches[:opts.sensitivity_batches]
-            build = lambda on: build_quantized(graph_module, plan, params, set(on))  # noqa: E731
+            build = QuantizedBuilder(graph_module, plan, params)
             sensitivity = layer_sensitivities(graph_module, build, sorted(enabled), sample)
             kept_float, drift = select_float_layers(graph_module, build, sensitivity, sorted(enabled), sample, opts.max_drift)
             for i in kept_float:
@@ -515,7 +569,7 @@ class QuantizeInt8Pass(DataDrivenPass):
         metric = context.metric
         if metric is not None and metric.max_drop is not None and enabled:
             # Accuracy-aware: drift ranks the layers (cheap), the user's metric picks how many stay in float.
-            build = lambda on: build_quantized(graph_module, plan, params, set(on))  # noqa: E731
+            build = QuantizedBuilder(graph_module, plan, params)
             if not sensitivity:
                 sensitivity = layer_sensitivities(graph_module, build, sorted(enabled), batches[:opts.sensitivity_batches])
             ranked = sorted(enabled, key=lambda i: sensitivity.get(i, 0.0), reverse=True)

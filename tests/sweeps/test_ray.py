@@ -111,10 +111,16 @@ def test_ray_map_calls_runs_closures_on_workers():
         assert executor.map_calls(lambda i: i + offset, [1, 2, 3]) == [11, 12, 13]
 
 
-def test_int8_search_trials_that_ray_cannot_ship_are_a_clear_error():
-    """Known limit: quantize-int8's trial closures hold graph nodes whose metadata Ray cannot
-    serialize, so on Ray the search stops with a one-paragraph error (in-process works)."""
+def test_int8_search_trials_run_on_ray_workers_and_choose_the_same():
+    """quantize-int8's per-layer trials (QuantizedBuilder) ship to Ray workers; the sensitivities,
+    metric trials and float layers equal the in-process search's."""
     from tests.sweeps.test_search_executor import _search
 
-    with RayExecutor("auto", num_cpus=2) as executor, pytest.raises(InputError, match="Ray cannot serialize"):
-        _search(executor=executor)
+    here = _search()
+    with RayExecutor("auto", num_cpus=2) as executor:
+        remote = _search(executor=executor)
+    assert [(l["name"], l["precision"], l.get("reason")) for l in remote["layers"]] == \
+        [(l["name"], l["precision"], l.get("reason")) for l in here["layers"]]
+    assert [l["sensitivity"] for l in remote["layers"]] == pytest.approx([l["sensitivity"] for l in here["layers"]], rel=1e-5)
+    assert [t["float_layers"] for t in remote["metric_trials"]] == [t["float_layers"] for t in here["metric_trials"]]
+    assert len(remote["metric_trials"]) >= 2
