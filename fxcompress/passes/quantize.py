@@ -50,6 +50,7 @@ from torch import fx
 
 from fxcompress.analysis.aliasing import alias_set
 from fxcompress.rewrite.matchers import attribute
+from fxcompress.analysis.graph_keys import node_keys, nodes_by_key
 from fxcompress.analysis.sensitivity import (
     MetricTrial, layer_sensitivities, report_trial, select_float_layers, select_float_layers_by_metric,
 )
@@ -376,10 +377,8 @@ class QuantizedBuilder:
     """``build(enabled)`` of the per-layer search: :func:`build_quantized` over one plan.
 
     Picklable, so that an executor (``compile(..., executor=)``, e.g. Ray) can run the search's
-    trials in other processes or on other machines. A GraphModule pickles as its generated code
-    and weights and is traced again on arrival, which renames nodes and moves weight reads
-    (``get_attr``) but keeps the order of everything else: nodes travel as keys (a weight read by
-    its target, any other node by its position among the others), checked on arrival.
+    trials in other processes or on other machines: nodes travel as
+    :mod:`fxcompress.analysis.graph_keys` keys.
     """
 
     def __init__(self, graph_module: fx.GraphModule, plan: QuantPlan, params: dict[fx.Node, AffineParams]) -> None:
@@ -388,20 +387,8 @@ class QuantizedBuilder:
     def __call__(self, enabled: Sequence[int]) -> fx.GraphModule:
         return build_quantized(self.graph_module, self.plan, self.params, set(enabled))
 
-    @staticmethod
-    def _keys(graph_module: fx.GraphModule) -> tuple[dict[fx.Node, Any], list[tuple[str, str]]]:
-        keys: dict[fx.Node, Any] = {}
-        ops = []
-        for node in graph_module.graph.nodes:
-            if node.op == "get_attr":
-                keys[node] = ("attr", node.target)
-            else:
-                keys[node] = ("node", len(ops))
-                ops.append((node.op, str(node.target)))
-        return keys, ops
-
     def __getstate__(self) -> dict[str, Any]:
-        key, ops = self._keys(self.graph_module)
+        key, ops = node_keys(self.graph_module)
         plan = self.plan
         return {
             "graph_module": self.graph_module,
@@ -415,10 +402,7 @@ class QuantizedBuilder:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.graph_module = state["graph_module"]
-        keys, ops = self._keys(self.graph_module)
-        if ops != state["ops"]:
-            raise RuntimeError("the quantization search's graph changed in transit (its nodes do not line up).")
-        nodes = {key: node for node, key in keys.items()}
+        nodes = nodes_by_key(self.graph_module, state["ops"])
         layers = [replace(layer, node=nodes[layer.node], inputs=[nodes[n] for n in layer.inputs], output=nodes[layer.output])
                   for layer in state["layers"]]
         self.plan = QuantPlan(layers, {nodes[k]: v for k, v in state["owners"].items()},

@@ -27,6 +27,7 @@ import torch
 from torch import fx
 
 from fxcompress.analysis.macs import register_linear_like
+from fxcompress.analysis.graph_keys import node_keys, nodes_by_key
 from fxcompress.analysis.sensitivity import MetricTrial, layer_sensitivities, report_trial, select_float_layers_by_metric
 from fxcompress.rewrite.matchers import attribute
 from fxcompress.capture import register_leaf_function
@@ -164,13 +165,11 @@ class QuantizeInt8DynamicPass(DataDrivenPass):
         the most sensitive ones stay in float (:func:`select_float_layers_by_metric`).
         """
         reference = copy.deepcopy(graph_module)
+        reference._tracer_cls = graph_module._tracer_cls  # what unpickling re-traces with (deepcopy drops it)
         _, layers = self._rewrite(copy.deepcopy(reference), set())
         nodes = [layer["node"] for layer in layers if layer["precision"] != "float"]
 
-        def build(enabled: Any) -> fx.GraphModule:
-            on = set(enabled)
-            return self._rewrite(copy.deepcopy(reference), {n for i, n in enumerate(nodes) if i not in on})[0]
-
+        build = _DynamicBuilder(type(self)(self.options), reference, nodes)
         batches = [tuple(t.clone() for t in self.context.example_inputs)]
         sensitivity = layer_sensitivities(reference, build, range(len(nodes)), batches)
         ranked = sorted(range(len(nodes)), key=lambda i: sensitivity[i], reverse=True)
@@ -259,3 +258,29 @@ class QuantizeInt8DynamicPass(DataDrivenPass):
         node.replace_all_uses_with(q)
         graph.erase_node(node)
         return [{"name": name, "node": node.name, "kind": "embedding", "precision": "int8"}]
+
+
+class _DynamicBuilder:
+    """``build(enabled)`` of the dynamic-int8 search: the reference graph with the ``enabled`` layers
+    (indices into ``nodes``, the quantizable nodes' names) quantized. Picklable for executors that
+    ship trials (Ray): the quantizer travels without its compile context, nodes as
+    :mod:`fxcompress.analysis.graph_keys` keys."""
+
+    def __init__(self, quantizer: "QuantizeInt8DynamicPass", reference: fx.GraphModule, nodes: list[str]) -> None:
+        self.quantizer, self.reference, self.nodes = quantizer, reference, nodes
+
+    def __call__(self, enabled: Any) -> fx.GraphModule:
+        on = set(enabled)
+        kept_float = {n for i, n in enumerate(self.nodes) if i not in on}
+        return self.quantizer._rewrite(copy.deepcopy(self.reference), kept_float)[0]
+
+    def __getstate__(self) -> dict[str, Any]:
+        key, ops = node_keys(self.reference)
+        by_name = {node.name: node for node in self.reference.graph.nodes}
+        return {"quantizer": self.quantizer, "reference": self.reference, "ops": ops,
+                "nodes": [key[by_name[name]] for name in self.nodes]}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.quantizer, self.reference = state["quantizer"], state["reference"]
+        nodes = nodes_by_key(self.reference, state["ops"])
+        self.nodes = [nodes[k].name for k in state["nodes"]]

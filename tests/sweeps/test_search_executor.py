@@ -25,7 +25,7 @@ class CountingExecutor(SequentialExecutor):
         return super().map_calls(function, items)
 
 
-def _search(**kwargs):
+def _search(recipe: str = "int8", **kwargs):
     torch.manual_seed(0)
     model = randomize_bn(Residual()).eval()
     x = torch.randn(8, 3, 8, 8)
@@ -37,9 +37,9 @@ def _search(**kwargs):
             return -float((module(x) - expected).pow(2).mean())
 
     calibration = [(torch.randn(8, 3, 8, 8),) for _ in range(4)]
-    result = fxcompress.compile(model, (x[:1],), "int8", calibration=calibration, evaluate=agreement,
+    result = fxcompress.compile(model, (x[:1],), recipe, calibration=calibration, evaluate=agreement,
                                 max_metric_drop=1e-9, tolerance=1.0, **kwargs)
-    return next(r for r in result.report.records if r.name.endswith("quantize-int8")).stats
+    return next(r for r in result.report.records if r.name.endswith(f"quantize-{recipe}")).stats
 
 
 def test_search_trials_go_through_the_executor_and_choose_the_same():
