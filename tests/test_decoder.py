@@ -8,6 +8,8 @@ a prefill and two decode steps, and 64 greedy tokens against transformers' ``gen
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -98,6 +100,23 @@ def test_cache_inputs_and_outputs_are_named_with_symbolic_lengths(exported, name
     # the passes saw an ordinary ATen graph: no transformers objects, only tensors in and out
     assert all(n.op != "call_module" for n in result.graph_module.graph.nodes)
     assert result.report.drift <= LOSSLESS_TOLERANCE and result.report.nodes_after < result.report.nodes_before
+
+def test_llama_exports_one_attention_norm_and_rotary_node_each(exported):
+    """Opset 23 with fuse-rms-norm and fold-repeat-kv: what a decode step spends beside its matmuls
+    (norms, rotary embeddings, attention, copies of the cache for grouped heads) is one node each."""
+    model, _, path = exported("llama")
+    config = model.config
+    proto = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    ops = Counter(n.op_type for n in proto.graph.node)
+    assert ops["Attention"] == config.num_hidden_layers and ops["RotaryEmbedding"] == 2 * config.num_hidden_layers
+    assert ops["RMSNormalization"] == 2 * config.num_hidden_layers + 1
+    assert not ops["Softmax"] and not ops["ReduceMean"] and not ops["Sqrt"]
+    # the attention reads the cache's key/value heads as they are (no repeat_kv copy in between)
+    shapes = {v.name: _dims(v) for v in [*proto.graph.value_info, *proto.graph.input, *proto.graph.output]}
+    for node in (n for n in proto.graph.node if n.op_type == "Attention"):
+        assert shapes[node.input[0]][1] == config.num_attention_heads
+        assert shapes[node.input[1]][1] == shapes[node.input[2]][1] == config.num_key_value_heads
+
 
 
 def _hf_step(model, ids, cache, mask):

@@ -493,7 +493,9 @@ class _Analysis:
             if len(normalized) != 1:
                 self.cg.block(layout_spaces(layout), f"layer norm '{node.name}' normalizes several dims together")
                 continue
-            for name, role in (("weight", "scale"), ("bias", "shift")):
+            # rms_norm (fuse-rms-norm's) has a weight and no bias; layer_norm both
+            params = (("weight", "scale"),) if node.target is aten.rms_norm.default else (("weight", "scale"), ("bias", "shift"))
+            for name, role in params:
                 p = argument(node, name)
                 if isinstance(p, fx.Node):
                     if not self.adopt(p, 0, layout):
@@ -728,6 +730,7 @@ _HANDLERS: dict[Any, Any] = {
     aten.embedding.default: _Analysis.embedding,
     aten.batch_norm.default: _Analysis.batch_norm,
     aten.layer_norm.default: _Analysis.layer_norm,
+    aten.rms_norm.default: _Analysis.layer_norm,
     aten.permute.default: _Analysis.permute,
     aten.transpose.int: _Analysis.permute,
     aten.swapaxes.default: _Analysis.permute,

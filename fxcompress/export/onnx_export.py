@@ -43,6 +43,7 @@ def export_model_proto(
     output_names: Sequence[str] | None = None,
     shapes: Sequence[Any] | None = None,
     dim_names: Mapping[tuple[str, int], str] | None = None,
+    opset: int | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Export to an in-memory, checked ModelProto.
 
@@ -50,7 +51,9 @@ def export_model_proto(
     keyword inputs: ``input_ids``, ``attention_mask``; its output fields: ``last_hidden_state``).
     ``shapes`` is an explicit torch.export dynamic-shapes spec, one entry per input, used instead of
     ``dynamic_batch`` / ``dynamic_sequence``; ``dim_names`` renames the symbolic dimension
-    ``(graph input or output name, axis)`` that torch left unnamed (e.g. ``s53``).
+    ``(graph input or output name, axis)`` that torch left unnamed (e.g. ``s53``). ``opset``: the
+    ONNX opset (None: the exporter's default, 18); 23 exports attention as one ``Attention`` node
+    and rotary embeddings as ``RotaryEmbedding`` (what decoders use: benchmarks/results/decoder.md).
 
     Returns the model and notes (``simplified``: whether onnxsim's result was kept, node counts).
     Raises ExportError with the exporter's first line and a hint when export fails.
@@ -68,6 +71,7 @@ def export_model_proto(
                 exported_module,
                 tuple(example_inputs),
                 dynamo=True,
+                opset_version=opset,
                 verbose=False,
                 external_data=False,
                 dynamic_shapes=list(shapes) if shapes is not None else

@@ -18,4 +18,6 @@ from fxcompress.passes import space_to_depth  # noqa: F401
 from fxcompress.passes import smooth_quant  # noqa: F401
 from fxcompress.passes import equalize  # noqa: F401
 from fxcompress.passes import bias_correction  # noqa: F401
+from fxcompress.passes import rms_norm  # noqa: F401
+from fxcompress.passes import grouped_attention  # noqa: F401
 from fxcompress.passes import presets  # noqa: F401 - last: presets name the passes above

@@ -37,7 +37,7 @@ _HALF_COMPUTE = {
 #: Ops whose accuracy needs fp32 (accumulations, exponentials over rows, statistics).
 _FP32_ONLY = {
     aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default,
-    aten.layer_norm.default, aten.native_layer_norm.default, aten.batch_norm.default,
+    aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default, aten.batch_norm.default,
     aten._native_batch_norm_legit_no_training.default, aten.group_norm.default, aten.native_group_norm.default,
     aten.mean.dim, aten.mean.default, aten.sum.dim_IntList, aten.sum.default, aten.var.correction, aten.var.dim,
     aten.std.correction, aten.std.dim, aten.norm.Scalar, aten.linalg_vector_norm.default, aten.cumsum.default,

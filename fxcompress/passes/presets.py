@@ -14,7 +14,8 @@ def default() -> Recipe:
     return Recipe(
         name="default",
         description="lossless: remove guards, fuse linear chains, fold constants and batch norms, merge parallel conv "
-                    "branches, simplify algebra and reshapes, remove no-ops, zero branches, common subexpressions and dead code",
+                    "branches, simplify algebra and reshapes, remove no-ops, zero branches, fuse RMS norms, fold repeated KV "
+                    "heads, common subexpressions and dead code",
         steps=[
             # fuse-linear-chains first: it reads ``t(weight)`` as linear's weight, which fold-constants would copy
             PassStep("remove-guards"), PassStep("fuse-linear-chains"), PassStep("fold-constants"),
@@ -22,7 +23,10 @@ def default() -> Recipe:
             PassStep("merge-parallel-convs"),  # after fold-batchnorm: each branch is then a plain conv
             PassStep("collapse-reshapes"),
             PassStep("remove-no-ops"),
-            PassStep("remove-zero-branches"), PassStep("eliminate-common-subexpressions"),
+            PassStep("remove-zero-branches"),
+            # one node per norm / attention where ONNX has one (opset 23: RMSNormalization, Attention)
+            PassStep("fuse-rms-norm"), PassStep("fold-repeat-kv"),
+            PassStep("eliminate-common-subexpressions"),
             PassStep("eliminate-dead-code"),
             PassStep("mark-fused-activations"),  # last: annotates the final graph, changes no node
         ],

@@ -1,0 +1,120 @@
+"""fold-repeat-kv: grouped-query attention reads its shared key/value heads directly.
+
+Models with fewer key/value heads than query heads (Llama 2/3, Qwen2, Mistral: grouped-query
+attention) copy each key and value head ``group`` times before attention (transformers'
+``repeat_kv``: ``unsqueeze(2) -> expand -> reshape``). At decode time that copy is the whole KV
+cache, twice per layer and step. ``scaled_dot_product_attention(..., enable_gqa=True)`` computes
+the same attention from the unrepeated heads (query head ``h`` reads key/value head
+``h // group``, which is the order ``repeat_kv`` lays the copies out in), and at ONNX opset 23
+exports as one ``Attention`` node that reads the shared heads itself.
+
+Lossless: the attention reads the same values. Both key and value must be repeated the same
+number of times, and the repeated tensors read by nothing else (otherwise they are computed anyway).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from fxcompress.infra.registry import register
+from fxcompress.rewrite import Rule, RewriteContext, RewritePass, argument, set_argument, tensor_val
+
+aten = torch.ops.aten
+_SDPA = aten.scaled_dot_product_attention.default
+
+
+def _call(node: Any, *targets: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Sizes equal for every value of their symbols (never guesses on symbolic ones)."""
+    return a is b or bool(statically_known_true(a == b))
+
+
+@dataclass
+class _Repeat:
+    """``repeated = reshape(expand(unsqueeze(heads, 2)))``: each head of ``heads`` ``group`` times."""
+
+    heads: fx.Node
+    group: int
+    nodes: list[fx.Node]
+
+
+def _repeat(node: Any) -> _Repeat | None:
+    """The repeat_kv chain ending at ``node``, if it is one (on 4-D ``[batch, heads, seq, dim]``)."""
+    if not _call(node, aten.reshape.default, aten.view.default, aten._unsafe_view.default):
+        return None
+    expand = node.args[0]
+    if not _call(expand, aten.expand.default):
+        return None
+    unsqueeze = expand.args[0]
+    if not _call(unsqueeze, aten.unsqueeze.default) or unsqueeze.args[1] not in (2, -3):
+        return None
+    heads, expanded, repeated = (tensor_val(n) for n in (unsqueeze.args[0], expand, node))
+    if heads is None or expanded is None or repeated is None or heads.dim() != 4 or expanded.dim() != 5:
+        return None
+    group = expanded.shape[2]
+    if not isinstance(group, int) or group < 2 or not isinstance(heads.shape[1], int):
+        return None
+    b, h, s, d = heads.shape
+    if not all(_same(x, y) for x, y in zip(expanded.shape, (b, h, group, s, d))):
+        return None
+    if repeated.dim() != 4 or not all(_same(x, y) for x, y in zip(repeated.shape, (b, h * group, s, d))):
+        return None
+    return _Repeat(unsqueeze.args[0], group, [node, expand, unsqueeze])
+
+
+@dataclass
+class _GroupedAttention:
+    attention: fx.Node
+    key: _Repeat
+    value: _Repeat
+
+
+class _FoldRepeatKvRule(Rule[_GroupedAttention]):
+    name = "repeat-kv"
+    stat = "attentions_grouped"
+
+    def pattern(self, node: fx.Node) -> _GroupedAttention | None:
+        if not _call(node, _SDPA) or argument(node, "enable_gqa"):
+            return None
+        key, value = _repeat(argument(node, "key")), _repeat(argument(node, "value"))
+        return _GroupedAttention(node, key, value) if key is not None and value is not None else None
+
+    def check(self, ctx: RewriteContext, match: _GroupedAttention) -> str | None:
+        if match.key.group != match.value.group:
+            return f"key heads are repeated {match.key.group} times but value heads {match.value.group} times"
+        shared = [n.name for n in match.key.nodes + match.value.nodes if len(n.users) > 1]
+        if shared:
+            return f"the repeated heads ('{shared[0]}') are also read elsewhere: the copy would still be made"
+        query = tensor_val(argument(match.attention, "query"))
+        key = tensor_val(match.key.heads)
+        if query is None or query.dim() != 4 or not _same(query.shape[1], key.shape[1] * match.key.group):
+            return "the query's head count is not the key's times the repeat (or is not recorded)"
+        return None
+
+    def rewrite(self, ctx: RewriteContext, match: _GroupedAttention) -> None:
+        node = match.attention
+        grouped = ctx.call(_SDPA, node.args, like=node, before=node, kwargs=dict(node.kwargs))
+        for name, value in (("key", match.key.heads), ("value", match.value.heads), ("enable_gqa", True)):
+            set_argument(grouped, name, value)
+        ctx.stamp(grouped, [node, *match.key.nodes, *match.value.nodes])
+        node.replace_all_uses_with(grouped)
+        ctx.erase(node, *match.key.nodes, *match.value.nodes)
+
+
+@register
+class FoldRepeatKvPass(RewritePass):
+    """Grouped-query attention that copies its key/value heads (``repeat_kv``) reads them directly
+    instead (``scaled_dot_product_attention(enable_gqa=True)``); lossless."""
+
+    name = "fold-repeat-kv"
+
+    def rules(self) -> list[Rule]:
+        return [_FoldRepeatKvRule()]
