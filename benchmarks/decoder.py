@@ -97,10 +97,14 @@ def ort_nbits(fp32: Path, out: Path, config: str) -> Path:
 
 
 def ort_dynamic(fp32: Path, out: Path) -> Path:
-    """ORT's quantize_dynamic with its defaults (int8 weights, per tensor)."""
+    """ORT's quantize_dynamic with its defaults (int8 weights, per tensor) on MatMul and Gather.
+
+    Its default op list also holds ``Attention``, meaning ORT's own com.microsoft one: on the
+    decoder's opset-23 ONNX ``Attention`` it writes a QAttention ORT then refuses to load.
+    """
     from onnxruntime.quantization import quantize_dynamic
 
-    quantize_dynamic(str(fp32), str(out))
+    quantize_dynamic(str(fp32), str(out), op_types_to_quantize=["MatMul", "Gather"])
     onnx.save(_keep_decoder_metadata(onnx.load(str(out)), onnx.load(str(fp32))), str(out))
     return out
 
