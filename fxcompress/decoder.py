@@ -46,7 +46,7 @@ PREFILL_CHOICE = {"int4-weights": "int8-dynamic", "int8-weights": "int8-dynamic"
 
 #: Decoders export at ONNX opset 23: attention becomes one ``Attention`` node and the rotary
 #: embedding ``RotaryEmbedding`` instead of some 25 small nodes per layer, which is most of what a
-#: one-token decode step spends beside its matmuls (int4 decode 2.6x -> 3.2x fp32 on the benchmark).
+#: one-token decode step spends beside its matmuls (int4 decode 2.6x -> 3.6x fp32: benchmarks/results/decoder.md).
 DECODER_OPSET = 23
 
 
