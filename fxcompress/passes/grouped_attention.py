@@ -22,14 +22,10 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fxcompress.infra.registry import register
-from fxcompress.rewrite import Rule, RewriteContext, RewritePass, argument, set_argument, tensor_val
+from fxcompress.rewrite import Rule, RewriteContext, RewritePass, argument, is_call, set_argument, tensor_val
 
 aten = torch.ops.aten
 _SDPA = aten.scaled_dot_product_attention.default
-
-
-def _call(node: Any, *targets: Any) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -48,13 +44,13 @@ class _Repeat:
 
 def _repeat(node: Any) -> _Repeat | None:
     """The repeat_kv chain ending at ``node``, if it is one (on 4-D ``[batch, heads, seq, dim]``)."""
-    if not _call(node, aten.reshape.default, aten.view.default, aten._unsafe_view.default):
+    if not is_call(node, aten.reshape.default, aten.view.default, aten._unsafe_view.default):
         return None
     expand = node.args[0]
-    if not _call(expand, aten.expand.default):
+    if not is_call(expand, aten.expand.default):
         return None
     unsqueeze = expand.args[0]
-    if not _call(unsqueeze, aten.unsqueeze.default) or unsqueeze.args[1] not in (2, -3):
+    if not is_call(unsqueeze, aten.unsqueeze.default) or unsqueeze.args[1] not in (2, -3):
         return None
     heads, expanded, repeated = (tensor_val(n) for n in (unsqueeze.args[0], expand, node))
     if heads is None or expanded is None or repeated is None or heads.dim() != 4 or expanded.dim() != 5:
@@ -82,7 +78,7 @@ class _FoldRepeatKvRule(Rule[_GroupedAttention]):
     stat = "attentions_grouped"
 
     def pattern(self, node: fx.Node) -> _GroupedAttention | None:
-        if not _call(node, _SDPA) or argument(node, "enable_gqa"):
+        if not is_call(node, _SDPA) or argument(node, "enable_gqa"):
             return None
         key, value = _repeat(argument(node, "key")), _repeat(argument(node, "value"))
         return _GroupedAttention(node, key, value) if key is not None and value is not None else None

@@ -22,13 +22,9 @@ import torch
 from torch import fx
 
 from fxcompress.infra.registry import register
-from fxcompress.rewrite import Rule, RewriteContext, RewritePass, tensor_val
+from fxcompress.rewrite import Rule, RewriteContext, RewritePass, is_call, tensor_val
 
 aten = torch.ops.aten
-
-
-def _call(node: Any, *targets: Any) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
 
 
 def _number(value: Any) -> bool:
@@ -37,9 +33,9 @@ def _number(value: Any) -> bool:
 
 def _squared(node: Any) -> fx.Node | None:
     """``x`` if ``node`` is ``x ** 2`` or ``x * x``."""
-    if _call(node, aten.pow.Tensor_Scalar) and node.args[1] == 2:
+    if is_call(node, aten.pow.Tensor_Scalar) and node.args[1] == 2:
         return node.args[0]
-    if _call(node, aten.mul.Tensor) and node.args[0] is node.args[1] and isinstance(node.args[0], fx.Node):
+    if is_call(node, aten.mul.Tensor) and node.args[0] is node.args[1] and isinstance(node.args[0], fx.Node):
         return node.args[0]
     return None
 
@@ -47,13 +43,13 @@ def _squared(node: Any) -> fx.Node | None:
 def _inverse_rms(node: Any) -> tuple[fx.Node, float, list[fx.Node]] | None:
     """``(x, eps, [the nodes])`` if ``node`` is ``rsqrt(mean(x**2, -1, keepdim) + eps)`` (without
     the ``rsqrt`` when it is ``sqrt``: the caller divides by it)."""
-    if not _call(node, aten.rsqrt.default, aten.sqrt.default):
+    if not is_call(node, aten.rsqrt.default, aten.sqrt.default):
         return None
     add = node.args[0]
-    if not _call(add, aten.add.Tensor, aten.add.Scalar) or len(add.args) != 2 or add.kwargs:
+    if not is_call(add, aten.add.Tensor, aten.add.Scalar) or len(add.args) != 2 or add.kwargs:
         return None
     mean, eps = add.args if isinstance(add.args[0], fx.Node) else add.args[::-1]
-    if not _number(eps) or not _call(mean, aten.mean.dim):
+    if not _number(eps) or not is_call(mean, aten.mean.dim):
         return None
     squares = mean.args[0]
     x = _squared(squares)
@@ -81,12 +77,12 @@ class _RmsNormRule(Rule[_Norm]):
     stat = "rms_norms"
 
     def pattern(self, node: fx.Node) -> _Norm | None:
-        if _call(node, aten.mul.Tensor) and len(node.args) == 2:
+        if is_call(node, aten.mul.Tensor) and len(node.args) == 2:
             for x, inverse in (node.args, node.args[::-1]):
                 found = _inverse_rms(inverse)
                 if found is not None and found[0] is x and inverse.target is aten.rsqrt.default:
                     return _Norm(node, x, found[1], None, [node, *found[2]])
-        if _call(node, aten.div.Tensor) and len(node.args) == 2:
+        if is_call(node, aten.div.Tensor) and len(node.args) == 2:
             found = _inverse_rms(node.args[1])
             if found is not None and found[0] is node.args[0] and node.args[1].target is aten.sqrt.default:
                 return _Norm(node, node.args[0], found[1], None, [node, *found[2]])
@@ -121,7 +117,7 @@ def _absorbed_weight(ctx: RewriteContext, normed: fx.Node, width: int) -> fx.Nod
     if len(normed.users) != 1:
         return None
     reader = next(iter(normed.users))
-    if not _call(reader, aten.mul.Tensor) or len(reader.args) != 2:
+    if not is_call(reader, aten.mul.Tensor) or len(reader.args) != 2:
         return None
     other = reader.args[1] if reader.args[0] is normed else reader.args[0]
     value, result = tensor_val(other), tensor_val(reader)

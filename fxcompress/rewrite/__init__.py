@@ -13,6 +13,7 @@ from fxcompress.rewrite.matchers import (
     constant_tensor,
     describe_constant_problem,
     has_argument,
+    is_call,
     other_readers,
     other_users,
     permutation,
@@ -29,7 +30,7 @@ from fxcompress.rewrite.rule import Rule, RuleOutcome, apply_rules
 
 __all__ = [
     "PERMUTE_OPS", "Rejection", "RewriteContext", "RewritePass", "Rule", "RuleOutcome", "WeightedLayer", "apply_rules",
-    "argument", "attribute", "constant_tensor", "describe_constant_problem", "has_argument", "other_readers",
+    "argument", "attribute", "constant_tensor", "describe_constant_problem", "has_argument", "is_call", "other_readers",
     "other_users", "permutation", "same_type", "set_argument", "sharing_problem", "static_shape", "tensor_val",
     "weighted_layer", "writers",
 ]

@@ -23,6 +23,11 @@ aten = torch.ops.aten
 
 # --- types and constants ------------------------------------------------------------------------
 
+def is_call(node: Any, *targets: Any) -> bool:
+    """``node`` is an fx call of one of ``targets`` (False for constants and other values)."""
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
 def tensor_val(node: Any) -> torch.Tensor | None:
     """The (fake) tensor a node produces, if capture recorded one."""
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
