@@ -154,7 +154,9 @@ def test_greedy_64_tokens_match_transformers_generate(exported, name):
     model, _, path = exported(name)
     prompt = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(5))
     ours = fxcompress.generate(path, prompt, max_new_tokens=64, eos_token_id=None)
-    reference = model.generate(prompt, max_new_tokens=64, do_sample=False, eos_token_id=None, pad_token_id=0)
+    # an explicit mask: without one, generate() masks prompt tokens equal to pad_token_id
+    reference = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=64, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)
     assert ours.shape == (1, 70)
     assert torch.equal(ours, reference)
 

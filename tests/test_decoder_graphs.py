@@ -49,10 +49,19 @@ def test_weight_only_preset_chooses_int8_dynamic_for_the_prompt_and_says_so(pair
     assert spec.prefill_graph == "lm.prefill.onnx"
 
 
+def _spinning(session) -> str | None:
+    try:
+        return session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+    except RuntimeError:  # not set
+        return None
+
+
 def test_generate_runs_the_prompt_on_the_prefill_graph_then_decodes_on_the_decoder(paired):
     result, path = paired
     session = decoder_session(path)
     assert session.prefill is not None
+    # the prompt session runs once per generation: its threads must not spin beside the decoder's
+    assert _spinning(session.prefill.session) == "0" and _spinning(session.runtime.session) is None  # None: ORT's default (on)
     prompt = torch.tensor([[5, 17, 33, 2, 9, 41]])
     tokens = fxcompress.generate(session, prompt, max_new_tokens=3, eos_token_id=None)
     # the same two steps by hand: prompt through the prefill file, next token through the decoder file

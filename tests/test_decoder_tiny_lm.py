@@ -55,6 +55,27 @@ def test_perplexity_through_onnx_matches_pytorch_and_int8_keeps_it(trained, tmp_
     assert text.startswith("The ") and len(text) == 24
 
 
+def test_weight_only_presets_keep_perplexity_and_gptq_beats_round_to_nearest(trained, tmp_path):
+    """The issue's bounds on real weights (in ONNX Runtime, every held-out window): int8-weights
+    within 3%, int4-weights (GPTQ on training-text windows) within 10% and below int4
+    round-to-nearest. Measured here: RTN +0.13%, GPTQ between -0.03% and +0.04% over three
+    calibration sets (PyTorch)."""
+    model, data = trained
+    context = tiny_lm.TEST.context
+    generator = torch.Generator().manual_seed(1)
+    starts = torch.randint(0, len(data.train) - context, (16,), generator=generator).tolist()
+    calibration = [data.train[s:s + context][None] for s in starts]
+    reference = tiny_lm.perplexity(model, data.valid, context=context, windows=None)
+    rise = {}
+    for label, recipe, prompts in (("int8-weights", "int8-weights", None), ("gptq", "int4-weights", calibration),
+                                   ("rtn", ["quantize-weights"], None)):
+        result = fxcompress.compile_decoder(model, recipe=recipe, calibration=prompts, prefill_recipe=None, tolerance=0.3)
+        path = result.export_onnx(tmp_path / f"{label}.onnx")
+        rise[label] = tiny_lm.perplexity(path, data.valid, context=context, windows=None) / reference - 1
+    assert rise["int8-weights"] < 0.03 and rise["gptq"] < 0.10, rise
+    assert rise["gptq"] < rise["rtn"], rise
+
+
 @pytest.mark.slow
 def test_decoder_benchmark_quick_run_writes_its_tables(tmp_path):
     """benchmarks/decoder.py --quick: every variant, peer and shape on small models (about 3 min)."""

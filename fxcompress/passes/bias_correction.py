@@ -58,7 +58,7 @@ from fxcompress.graph_meta import BIAS_CORRECTED
 from fxcompress.infra.context import CompileContext
 from fxcompress.infra.pass_base import DataDrivenPass, PassResult, Rejection, option
 from fxcompress.infra.registry import register
-from fxcompress.passes.calibrators import require_batches, symbolic_dims
+from fxcompress.passes.calibrators import pass_calibration
 from fxcompress.passes.quantize import QUANT_META, is_quantized, layer_name
 from fxcompress.rewrite import RewriteContext, WeightedLayer, set_argument, weighted_layer
 
@@ -247,8 +247,7 @@ class CorrectBiasPass(DataDrivenPass):
         if not pending:
             return PassResult(graph_module, False, {"corrected": 0, "already_corrected": len(layers)})
         context = self.context if self.context is not None else CompileContext(example_inputs=())
-        batches = require_batches(context.calibration_batches(), context.example_inputs, self.name,
-                                  self.options.calibration_batches, symbolic=symbolic_dims(graph_module))
+        batches = pass_calibration(context, graph_module, self.name, self.options.calibration_batches)
         ctx = RewriteContext(graph_module, self.name)
         rejections: list[Rejection] = []
         targets: dict[fx.Node, WeightedLayer] = {}

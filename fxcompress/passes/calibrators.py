@@ -164,6 +164,15 @@ def require_batches(batches: Iterable[Any], example_inputs: Sequence[torch.Tenso
     return out
 
 
+def pass_calibration(context: Any, graph_module: fx.GraphModule, pass_name: str,
+                     limit: int | None = None) -> list[tuple[torch.Tensor, ...]]:
+    """The compile's calibration batches for a data-driven pass over ``graph_module``: checked
+    against the example inputs, dimensions the graph keeps symbolic free to differ (at most
+    ``limit``); InputError if there are none. ``context`` is the pass's CompileContext."""
+    return require_batches(context.calibration_batches(), context.example_inputs, pass_name, limit,
+                           symbolic=symbolic_dims(graph_module))
+
+
 # ---------------------------------------------------------------------------------------------
 # Observation
 

@@ -66,8 +66,7 @@ from fxcompress.passes.calibrators import (
     affine_params,
     choose_range,
     observe,
-    require_batches,
-    symbolic_dims,
+    pass_calibration,
     symmetric_weight_scales,
 )
 
@@ -526,8 +525,7 @@ class QuantizeInt8Pass(DataDrivenPass):
         context = self.context
         if context is None:
             context = CompileContext(example_inputs=())
-        batches = require_batches(context.calibration_batches(), context.example_inputs, self.name, opts.calibration_batches,
-                                  symbolic=symbolic_dims(graph_module))
+        batches = pass_calibration(context, graph_module, self.name, opts.calibration_batches)
         rewritten = functionalize_inplace(graph_module.graph)
         if "sigmoid" in opts.ops and "mul" in opts.ops:
             rewritten += decompose_silu(graph_module.graph)

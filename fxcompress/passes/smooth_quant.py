@@ -32,7 +32,7 @@ from fxcompress.errors import RecipeError
 from fxcompress.infra.context import CompileContext
 from fxcompress.infra.pass_base import DataDrivenPass, PassResult, Rejection, option
 from fxcompress.infra.registry import register
-from fxcompress.passes.calibrators import observe_channel_ranges, require_batches, symbolic_dims
+from fxcompress.passes.calibrators import observe_channel_ranges, pass_calibration
 from fxcompress.passes.quantize import is_quantized, layer_name
 from fxcompress.rewrite.context import RewriteContext
 from fxcompress.rewrite.matchers import argument, attribute, constant_tensor, set_argument, tensor_val
@@ -147,8 +147,7 @@ class SmoothActivationsPass(DataDrivenPass):
             # int8-dynamic needs no calibration; smoothing is its bonus when data is given.
             return PassResult(graph_module, False, {"smoothed": [], "skipped": "no calibration data (pass calibration= "
                                                     "to move outlier channels into the weights)"}, rejections)
-        batches = require_batches(context.calibration_batches(), context.example_inputs, self.name,
-                                  self.options.calibration_batches, symbolic=symbolic_dims(graph_module))
+        batches = pass_calibration(context, graph_module, self.name, self.options.calibration_batches)
         act_amax = {node: amax.float() for node, amax in
                     observe_channel_ranges(graph_module, [site.norm for site in sites], batches, dim=-1).items()}
         smoothed = []

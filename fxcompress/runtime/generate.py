@@ -24,6 +24,7 @@ import torch
 
 from fxcompress.capture_decoder import DECODER_METADATA, SUPPORTED_GENERATION, DecoderSpec, step_inputs
 from fxcompress.errors import InputError
+from fxcompress.export.onnx_export import load_onnx
 from fxcompress.runtime.session import RuntimeSession, create_session, to_numpy
 
 
@@ -62,8 +63,6 @@ def decoder_session(model: str | os.PathLike | bytes | onnx.ModelProto | Decoder
         return model
     folder = None
     if isinstance(model, (str, os.PathLike)):
-        from fxcompress.export.onnx_export import load_onnx
-
         folder = os.path.dirname(os.fspath(model))
         model = load_onnx(model)
     proto = _decoder_proto(model)
@@ -80,14 +79,15 @@ def decoder_session(model: str | os.PathLike | bytes | onnx.ModelProto | Decoder
     prompt = None
     if prefill is not None:
         if isinstance(prefill, (str, os.PathLike)):
-            from fxcompress.export.onnx_export import load_onnx
-
             prefill = load_onnx(prefill)
         prompt_proto = _decoder_proto(prefill)
         if _decoder_spec(prompt_proto).kv_shapes != spec.kv_shapes:
             raise InputError("the prefill graph's cache geometry differs from the decoder's: they come from different models.",
                              "pass the prefill graph exported with this decoder.")
-        prompt = create_session(prompt_proto, provider, optimize=optimize)
+        # The prompt graph runs once per generation: threads left spinning after it would take the
+        # cores from the decode steps that follow (measured: 232 -> 182 ms for a 128-token prompt
+        # and 32 new tokens, 6 x 768 Llama, 2 cores).
+        prompt = create_session(prompt_proto, provider, optimize=optimize, spin=False)
     return DecoderSession(create_session(proto, provider, optimize=optimize), spec, prompt)
 
 

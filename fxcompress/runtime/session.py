@@ -124,6 +124,7 @@ def create_session(
     optimized_model_path: str | os.PathLike | None = None,
     threads: int | None = None,
     profile_prefix: str | os.PathLike | None = None,
+    spin: bool = True,
 ) -> RuntimeSession:
     """Create an ORT session asking for ``provider`` ("cpu" or "cuda") explicitly.
 
@@ -135,6 +136,8 @@ def create_session(
         threads: intra-op threads (None: ORT's default).
         profile_prefix: if set, ORT's profiler is on and writes its JSON to files starting with
             this path (``session.end_profiling()`` returns the name); see runtime.placement.
+        spin: let the intra-op threads busy-wait for more work after a run (ORT's default). False
+            for a session that runs rarely beside another, whose threads it would slow down.
     """
     if provider not in PROVIDERS:
         raise RuntimeProviderError(f"Unknown provider {provider!r}.", f"use one of {', '.join(PROVIDERS)}.")
@@ -149,6 +152,8 @@ def create_session(
         options.optimized_model_filepath = str(optimized_model_path)
     if threads is not None:
         options.intra_op_num_threads = threads
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if profile_prefix is not None:
         options.enable_profiling = True
         options.profile_file_prefix = str(profile_prefix)

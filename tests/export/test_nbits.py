@@ -61,9 +61,25 @@ def test_matmulnbits_nodes_carry_the_right_attributes(llama_export):
                 and t.dims[1] >= 32 and "scales" not in t.name]
 
 
-def test_the_tied_table_is_stored_once(llama_export):
+def test_a_tied_table_read_at_two_precisions_is_stored_once_per_precision(llama_export):
     _, _, model, _ = llama_export
     graph = model.graph
+    gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
+    head = next(n for n in graph.node if n.op_type == "MatMulNBits" and _attrs(n)["N"] == 256)
+    assert _attrs(gather)["bits"] == 8 and _attrs(head)["bits"] == 4
+    assert not set(gather.input[2:]) & set(head.input[1:])
+    tables = sorted(tuple(t.dims) for t in graph.initializer
+                    if t.dims and t.dims[0] == 256 and t.data_type == onnx.TensorProto.UINT8)
+    # int4 codes + zero points for lm_head, int8 codes for the lookups (symmetric: no zero points); no float table
+    assert tables == [(256, 1), (256, 2, 16), (256, 2, 32)]
+    assert not [t for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT and t.dims and t.dims[0] == 256
+                and "scales" not in t.name]
+
+
+def test_a_tied_table_at_one_precision_is_stored_once(tmp_path):
+    model, ids = tiny_llama()
+    result = fxcompress.compile(model, (ids,), [QuantizeWeightsPass(embedding_bits=4)], tolerance=1.0)
+    graph = onnx.load(str(result.export_onnx(tmp_path / "llama.onnx"))).graph
     gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
     head = next(n for n in graph.node if n.op_type == "MatMulNBits" and _attrs(n)["N"] == 256)
     assert _attrs(gather) == {"gather_axis": 0, "quantize_axis": 1, "block_size": 32, "bits": 4}
@@ -129,7 +145,8 @@ class Ragged(nn.Module):
 def test_padding_symmetry_and_bits_in_ort(tmp_path, bits, block, symmetric):
     torch.manual_seed(0)
     model, ids = Ragged().eval(), torch.randint(0, 100, (2, 7))
-    options = {"bits": bits, "block_size": block, "symmetric": symmetric, "accuracy_level": 0, "min_features": 8}
+    options = {"bits": bits, "embedding_bits": bits, "block_size": block, "symmetric": symmetric, "accuracy_level": 0,
+               "min_features": 8}
     result = fxcompress.compile(model, (ids,), [QuantizeWeightsPass(options)], tolerance=1.0)
     path = result.export_onnx(tmp_path / "ragged.onnx")
     assert result.report.parity.drift < 1e-5

@@ -54,12 +54,37 @@ def test_structure_every_linear_and_the_tied_table(llama_int4):
     assert targets[nbits_embedding] == 1 and targets[aten.embedding.default] == 0
     layers = _layers(result)
     assert layers["lm_head"]["lm_head"] is True and layers["lm_head"]["precision"] == "int4"
-    assert layers["model.embed_tokens"]["precision"] == "int4"
-    # The tied table: both readers share one weight and one grid.
-    embed = next(n for n in result.module.graph.nodes if n.target is nbits_embedding)
-    head = next(n for n in result.module.graph.nodes if n.target is nbits_linear and n.meta[QUANT_META]["layer"] == "lm_head")
-    assert embed.args[1:4] == head.args[1:4]
-    assert head.meta[PRECISION_KEY] == "int4 weights"
+    # Lookups default to 8 bits: the tied table gets a grid per precision, read from the one float weight.
+    assert layers["model.embed_tokens"]["precision"] == "int8"
+    embed, head = _tied_readers(result.module)
+    assert embed.args[1] is head.args[1] and embed.args[2] is not head.args[2]
+    assert embed.args[4] == 8 and head.args[5] == 4
+    assert head.meta[PRECISION_KEY] == "int4 weights" and embed.meta[PRECISION_KEY] == "int8 weights"
+
+
+def _tied_readers(gm):
+    embed = next(n for n in gm.graph.nodes if n.target is nbits_embedding)
+    head = next(n for n in gm.graph.nodes if n.target is nbits_linear and n.meta[QUANT_META]["layer"] == "lm_head")
+    return embed, head
+
+
+def test_a_tied_table_at_one_precision_has_one_grid():
+    model, ids = tiny_llama(layers=1)
+    result = fxcompress.compile(model, (ids,), [QuantizeWeightsPass(embedding_bits=4)], tolerance=1.0)
+    embed, head = _tied_readers(result.module)
+    assert embed.args[1:4] == head.args[1:4] and embed.args[4] == head.args[5] == 4
+    assert _layers(result)["model.embed_tokens"]["precision"] == "int4"
+
+
+def test_a_tied_table_that_dominates_the_weights_stays_one_copy():
+    model, ids = tiny_llama(vocab=4096, layers=1)  # the table: 262k of 315k weights
+    result = fxcompress.compile(model, (ids,), [QuantizeWeightsPass()], tolerance=1.0)
+    embed, head = _tied_readers(result.module)
+    assert embed.args[1:4] == head.args[1:4] and embed.args[4] == 4
+    row = _layers(result)["model.embed_tokens"]
+    assert row["precision"] == "int4" and "one 4-bit copy shared with lm_head" in row["note"]
+    forced = fxcompress.compile(model, (ids,), [QuantizeWeightsPass(embedding_bits=8)], tolerance=1.0)
+    assert _layers(forced)["model.embed_tokens"]["precision"] == "int8"
 
 
 def test_idempotent(llama_int4):
@@ -187,6 +212,8 @@ def test_lm_head_int8_takes_the_tied_embedding_along():
     layers = _layers(result)
     assert layers["lm_head"]["precision"] == "int8" and layers["model.embed_tokens"]["precision"] == "int8"
     assert layers["model.layers.0.mlp.up_proj"]["precision"] == "int4"
+    embed, head = _tied_readers(result.module)
+    assert embed.args[1:4] == head.args[1:4]  # both 8 bits: one grid
 
 
 def test_max_drift_keeps_the_most_sensitive_layers_in_float():
@@ -230,6 +257,7 @@ def test_fake_quant_is_trainable(llama_int4):
     ({"accuracy_level": 7}, "accuracy_level must be 0..4"),
     ({"method": "awq"}, "must be"),
     ({"damp": 1.5}, "damp"),
+    ({"embedding_bits": 2}, "embedding_bits must be 4, 8 or None"),
 ])
 def test_bad_options_say_what_and_how(options, words):
     with pytest.raises(RecipeError) as info:
@@ -309,3 +337,27 @@ def test_gptq_survives_collinear_inputs():
     x = torch.randn(3, 64).repeat(20, 1)  # rank 3: the Hessian is singular without damping
     new, scale, zero = gptq(weight, x.T.double() @ x.double(), 4, 32, symmetric=False, damp=0.0)
     assert torch.isfinite(new).all() and torch.allclose(fake_quantize_blocks(new, scale, zero, 4, 32), new, atol=1e-6)
+
+
+def test_gptq_quantizes_a_tied_lm_head_from_the_float_table(monkeypatch):
+    """The 8-bit lookups and the 4-bit lm_head are two groups: lm_head gets GPTQ, starting from the
+    float weight (not the 8-bit values the earlier lookup left in the sequential working copy)."""
+    from fxcompress.passes import quantize_weights
+
+    model, ids = tiny_llama(layers=1)
+    seen: list[torch.Tensor] = []
+
+    def recording_gptq(weight, *args, **kwargs):
+        seen.append(weight.clone())
+        return gptq(weight, *args, **kwargs)
+
+    monkeypatch.setattr(quantize_weights, "gptq", recording_gptq)
+    calibration = [(torch.randint(0, 256, (1, 12)),) for _ in range(2)]
+    result = fxcompress.compile(model, (ids,), [QuantizeWeightsPass(method="gptq")], calibration=calibration, tolerance=1.0)
+    layers = _layers(result)
+    assert "method" not in layers["lm_head"] and layers["model.embed_tokens"]["precision"] == "int8"
+    table = model.lm_head.weight.detach()
+    assert any(w.shape == table.shape and torch.equal(w, table) for w in seen)
+    embed, head = _tied_readers(result.module)
+    assert embed.args[1] is not head.args[1]  # lm_head reads its GPTQ weight, the lookup the float table
+    assert torch.equal(result.module.get_parameter(str(embed.args[1].target)), table)
