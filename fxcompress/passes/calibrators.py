@@ -142,16 +142,18 @@ def _split_like(batch: tuple[torch.Tensor, ...], example: Sequence[torch.Tensor]
     return [tuple(t[i:i + step] for t in batch) for i in range(0, total, step)]
 
 
-def require_batches(batches: Iterable[Any], example_inputs: Sequence[torch.Tensor], pass_name: str,
-                    limit: int | None = None, symbolic: Sequence[frozenset[int]] = ()) -> list[tuple[torch.Tensor, ...]]:
-    """All (checked, example-shaped) calibration batches as a list; InputError if there are none.
-    ``symbolic``: as for :func:`checked_batches`.
+def pass_calibration(context: Any, graph_module: fx.GraphModule, pass_name: str,
+                     limit: int | None = None) -> list[tuple[torch.Tensor, ...]]:
+    """The compile's calibration batches for a data-driven pass over ``graph_module``, as a list
+    (at most ``limit``); InputError if there are none. ``context`` is the pass's CompileContext.
 
-    Calibration sets are small by nature (tens to hundreds of inputs); holding them lets the
-    calibrators and the sensitivity analysis read them several times.
+    Each batch is checked against the example inputs (:func:`checked_batches`), where dimensions
+    the graph keeps symbolic may differ. Calibration sets are small by nature (tens to hundreds of
+    inputs); holding them lets the calibrators and the sensitivity analysis read them several times.
     """
     out: list[tuple[torch.Tensor, ...]] = []
-    for chunk in checked_batches(batches, example_inputs, f"{pass_name}'s calibration", symbolic):
+    for chunk in checked_batches(context.calibration_batches(), context.example_inputs, f"{pass_name}'s calibration",
+                                 symbolic_dims(graph_module)):
         out.append(chunk)
         if limit is not None and len(out) >= limit:
             break
@@ -162,15 +164,6 @@ def require_batches(batches: Iterable[Any], example_inputs: Sequence[torch.Tenso
             "or --calibration random:16 / a .pt file on the command line.",
         )
     return out
-
-
-def pass_calibration(context: Any, graph_module: fx.GraphModule, pass_name: str,
-                     limit: int | None = None) -> list[tuple[torch.Tensor, ...]]:
-    """The compile's calibration batches for a data-driven pass over ``graph_module``: checked
-    against the example inputs, dimensions the graph keeps symbolic free to differ (at most
-    ``limit``); InputError if there are none. ``context`` is the pass's CompileContext."""
-    return require_batches(context.calibration_batches(), context.example_inputs, pass_name, limit,
-                           symbolic=symbolic_dims(graph_module))
 
 
 # ---------------------------------------------------------------------------------------------
