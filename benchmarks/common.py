@@ -435,6 +435,17 @@ def command_line() -> str:
     return " ".join(["python", str(script), *sys.argv[1:]])
 
 
+def write_results(folder: str | os.PathLike, name: str, report: dict[str, Any], markdown: str) -> None:
+    """``report`` as ``folder/name.json`` and ``markdown`` as ``folder/name.md``; the table printed too."""
+    import json
+
+    out = Path(folder) / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    out.with_suffix(".md").write_text(markdown)
+    print(markdown)
+
+
 def first_line(exc: BaseException) -> str:
     """An exception as one short line for a result row."""
     text = (str(exc).strip().splitlines() or [""])[0]

@@ -31,7 +31,6 @@ on shared machines. Writes benchmarks/results/decoder.md and .json (``--out`` el
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import tempfile
@@ -48,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import fxcompress  # noqa: E402
-from common import command_line, machine_description  # noqa: E402
+from common import command_line, machine_description, write_results  # noqa: E402
 from fxcompress.capture_decoder import DECODER_METADATA, step_inputs  # noqa: E402
 from fxcompress.examples import tiny_lm  # noqa: E402
 from fxcompress.passes.quantize_weights import QuantizeWeightsPass  # noqa: E402
@@ -342,12 +341,7 @@ def main(argv: list[str] | None = None) -> dict:
         speed_part = speed(Path(folder), args.quick)
     report = {"command": command_line(), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
               "machine": machine_description("cpu"), "quick": args.quick, "quality": quality_part, "speed": speed_part}
-    out = Path(args.out) / "decoder"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=float) + "\n")
-    text = _markdown(report)
-    out.with_suffix(".md").write_text(text)
-    print(text)
+    write_results(args.out, "decoder", report, _markdown(report))
     return report
 
 

@@ -39,7 +39,8 @@ under int4 layers: a lookup reads only its rows, so the table's bytes cost file 
 decoding time, while its rounding error enters every layer. Measured on the trained byte-level
 Llama (3 x 192, tied table, every held-out window, in PyTorch): round-to-nearest int4 +0.40%
 perplexity with 4-bit lookups, +0.23% with 8-bit ones; with the 8-bit copy, lm_head's own 4-bit
-copy also gets GPTQ, which went from +0.31% to +0.06% / +0.09% (16 / 64 calibration windows).
+copy also gets GPTQ, which went from +0.35% / +0.31% to +0.06% / +0.09% (16 / 64 calibration
+windows; ``python benchmarks/decoder_ablations.py``).
 A tied table over a third of all weights keeps one 4-bit copy (see ``_split_tied_tables``).
 """
 

@@ -85,8 +85,8 @@ def decoder_session(model: str | os.PathLike | bytes | onnx.ModelProto | Decoder
             raise InputError("the prefill graph's cache geometry differs from the decoder's: they come from different models.",
                              "pass the prefill graph exported with this decoder.")
         # The prompt graph runs once per generation: threads left spinning after it would take the
-        # cores from the decode steps that follow (measured: 232 -> 182 ms for a 128-token prompt
-        # and 32 new tokens, 6 x 768 Llama, 2 cores).
+        # cores from the decode steps that follow (benchmarks/decoder_ablations.py: 0.209 -> 0.156 s
+        # for a 128-token prompt and 32 new tokens, 6 x 768 Llama, 2 cores).
         prompt = create_session(prompt_proto, provider, optimize=optimize, spin=False)
     return DecoderSession(create_session(proto, provider, optimize=optimize), spec, prompt)
 
