@@ -34,10 +34,30 @@ def check_output_path(path: str | os.PathLike) -> Path:
     return path
 
 
+def current_umask() -> int:
+    """The process's file-creation mask, read without changing it where the kernel tells it."""
+    try:  # Linux >= 4.7 reports it; os.umask() can only be read by setting it, racing other threads
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def ordinary_file_mode() -> int:
+    """The permission bits ``open(path, "w")`` would give a new file under the caller's umask."""
+    return 0o666 & ~current_umask()
+
+
 def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place.
 
     The rename is atomic on POSIX, so readers see either the old file or the complete new one.
+    The file gets the mode an ordinary ``open()`` would give it under the caller's umask
+    (``tempfile.mkstemp`` alone makes it 0600, unreadable to a service account or a colleague).
     Whatever ``write`` raises propagates after the temporary file is removed (an OSError —
     disk full, folder gone — as an ExportError).
     """
@@ -46,9 +66,12 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> 
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     except OSError as exc:
         raise ExportError(f"Cannot create a file in {path.parent} ({exc.strerror or exc}).", "choose a folder you can write to.") from None
-    os.close(fd)
     tmp = Path(tmp_name)
     try:
+        try:
+            os.fchmod(fd, ordinary_file_mode())
+        finally:
+            os.close(fd)
         write(tmp)
         os.replace(tmp, path)
     except OSError as exc:  # disk full, quota, the folder vanished: nothing partial is left behind
