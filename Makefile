@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup demo test test-all
+.PHONY: setup demo test test-all docs
 
 setup: $(VENV)/.installed
 
@@ -12,16 +12,22 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q -e ".[test,bench]"
+	$(PIP) install -q -e ".[test,bench,docs]"
 	touch $@
 
 demo: setup
 	$(VENV)/bin/fxcompress demo
 
 # lint-imports: the layer contract in pyproject.toml (no upward imports between layers).
+# docs: the MkDocs site builds with --strict (no broken link, page or API reference).
 test: setup
 	$(VENV)/bin/lint-imports --no-cache
+	$(MAKE) docs
 	$(PY) -m pytest -m "not slow" -q
+
+# The documentation site (mkdocs.yml) into build/site, which git ignores.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir build/site
 
 test-all: setup
 	$(PY) -m pytest -q
