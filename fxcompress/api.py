@@ -72,6 +72,8 @@ class CompileReport(MaskedFigures):
     unmasked_drift: float | None = None
     #: per output: drift, masked drift, relative RMS error and cosine against the original
     outputs: list[OutputFidelity] = field(default_factory=list)
+    #: set when the recipe's lossy passes changed nothing, with the reason ("no linear layers for int8-dynamic; try int8")
+    note: str | None = None
 
     def fidelity_text(self) -> str:
         """The per-output figures against the original as aligned text."""
@@ -90,7 +92,7 @@ class CompileReport(MaskedFigures):
             "recipe": self.recipe, "drift": self.drift, "unmasked_drift": self.unmasked_drift, "masked": self.masked,
             "tolerance": self.tolerance, "seconds": self.seconds, "nodes_before": self.nodes_before,
             "nodes_after": self.nodes_after, "params_before": self.params_before, "params_after": self.params_after,
-            "converged": self.converged, "metric": self.metric,
+            "converged": self.converged, "metric": self.metric, "note": self.note,
             "outputs": [o.as_dict() for o in self.outputs],
             "parity": self.parity.as_dict() if self.parity is not None else None,
             "passes": [{"name": r.name, "iteration": r.iteration, "modified": r.modified, "seconds": r.seconds,
@@ -227,7 +229,10 @@ class CompileResult:
 
     def _export_options(self, dynamic_batch: bool | None) -> dict[str, Any]:
         """export_model_proto's shape and naming arguments for this result."""
-        names = (self.call.names, self.call.output_names) if self.call is not None and self.call.structured else (None, None)
+        # Outputs take the model's field names, else output_0..n: never graph node names, which
+        # change with the recipe (relu_18 under default, _to_copy_10 under fp16).
+        names = ((self.call.names, self.call.output_names) if self.call is not None and self.call.structured
+                 else (None, [f"output_{i}" for i in range(_output_count(self.graph_module))]))
         return {"dynamic_batch": self.dynamic_batch if dynamic_batch is None else dynamic_batch,
                 "dynamic_sequence": self.dynamic_sequence, "input_names": names[0], "output_names": names[1]}
 
@@ -251,6 +256,37 @@ class CompileResult:
         return max(LOSSLESS_TOLERANCE, self.tolerance)
 
 
+def _output_count(graph_module: fx.GraphModule) -> int:
+    output = next(n for n in reversed(graph_module.graph.nodes) if n.op == "output")
+    return len(torch.utils._pytree.tree_leaves(output.args[0]))
+
+
+#: Why a lossy pass can find nothing to change, by pass: the note a compile that changed nothing gives.
+UNCHANGED_REASONS = {
+    "quantize-int8-dynamic": "no linear layers for int8-dynamic; try int8",
+    "quantize-int8": "no convolution or linear layer int8 can quantize",
+    "quantize-weights": "no linear or embedding layer large enough for weight-only quantization; try int8-dynamic or int8",
+    "convert-fp16": "nothing fp16 could convert",
+    "sparsify-2:4": "no layer whose weights fit 2:4 sparsity",
+    "sparsify-magnitude": "no layer to sparsify",
+    "prune-channels": "no channel group that can be pruned",
+}
+
+
+def unchanged_note(recipe: Recipe, records: Sequence[PassRecord]) -> str | None:
+    """A note when every lossy pass of ``recipe`` ran and changed nothing (the file equals what
+    a lossless recipe makes, under a lossy preset's name), with the reason; None otherwise."""
+    from fxcompress.infra.registry import available_passes
+
+    registered = available_passes()
+    lossy = [r for r in records if (cls := registered.get(r.name.rsplit("/", 1)[-1])) is not None and not cls.lossless]
+    if not lossy or any(r.modified for r in lossy):
+        return None
+    short = lossy[-1].name.rsplit("/", 1)[-1]
+    reason = UNCHANGED_REASONS.get(short, f"pass {short} found nothing to change")
+    return f"recipe '{recipe.name}' changed nothing lossy on this model: {reason}."
+
+
 def _validate_proto(model, module: fx.GraphModule, inputs, tolerance: float, output_mask: OutputMask = None) -> ParityReport:
     return validate(model, module, inputs, tolerance=tolerance, output_mask=output_mask)
 
@@ -261,6 +297,20 @@ def _final_comparisons(module: fx.GraphModule, inputs: Sequence[torch.Tensor], r
         # Clones: a graph that writes into its input must not change the caller's tensors.
         outputs = flatten_outputs(module(*(t.clone() for t in inputs)))
     return compare_outputs(flatten_outputs(reference), outputs, masks, names)
+
+
+def _refuse_cached_decoder(model: Any) -> None:
+    """A transformers causal LM that returns its KV cache cannot be captured as one graph (its
+    DynamicCache output is no tensor): say to use compile_decoder, not what torch.export says."""
+    config = getattr(model, "config", None)
+    name = type(model).__name__
+    if config is None or not name.endswith(("ForCausalLM", "LMHeadModel")) or not getattr(config, "use_cache", False):
+        return
+    raise InputError(
+        f"{name} is a causal LM that returns its KV cache, which fxcompress.compile does not capture.",
+        "use fxcompress.compile_decoder(model, recipe) (the cache as graph inputs and outputs, generation with "
+        "fxcompress.generate), or set model.config.use_cache = False to compile the logits-only graph.",
+    )
 
 
 def _user_metric(evaluate: Any, max_metric_drop: float | None) -> UserMetric | None:
@@ -343,6 +393,7 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
         explanation and the fix.
     """
     start = time.perf_counter()
+    _refuse_cached_decoder(model)
     check_tolerance(tolerance)
     check_output_mask(output_mask)
     call = model_call(model if isinstance(model, nn.Module) else None, example_inputs)
@@ -390,6 +441,7 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
         converged=manager.converged,
         unmasked_drift=worst_unmasked_drift(comparisons),
         outputs=output_fidelity([comparisons]),
+        note=unchanged_note(resolved, manager.records),
     )
     if metric is not None:
         compiled_metric = metric.score(metric.as_user_module(compiled), "the compiled module")
