@@ -127,7 +127,10 @@ class CompileResult:
         recipe: the resolved Recipe that ran.
         example_inputs: the inputs the model was captured with.
         snapshots: the RecordDiff instrument (graph snapshot after every changed pass).
+        dynamic_axes: the symbolic input axes compile was given (``dynamic_axes=``), or None.
     """
+
+    dynamic_axes: dict[str, dict[int, str]] | None = None
 
     def __init__(self, module: fx.GraphModule, report: CompileReport, recipe: Recipe,
                  example_inputs: tuple[torch.Tensor, ...], snapshots: RecordDiff, dynamic_batch: bool,
@@ -233,6 +236,10 @@ class CompileResult:
         # change with the recipe (relu_18 under default, _to_copy_10 under fp16).
         names = ((self.call.names, self.call.output_names) if self.call is not None and self.call.structured
                  else (None, [f"output_{i}" for i in range(_output_count(self.graph_module))]))
+        axes = getattr(self, "dynamic_axes", None)
+        if axes:  # the symbolic axes compile captured, under the names the user gave them
+            _, flat, dim_names = _dynamic_axes_shapes(self.call, axes)
+            return {"shapes": flat, "input_names": self.call.names, "output_names": names[1], "dim_names": dim_names}
         return {"dynamic_batch": self.dynamic_batch if dynamic_batch is None else dynamic_batch,
                 "dynamic_sequence": self.dynamic_sequence, "input_names": names[0], "output_names": names[1]}
 
@@ -254,6 +261,36 @@ class CompileResult:
         if all(r.exports_exactly for r in self.report.records if r.modified):
             return LOSSLESS_TOLERANCE
         return max(LOSSLESS_TOLERANCE, self.tolerance)
+
+
+def _dynamic_axes_shapes(call: ModelCall, axes: Any) -> tuple[Any, list[dict[int, Any]], dict[tuple[str, int], str]]:
+    """``{input name: {axis: dim name}}`` as torch.export dynamic shapes: for capture (the model's
+    own call), per flat input (export), and the ONNX dimension names."""
+    if not isinstance(axes, dict) or not all(isinstance(v, dict) for v in axes.values()):
+        raise InputError("dynamic_axes must map input names to {axis: name}, e.g. {'pixel_values': {2: 'height', 3: 'width'}}.",
+                         "pass a dict of dicts.")
+    unknown = [n for n in axes if n not in call.names]
+    if unknown:
+        raise InputError(f"dynamic_axes names {unknown}, which are not inputs of the model (its inputs: {', '.join(call.names)}).",
+                         "use the input names (the keyword names, or forward()'s parameter names).")
+    dims: dict[str, Any] = {}
+    flat: list[dict[int, Any]] = []
+    names: dict[tuple[str, int], str] = {}
+    for name, tensor in zip(call.names, call.flat):
+        spec = {}
+        for axis, dim_name in axes.get(name, {}).items():
+            if not isinstance(axis, int) or not 0 <= axis < tensor.dim() or not str(dim_name).isidentifier():
+                raise InputError(f"dynamic_axes[{name!r}] has axis {axis!r} -> {dim_name!r}, but {name} has {tensor.dim()} "
+                                 "axes and a dimension name must be an identifier.", "give axes like {2: 'height', 3: 'width'}.")
+            spec[axis] = dims.setdefault(str(dim_name), torch.export.Dim(str(dim_name)))
+            names[(name, axis)] = str(dim_name)
+        flat.append(spec)
+    if not call.structured:
+        return tuple(flat), flat, names
+    if call.args or list(call.kwargs) != call.names:
+        raise InputError("dynamic_axes needs the inputs as one tensor per keyword (a dict) or as positional tensors.",
+                         "pass example inputs like {'pixel_values': x}, or use dynamic_batch / dynamic_sequence.")
+    return dict(zip(call.names, flat)), flat, names
 
 
 def _output_count(graph_module: fx.GraphModule) -> int:
@@ -341,6 +378,7 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
     output_mask: OutputMask = None,
     dynamic_shapes: Any = None,
     executor: Any = None,
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
 ) -> CompileResult:
     """Capture ``model`` and run a recipe of passes over it.
 
@@ -384,6 +422,9 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
         dynamic_shapes: an explicit torch.export dynamic-shapes spec for positional inputs, used
             instead of ``dynamic_batch`` / ``dynamic_sequence`` at capture (what
             :func:`fxcompress.decoder.compile_decoder` passes for the KV cache).
+        dynamic_axes: any input axes to make symbolic, by input name: ``{"pixel_values": {2:
+            "height", 3: "width"}}``; captured symbolic and exported under those dimension
+            names (instead of ``dynamic_batch`` / ``dynamic_sequence`` / ``dynamic_shapes``).
         executor: where the per-layer sensitivity and metric trials of that search run: an
             executor of :mod:`fxcompress.sweeps` (e.g. ``RayExecutor``, one Ray task per trial);
             default: in this process, one after another.
@@ -410,6 +451,8 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
         metric.baseline = metric.score(reference_model, "the original model")
         if call.structured:
             metric.as_user_module = lambda module: StructuredModule(module, call)
+    if dynamic_axes:
+        dynamic_shapes = _dynamic_axes_shapes(call, dynamic_axes)[0]
     graph_module = capture(reference_model, example_inputs, dynamic_batch=dynamic_batch, dynamic_sequence=dynamic_sequence,
                            shapes=dynamic_shapes)
     nodes_before, params_before = count_compute_nodes(graph_module), count_parameters(graph_module)
@@ -466,8 +509,10 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
             "raise the tolerance (tolerance=... or `tolerance` in the recipe) if that accuracy is acceptable, "
             "or use a less aggressive recipe (e.g. keep sensitive layers in float).",
         )
-    return CompileResult(compiled, report, resolved, inputs, recorder, dynamic_batch, call, tolerance, dynamic_sequence,
-                         output_mask)
+    result = CompileResult(compiled, report, resolved, inputs, recorder, dynamic_batch, call, tolerance, dynamic_sequence,
+                           output_mask)
+    result.dynamic_axes = dynamic_axes or None
+    return result
 
 
 def diff(a: Any, b: Any) -> Any:

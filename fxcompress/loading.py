@@ -215,7 +215,10 @@ def load_calibration(spec: str | None, example_inputs: Any, *, size: int | None 
     if path.exists() and (path.is_dir() or path.suffix.lower() in (".txt", ".jsonl", ".json", ".npz")):
         from fxcompress import data
 
-        return data.load(path, loaded if loaded is not None else _AsModel(example_inputs), limit=size, progress=True)
+        import sys
+
+        return data.load(path, loaded if loaded is not None else _AsModel(example_inputs), limit=size,
+                         progress=sys.stderr.isatty())
     path = Path(spec)
     if path.suffix in (".pt", ".pth"):
         _check_file(path)

@@ -9,6 +9,7 @@ causal LM goes through compile_decoder; ``generate DIR`` runs such a folder.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,6 +43,8 @@ def add_compile_parser(sub: Any) -> None:
     p.add_argument("--tolerance", type=float, default=None, help="largest accepted drift vs the original (default: recipe's)")
     p.add_argument("--simplify", action="store_true", help="run onnxsim on the exported model (kept only if it checks)")
     p.add_argument("--dynamic-batch", action="store_true", help="export with a dynamic batch axis")
+    p.add_argument("--dynamic-axes", action="append", default=None, metavar="INPUT:AXIS[=NAME],...",
+                   help="make any input axes dynamic, e.g. pixel_values:2=height,3=width (repeat per input)")
     p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="ORT provider for the latency table")
     p.add_argument("--no-baseline", action="store_true", help="skip timing a plain torch.onnx.export beside the result")
     p.add_argument("--iters", type=int, default=50, help="timed runs per variant (default 50)")
@@ -66,10 +69,33 @@ def add_generate_parser(sub: Any) -> None:
     p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
 
 
+def _progress() -> bool:
+    """Progress bars on long steps (calibration, preprocessing, evaluation) when a person watches stderr."""
+    return sys.stderr.isatty()
+
+
 def _shapes(values: Sequence[str] | None):
     from fxcompress.loading import parse_shape
 
     return [parse_shape(v) for v in values] if values else None
+
+
+def parse_dynamic_axes(values: Sequence[str] | None) -> dict[str, dict[int, str]] | None:
+    """``["pixel_values:2=height,3=width", "x:0"]`` -> ``{"pixel_values": {2: "height", 3: "width"}, "x": {0: "x_dim0"}}``."""
+    if not values:
+        return None
+    axes: dict[str, dict[int, str]] = {}
+    for value in values:
+        name, _, spec = value.partition(":")
+        try:
+            for part in spec.split(","):
+                axis, _, dim = part.partition("=")
+                axes.setdefault(name.strip(), {})[int(axis)] = dim.strip() or f"{name.strip()}_dim{int(axis)}"
+        except ValueError:
+            raise InputError(f"--dynamic-axes {value!r} is not INPUT:AXIS[=NAME],...", "write it like pixel_values:2=height,3=width.") from None
+        if not name.strip():
+            raise InputError(f"--dynamic-axes {value!r} names no input.", "write it like pixel_values:2=height,3=width.")
+    return axes
 
 
 def _check_counts(args: argparse.Namespace) -> None:
@@ -119,10 +145,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
         from fxcompress.task_metrics import evaluate_original, metric_kind, module_metric
 
         metric_kind(loaded.task)
-        evaluation = data.load(args.eval, loaded, limit=args.eval_size, progress=True)
+        evaluation = data.load(args.eval, loaded, limit=args.eval_size, progress=_progress())
         if metric_kind(loaded.task) == "top1":
             evaluation.require_labels()
-        original_metric, reference = evaluate_original(loaded.model, loaded.task, evaluation, progress=True)
+        original_metric, reference = evaluate_original(loaded.model, loaded.task, evaluation, progress=_progress())
         if args.max_accuracy_drop is not None:
             evaluate = module_metric(loaded.task, evaluation, reference)
     return _compile_and_write(args, loaded, calibration, evaluation, original_metric, reference, evaluate, folder_out)
@@ -137,7 +163,8 @@ def _compile_and_write(args, loaded, calibration, evaluation, original_metric, r
           f"on inputs {describe_inputs(model_call(None, loaded.example_inputs).flat)}")
     result = compile_model(loaded.model, loaded.example_inputs, args.recipe, calibration,
                            tolerance=args.tolerance, dynamic_batch=args.dynamic_batch, dump_dir=args.dump_dir,
-                           evaluate=evaluate, max_metric_drop=args.max_accuracy_drop, progress=evaluate is not None)
+                           evaluate=evaluate, max_metric_drop=args.max_accuracy_drop, progress=_progress(),
+                           dynamic_axes=parse_dynamic_axes(args.dynamic_axes))
     result.report.print_table()
     print(result.report.fidelity_text())
     note = getattr(result.report, "note", None)
@@ -160,7 +187,7 @@ def _compile_and_write(args, loaded, calibration, evaluation, original_metric, r
         if evaluation is not None:
             from fxcompress.task_metrics import evaluate_onnx
 
-            compiled_metric = evaluate_onnx(written, loaded.task, evaluation, reference, provider=args.provider, progress=True)
+            compiled_metric = evaluate_onnx(written, loaded.task, evaluation, reference, provider=args.provider, progress=_progress())
             print("\n" + _metric_table(original_metric.name, evaluation, [
                 ("original (PyTorch)", original_metric, None),
                 (f"fxcompress {result.recipe.name} (ONNX Runtime)", compiled_metric, comparison.compiled)]))
@@ -232,7 +259,7 @@ def _compile_decoder(args: argparse.Namespace, loaded: Any, folder_out: bool) ->
         raise InputError(f"{args.spec} is a causal LM: its export is several files (decoder, prefill graph, tokenizer).",
                          "give a folder: --out DIR/ (then run fxcompress generate DIR --prompt ...).")
     for flag, value in (("--max-accuracy-drop", args.max_accuracy_drop), ("--dynamic-batch", args.dynamic_batch or None),
-                        ("--input-shape", args.input_shape)):
+                        ("--input-shape", args.input_shape), ("--dynamic-axes", args.dynamic_axes)):
         if value is not None:
             raise InputError(f"{flag} does not apply to a causal LM from the command line.", "drop it.")
     calibration = None
@@ -244,10 +271,10 @@ def _compile_decoder(args: argparse.Namespace, loaded: Any, folder_out: bool) ->
     if evaluation is not None:
         from fxcompress.task_metrics import evaluate_original
 
-        original_metric, _ = evaluate_original(loaded.model, loaded.task, evaluation, progress=True)
+        original_metric, _ = evaluate_original(loaded.model, loaded.task, evaluation, progress=_progress())
     print(f"Compiling {loaded.description} as a decoder (KV cache) with recipe '{args.recipe}'")
     result = compile_decoder(loaded.model, args.recipe, calibration, tolerance=args.tolerance, dump_dir=args.dump_dir,
-                             progress=True)
+                             progress=_progress())
     result.report.print_table()
     print(result.report.fidelity_text())
     print(f"Graphs: {result.graphs}")
@@ -261,7 +288,7 @@ def _compile_decoder(args: argparse.Namespace, loaded: Any, folder_out: bool) ->
         if evaluation is not None:
             from fxcompress.task_metrics import evaluate_onnx
 
-            compiled_metric = evaluate_onnx(path, loaded.task, evaluation, provider=args.provider, progress=True)
+            compiled_metric = evaluate_onnx(path, loaded.task, evaluation, provider=args.provider, progress=_progress())
             print("\n" + _metric_table("perplexity", evaluation, [("original (PyTorch)", original_metric, None),
                                                                   (f"fxcompress {result.recipe.name} (ONNX Runtime)",
                                                                    compiled_metric, None)]))

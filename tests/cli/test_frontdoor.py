@@ -18,6 +18,12 @@ from fxcompress.cli import main
 FAST = ["--no-baseline", "--iters", "4"]
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _files(folder) -> set[str]:
     return {p.name for p in folder.iterdir()}
 
@@ -31,9 +37,11 @@ def _one_paragraph(err: str) -> str:
 def test_hf_image_classifier_int8_on_an_image_folder_writes_a_deployable_folder(frontdoor, tmp_path, capsys):
     out = tmp_path / "vit-int8"
     code = main(["compile", f"hf:{frontdoor.vit}", "--recipe", "int8", "--calibration", str(frontdoor.images),
-                 "--calibration-size", "4", "--eval", str(frontdoor.images), "--out", f"{out}/", *FAST])
+                 "--calibration-size", "4", "--eval", str(frontdoor.images), "--max-accuracy-drop", "0",
+                 "--out", f"{out}/", *FAST])
     text = capsys.readouterr().out
     assert code == 0, text
+    assert "metric_trials" in text  # --max-accuracy-drop ran compile's accuracy-aware search on the top-1
     assert "Task metric on" in text and "top-1 accuracy" in text and "original (PyTorch)" in text
     assert "calibration_batches=4" in text  # --calibration-size kept 4 of the 6 images
     assert _files(out) == {"model.onnx", "preprocessor_config.json", "config.json", "manifest.json"}
@@ -43,7 +51,9 @@ def test_hf_image_classifier_int8_on_an_image_folder_writes_a_deployable_folder(
     assert "quantize-int8" in manifest["passes"] and manifest["labels"] == ["red", "blue"]
     assert manifest["metric"]["name"] == "top1" and manifest["metric"]["examples"] == 6
     assert manifest["graphs"]["model"]["inputs"] == ["pixel_values"] and manifest["graphs"]["model"]["outputs"] == ["logits"]
-    assert manifest["parity"]["passed"] and manifest["versions"]["torch"] == torch.__version__.split("+")[0] or True
+    assert manifest["compile"]["metric"]["max_drop"] == 0 and manifest["compile"]["metric"]["drop"] <= 0
+    assert manifest["parity"]["passed"] and torch.__version__.startswith(manifest["versions"]["torch"])
+    assert (out / "model.onnx").stat().st_mode & 0o777 == 0o666 & ~_umask()
 
     # What a deployment does with the folder alone: the saved processor, then ONNX Runtime.
     import onnxruntime as ort
@@ -204,6 +214,49 @@ def test_bad_input_is_one_paragraph_and_writes_nothing(case, frontdoor, tmp_path
     if case == "unknown hub id":
         assert str(tmp_path / "hub-cache" / "models--nobody--no-such-model") in line
     assert list(outputs.iterdir()) == []
+
+
+def test_hub_id_resolves_from_the_local_cache_offline(frontdoor, tmp_path, monkeypatch, capsys):
+    """A hub id is read from the Hugging Face cache layout (models--org--name/snapshots/REV), never downloaded."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--local--tiny-bert" / "snapshots" / "0123abcd"
+    shutil.copytree(frontdoor.bert, snapshot)
+    (cache / "models--local--tiny-bert" / "refs").mkdir()
+    (cache / "models--local--tiny-bert" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from fxcompress.model_specs import load_model_spec
+
+    loaded = load_model_spec("hf:local/tiny-bert", max_length=12)
+    assert loaded.source == str(snapshot) and loaded.task == "text-classification"
+    assert set(loaded.example_inputs) == {"input_ids", "attention_mask"} and loaded.example_inputs["input_ids"].shape == (1, 12)
+    assert loaded.preprocess.labels == ["red", "blue"]
+
+
+def test_torchvision_weights_file_and_num_classes(tmp_path):
+    from fxcompress.errors import InputError
+    from fxcompress.model_specs import load_model_spec
+    import torchvision
+
+    torch.manual_seed(3)
+    reference = torchvision.models.mobilenet_v3_small(num_classes=5).eval()
+    torch.save(reference.state_dict(), tmp_path / "w.pt")
+    loaded = load_model_spec("torchvision:mobilenet_v3_small", weights=str(tmp_path / "w.pt"), num_classes=5)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), reference(x))
+    assert tuple(loaded.example_inputs.shape) == (1, 3, 224, 224)
+    with pytest.raises(InputError, match="do not fit"):  # the default 1000-class head
+        load_model_spec("torchvision:mobilenet_v3_small", weights=str(tmp_path / "w.pt"))
+    saved = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "torch-hub"))
+    try:
+        with pytest.raises(InputError, match="torch's cache"):  # nothing is downloaded
+            load_model_spec("torchvision:mobilenet_v3_small", weights="pretrained")
+    finally:
+        torch.hub.set_dir(saved)
 
 
 def test_missing_library_names_the_pip_install(tmp_path, capsys, monkeypatch):

@@ -33,3 +33,30 @@ def test_a_preset_that_changes_nothing_says_why(tmp_path, capsys):
     assert main(["compile", "tests.models:conv_bn_relu", "--recipe", "int8-dynamic", "--out", str(tmp_path / "m.onnx"),
                  "--no-baseline", "--iters", "4"]) == 0
     assert "Note: recipe 'int8-dynamic' changed nothing lossy on this model: no linear layers" in capsys.readouterr().out
+
+
+def test_dynamic_axes_make_image_height_and_width_dynamic(tmp_path, capsys):
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    out = tmp_path / "m.onnx"
+    assert main(["compile", "tests.models:conv_bn_relu", "--dynamic-axes", "x:2=height,3=width", "--out", str(out),
+                 "--no-baseline", "--iters", "4"]) == 0
+    capsys.readouterr()
+    model = onnx.load(str(out))
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [1, 3, "height", "width"]
+    torch_model, _ = conv_bn_relu()
+    for size in ((20, 28), (33, 17)):
+        x = torch.randn(1, 3, *size)
+        got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+        assert np.allclose(got, torch_model(x).detach().numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("value, message", [("x:two", "INPUT:AXIS"), ("nope:2", "not inputs of the model"),
+                                            ("x:7=h", "has 4 axes")])
+def test_bad_dynamic_axes(value, message, tmp_path, capsys):
+    assert main(["compile", "tests.models:conv_bn_relu", "--dynamic-axes", value, "--out", str(tmp_path / "m.onnx")]) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
