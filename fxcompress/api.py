@@ -21,7 +21,7 @@ from fxcompress.capture import (
     FlatCall, ModelCall, StructuredModule, capture, check_finite_outputs, check_tolerance, holding_tracing_lock,
     longer_sequences, model_call, private_copy, run_eager,
 )
-from fxcompress.errors import DriftError, ExportError, InputError
+from fxcompress.errors import CaptureError, DriftError, ExportError, InputError
 from fxcompress.export.onnx_export import export_model_proto, save_model, set_metadata
 from fxcompress.fidelity import (
     MaskedFigures, OutputFidelity, OutputMask, check_output_mask, fidelity_table, output_fidelity, output_masks,
@@ -343,7 +343,7 @@ def _refuse_cached_decoder(model: Any) -> None:
     name = type(model).__name__
     if config is None or not name.endswith(("ForCausalLM", "LMHeadModel")) or not getattr(config, "use_cache", False):
         return
-    raise InputError(
+    raise CaptureError(
         f"{name} is a causal LM that returns its KV cache, which fxcompress.compile does not capture.",
         "use fxcompress.compile_decoder(model, recipe) (the cache as graph inputs and outputs, generation with "
         "fxcompress.generate), or set model.config.use_cache = False to compile the logits-only graph.",

@@ -158,7 +158,8 @@ def render_manifest(data: dict[str, Any]) -> str:
         lines.append(f"  parity vs the original: {parity.get('summary', parity)}")
     metric = data.get("metric")
     if metric:
-        rows = ", ".join(f"{k} {v['value']:.4g}" for k, v in metric.get("values", {}).items())
+        shown = "{:.2%}" if metric.get("name") == "top1" else "{:.4f}"
+        rows = ", ".join(f"{k} {shown.format(v['value'])}" for k, v in metric.get("values", {}).items())
         lines.append(f"  {metric.get('name')} on {metric.get('data')}: {rows}")
     lines.append(f"  provider: {data.get('provider')}   files: {', '.join(data.get('files', []))}")
     lines.append("  versions: " + ", ".join(f"{k} {v}" for k, v in (data.get("versions") or {}).items()))

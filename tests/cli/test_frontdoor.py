@@ -304,12 +304,12 @@ def test_data_api_images_text_and_tensors(frontdoor, tmp_path):
 
 def test_compile_on_a_causal_lm_points_at_compile_decoder(frontdoor):
     import fxcompress
-    from fxcompress.errors import InputError
+    from fxcompress.errors import CaptureError
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(frontdoor.llama)
     ids = torch.tensor([[5, 6, 7, 8]])
-    with pytest.raises(InputError, match="compile_decoder") as caught:
+    with pytest.raises(CaptureError, match="compile_decoder") as caught:
         fxcompress.compile(model, {"input_ids": ids})
     assert "pytree" not in str(caught.value)
     model.config.use_cache = False  # the logits-only graph, as the message says
