@@ -17,6 +17,21 @@ import torch
 LABELS = ["red", "blue"]
 
 
+class _IgnoresItsSecondInput(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, unused: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.linear(x))
+
+
+def unused_input():
+    """A model whose forward() takes an argument it never reads (factory spec for the CLI)."""
+    torch.manual_seed(0)
+    return _IgnoresItsSecondInput().eval(), (torch.randn(1, 4), torch.randn(1, 2))
+
+
 def corpus_lines(count: int = 400) -> list[str]:
     """Sentences of Python's documentation (ships with CPython), in a fixed order."""
     from pydoc_data.topics import topics

@@ -45,6 +45,8 @@ def add_compile_parser(sub: Any) -> None:
     p.add_argument("--dynamic-batch", action="store_true", help="export with a dynamic batch axis")
     p.add_argument("--dynamic-axes", action="append", default=None, metavar="INPUT:AXIS[=NAME],...",
                    help="make any input axes dynamic, e.g. pixel_values:2=height,3=width (repeat per input)")
+    p.add_argument("--keep-unused-inputs", action="store_true",
+                   help="keep inputs forward() never reads as (required) ONNX inputs; by default they are dropped")
     p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="ORT provider for the latency table")
     p.add_argument("--no-baseline", action="store_true", help="skip timing a plain torch.onnx.export beside the result")
     p.add_argument("--iters", type=int, default=50, help="timed runs per variant (default 50)")
@@ -191,6 +193,8 @@ def _compile_and_write(args, loaded, calibration, evaluation, original_metric, r
             print("\n" + _metric_table(original_metric.name, evaluation, [
                 ("original (PyTorch)", original_metric, None),
                 (f"fxcompress {result.recipe.name} (ONNX Runtime)", compiled_metric, comparison.compiled)]))
+        if not args.keep_unused_inputs:
+            _drop_unused_inputs(written)
         return written, (comparison, compiled_metric)
 
     if not folder_out:
@@ -211,6 +215,19 @@ def _compile_and_write(args, loaded, calibration, evaluation, original_metric, r
 
         print(f"Wrote {write_report(args.report, result, variants=comparison.report_variants())}")
     return 0
+
+
+def _drop_unused_inputs(path: Path) -> None:
+    """Rewrite the (measured) file without the inputs no node reads, saying which."""
+    from fxcompress.export.onnx_export import check_model, drop_unused_inputs, load_onnx, save_model, set_metadata
+
+    model = load_onnx(path)
+    dropped = drop_unused_inputs(model)
+    if dropped:
+        set_metadata(model, {"fxcompress_dropped_inputs": ",".join(dropped)})
+        check_model(model)
+        save_model(model, path)
+        print(f"Dropped the unused input(s) {', '.join(dropped)} (never read by the graph; --keep-unused-inputs keeps them).")
 
 
 def _graph_info(path: Path) -> dict[str, Any]:

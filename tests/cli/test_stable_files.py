@@ -3,6 +3,7 @@ preset that changes nothing says so (with the reason) in the report and the CLI.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import pytest
 
@@ -60,3 +61,21 @@ def test_bad_dynamic_axes(value, message, tmp_path, capsys):
     assert main(["compile", "tests.models:conv_bn_relu", "--dynamic-axes", value, "--out", str(tmp_path / "m.onnx")]) == 2
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_unused_inputs_are_dropped_unless_kept(tmp_path, capsys):
+    import onnxruntime as ort
+
+    dropped, kept = tmp_path / "dropped.onnx", tmp_path / "kept.onnx"
+    assert main(["compile", "tests.frontdoor_models:unused_input", "--out", str(dropped), "--no-baseline", "--iters", "4"]) == 0
+    assert "Dropped the unused input(s) unused" in capsys.readouterr().out
+    assert main(["compile", "tests.frontdoor_models:unused_input", "--out", str(kept), "--keep-unused-inputs",
+                 "--no-baseline", "--iters", "4"]) == 0
+    capsys.readouterr()
+    assert [i.name for i in onnx.load(str(dropped)).graph.input] == ["x"]
+    assert [i.name for i in onnx.load(str(kept)).graph.input] == ["x", "unused"]
+    x = np.random.default_rng(0).standard_normal((1, 4)).astype(np.float32)
+    got = ort.InferenceSession(str(dropped), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    want = ort.InferenceSession(str(kept), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x, "unused": np.zeros((1, 2), np.float32)})[0]
+    assert np.array_equal(got, want)
