@@ -273,7 +273,6 @@ def _dynamic_axes_shapes(call: ModelCall, axes: Any) -> tuple[Any, list[dict[int
     if unknown:
         raise InputError(f"dynamic_axes names {unknown}, which are not inputs of the model (its inputs: {', '.join(call.names)}).",
                          "use the input names (the keyword names, or forward()'s parameter names).")
-    dims: dict[str, Any] = {}
     flat: list[dict[int, Any]] = []
     names: dict[tuple[str, int], str] = {}
     for name, tensor in zip(call.names, call.flat):
@@ -282,7 +281,9 @@ def _dynamic_axes_shapes(call: ModelCall, axes: Any) -> tuple[Any, list[dict[int
             if not isinstance(axis, int) or not 0 <= axis < tensor.dim() or not str(dim_name).isidentifier():
                 raise InputError(f"dynamic_axes[{name!r}] has axis {axis!r} -> {dim_name!r}, but {name} has {tensor.dim()} "
                                  "axes and a dimension name must be an identifier.", "give axes like {2: 'height', 3: 'width'}.")
-            spec[axis] = dims.setdefault(str(dim_name), torch.export.Dim(str(dim_name)))
+            # Dim.DYNAMIC: the range comes from the model (position tables bound a sequence), and an
+            # axis the model fixes is an error, not silently static; the ONNX file gets ``dim_name``.
+            spec[axis] = torch.export.Dim.DYNAMIC
             names[(name, axis)] = str(dim_name)
         flat.append(spec)
     if not call.structured:
