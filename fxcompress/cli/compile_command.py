@@ -190,8 +190,9 @@ def _compile_and_write(args, loaded, calibration, evaluation, original_metric, r
             from fxcompress.task_metrics import evaluate_onnx
 
             compiled_metric = evaluate_onnx(written, loaded.task, evaluation, reference, provider=args.provider, progress=_progress())
+            baseline = comparison.variants[0] if len(comparison.variants) > 1 else None  # the plain export's timing
             print("\n" + _metric_table(original_metric.name, evaluation, [
-                ("original (PyTorch)", original_metric, None),
+                ("original (PyTorch; time: plain export)" if baseline else "original (PyTorch)", original_metric, baseline),
                 (f"fxcompress {result.recipe.name} (ONNX Runtime)", compiled_metric, comparison.compiled)]))
         if not args.keep_unused_inputs:
             _drop_unused_inputs(written)
