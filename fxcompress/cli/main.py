@@ -44,7 +44,8 @@ def _add_sweep(sub) -> None:
     p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="ORT provider for --benchmark")
     p.add_argument("--iters", type=int, default=48, help="timed runs per variant with --benchmark (default 48)")
     p.add_argument("--input-shape", action="append", default=None, help="input shape for every spec, like 1,3,224,224")
-    p.add_argument("--calibration", default=None, help="random:N, a .pt file, or package.module:function (every spec)")
+    p.add_argument("--calibration", default=None, help="an image folder, a .txt/.jsonl file, a datasets folder, .pt/.npz, "
+                                                       "random:N, or package.module:function (every spec)")
     p.add_argument("--retry-failed", action="store_true", help="rerun logged trials that did not end ok")
     p.add_argument("--import", dest="imports", action="append", default=None, metavar="MODULE",
                    help="import this module first (it registers your own passes); repeat for several")
