@@ -315,3 +315,30 @@ def test_compile_on_a_causal_lm_points_at_compile_decoder(frontdoor):
     model.config.use_cache = False  # the logits-only graph, as the message says
     result = fxcompress.compile(model, {"input_ids": ids})
     assert result.report.drift < 1e-4
+
+
+def test_hf_task_override_weights_file_and_timm_pretrained_offline(frontdoor, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    from safetensors.torch import save_file
+    from transformers import BertForSequenceClassification
+
+    from fxcompress.errors import InputError
+    from fxcompress.model_specs import load_model_spec
+
+    encoder = load_model_spec(f"hf:{frontdoor.bert}", task="feature-extraction", max_length=8)
+    assert type(encoder.model).__name__ == "BertModel" and encoder.task == "feature-extraction"
+    with pytest.raises(InputError, match="Unknown --task"):
+        load_model_spec(f"hf:{frontdoor.bert}", task="translation")
+
+    reference = BertForSequenceClassification.from_pretrained(frontdoor.bert).eval()
+    torch.manual_seed(5)
+    for p in reference.parameters():  # weights that differ from the folder's
+        p.data.add_(torch.randn_like(p) * 0.1)
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(tmp_path / "tuned.safetensors"))
+    tuned = load_model_spec(f"hf:{frontdoor.bert}", weights=str(tmp_path / "tuned.safetensors"), max_length=8)
+    with torch.no_grad():
+        assert torch.allclose(tuned.model(**tuned.example_inputs).logits, reference(**tuned.example_inputs).logits)
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(InputError, match=r"timm/test_resnet.r160_in1k.*not in the Hugging Face cache at .*empty-cache"):
+        load_model_spec("timm:test_resnet", weights="pretrained")
