@@ -128,7 +128,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from fxcompress.output_folder import check_output_folder, is_folder_target
 
     folder_out = is_folder_target(args.out)
-    check_output_folder(args.out) if folder_out else check_output_path(args.out)
+    if folder_out:
+        check_output_folder(args.out)
+    else:
+        check_output_path(args.out)
     if args.report:
         check_output_path(args.report)
     _check_counts(args)
@@ -244,7 +247,7 @@ def _manifest(args, loaded, result, comparison, folder, evaluation, original_met
     from fxcompress.output_folder import MANIFEST_FORMAT, versions
 
     graphs = graphs or {"model": folder.staging / "model.onnx"}
-    folder.files.append("manifest.json") if "manifest.json" not in folder.files else None
+    folder.path("manifest.json")  # listed among the files it lists
     data: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
         "source": args.spec, "description": loaded.description, "task": loaded.task,
