@@ -10,6 +10,8 @@ export verified ONNX:
     fxcompress.benchmark("model.onnx", (example,), provider="cpu").p50_ms
     print(fxcompress.compare(result, model))   # vs the plain export: parity, interleaved latency, size
     fxcompress.sweep(["torchvision:resnet18", ...], ["default", "int8"], log="sweep.jsonl", workers=2)
+    loaded = fxcompress.load_model("hf:./my-vit")                  # hf:, timm:, torchvision: specs (offline)
+    photos = fxcompress.data.images("photos/", model=loaded)       # the user's data, preprocessed the model's way
 """
 
 from fxcompress.version import __version__  # noqa: E402,F401
@@ -18,6 +20,8 @@ from fxcompress.api import CompileReport, CompileResult, benchmark, compile, dif
 from fxcompress.comparison import ComparisonReport, compare  # noqa: E402
 from fxcompress.decoder import DecoderCompileResult, compile_decoder, generate  # noqa: E402
 from fxcompress.sweeps import SweepResult, sweep  # noqa: E402
+from fxcompress.loading import load_model  # noqa: E402
+from fxcompress import data  # noqa: E402,F401 - fxcompress.data.images / .text / .load
 from fxcompress.errors import (  # noqa: E402
     CaptureError,
     DriftError,
@@ -38,6 +42,6 @@ __all__ = [
     "CaptureError", "ComparisonReport", "CompileReport", "CompileResult", "DecoderCompileResult", "DriftError",
     "ExportError", "FxCompressError",
     "InputError", "ModelFileError", "PassError", "Recipe", "RecipeError", "RuntimeProviderError",
-    "SweepResult", "UntrustedFileError", "benchmark", "compare", "compile", "compile_decoder", "diff", "generate",
-    "register", "sweep", "validate",
+    "SweepResult", "UntrustedFileError", "benchmark", "compare", "compile", "compile_decoder", "data", "diff", "generate",
+    "load_model", "register", "sweep", "validate",
 ]

@@ -21,7 +21,7 @@ from fxcompress.capture import (
     FlatCall, ModelCall, StructuredModule, capture, check_finite_outputs, check_tolerance, holding_tracing_lock,
     longer_sequences, model_call, private_copy, run_eager,
 )
-from fxcompress.errors import DriftError, ExportError, InputError
+from fxcompress.errors import CaptureError, DriftError, ExportError, InputError
 from fxcompress.export.onnx_export import export_model_proto, save_model, set_metadata
 from fxcompress.fidelity import (
     MaskedFigures, OutputFidelity, OutputMask, check_output_mask, fidelity_table, output_fidelity, output_masks,
@@ -72,6 +72,8 @@ class CompileReport(MaskedFigures):
     unmasked_drift: float | None = None
     #: per output: drift, masked drift, relative RMS error and cosine against the original
     outputs: list[OutputFidelity] = field(default_factory=list)
+    #: set when the recipe's lossy passes changed nothing, with the reason ("no linear layers for int8-dynamic; try int8")
+    note: str | None = None
 
     def fidelity_text(self) -> str:
         """The per-output figures against the original as aligned text."""
@@ -90,7 +92,7 @@ class CompileReport(MaskedFigures):
             "recipe": self.recipe, "drift": self.drift, "unmasked_drift": self.unmasked_drift, "masked": self.masked,
             "tolerance": self.tolerance, "seconds": self.seconds, "nodes_before": self.nodes_before,
             "nodes_after": self.nodes_after, "params_before": self.params_before, "params_after": self.params_after,
-            "converged": self.converged, "metric": self.metric,
+            "converged": self.converged, "metric": self.metric, "note": self.note,
             "outputs": [o.as_dict() for o in self.outputs],
             "parity": self.parity.as_dict() if self.parity is not None else None,
             "passes": [{"name": r.name, "iteration": r.iteration, "modified": r.modified, "seconds": r.seconds,
@@ -125,7 +127,10 @@ class CompileResult:
         recipe: the resolved Recipe that ran.
         example_inputs: the inputs the model was captured with.
         snapshots: the RecordDiff instrument (graph snapshot after every changed pass).
+        dynamic_axes: the symbolic input axes compile was given (``dynamic_axes=``), or None.
     """
+
+    dynamic_axes: dict[str, dict[int, str]] | None = None
 
     def __init__(self, module: fx.GraphModule, report: CompileReport, recipe: Recipe,
                  example_inputs: tuple[torch.Tensor, ...], snapshots: RecordDiff, dynamic_batch: bool,
@@ -227,7 +232,14 @@ class CompileResult:
 
     def _export_options(self, dynamic_batch: bool | None) -> dict[str, Any]:
         """export_model_proto's shape and naming arguments for this result."""
-        names = (self.call.names, self.call.output_names) if self.call is not None and self.call.structured else (None, None)
+        # Outputs take the model's field names, else output_0..n: never graph node names, which
+        # change with the recipe (relu_18 under default, _to_copy_10 under fp16).
+        names = ((self.call.names, self.call.output_names) if self.call is not None and self.call.structured
+                 else (None, [f"output_{i}" for i in range(_output_count(self.graph_module))]))
+        axes = getattr(self, "dynamic_axes", None)
+        if axes:  # the symbolic axes compile captured, under the names the user gave them
+            _, flat, dim_names = _dynamic_axes_shapes(self.call, axes)
+            return {"shapes": flat, "input_names": self.call.names, "output_names": names[1], "dim_names": dim_names}
         return {"dynamic_batch": self.dynamic_batch if dynamic_batch is None else dynamic_batch,
                 "dynamic_sequence": self.dynamic_sequence, "input_names": names[0], "output_names": names[1]}
 
@@ -251,6 +263,68 @@ class CompileResult:
         return max(LOSSLESS_TOLERANCE, self.tolerance)
 
 
+def _dynamic_axes_shapes(call: ModelCall, axes: Any) -> tuple[Any, list[dict[int, Any]], dict[tuple[str, int], str]]:
+    """``{input name: {axis: dim name}}`` as torch.export dynamic shapes: for capture (the model's
+    own call), per flat input (export), and the ONNX dimension names."""
+    if not isinstance(axes, dict) or not all(isinstance(v, dict) for v in axes.values()):
+        raise InputError("dynamic_axes must map input names to {axis: name}, e.g. {'pixel_values': {2: 'height', 3: 'width'}}.",
+                         "pass a dict of dicts.")
+    unknown = [n for n in axes if n not in call.names]
+    if unknown:
+        raise InputError(f"dynamic_axes names {unknown}, which are not inputs of the model (its inputs: {', '.join(call.names)}).",
+                         "use the input names (the keyword names, or forward()'s parameter names).")
+    flat: list[dict[int, Any]] = []
+    names: dict[tuple[str, int], str] = {}
+    for name, tensor in zip(call.names, call.flat):
+        spec = {}
+        for axis, dim_name in axes.get(name, {}).items():
+            if not isinstance(axis, int) or not 0 <= axis < tensor.dim() or not str(dim_name).isidentifier():
+                raise InputError(f"dynamic_axes[{name!r}] has axis {axis!r} -> {dim_name!r}, but {name} has {tensor.dim()} "
+                                 "axes and a dimension name must be an identifier.", "give axes like {2: 'height', 3: 'width'}.")
+            # Dim.DYNAMIC: the range comes from the model (position tables bound a sequence), and an
+            # axis the model fixes is an error, not silently static; the ONNX file gets ``dim_name``.
+            spec[axis] = torch.export.Dim.DYNAMIC
+            names[(name, axis)] = str(dim_name)
+        flat.append(spec)
+    if not call.structured:
+        return tuple(flat), flat, names
+    if call.args or list(call.kwargs) != call.names:
+        raise InputError("dynamic_axes needs the inputs as one tensor per keyword (a dict) or as positional tensors.",
+                         "pass example inputs like {'pixel_values': x}, or use dynamic_batch / dynamic_sequence.")
+    return dict(zip(call.names, flat)), flat, names
+
+
+def _output_count(graph_module: fx.GraphModule) -> int:
+    output = next(n for n in reversed(graph_module.graph.nodes) if n.op == "output")
+    return len(torch.utils._pytree.tree_leaves(output.args[0]))
+
+
+#: Why a lossy pass can find nothing to change, by pass: the note a compile that changed nothing gives.
+UNCHANGED_REASONS = {
+    "quantize-int8-dynamic": "no linear layers for int8-dynamic; try int8",
+    "quantize-int8": "no convolution or linear layer int8 can quantize",
+    "quantize-weights": "no linear or embedding layer large enough for weight-only quantization; try int8-dynamic or int8",
+    "convert-fp16": "nothing fp16 could convert",
+    "sparsify-2:4": "no layer whose weights fit 2:4 sparsity",
+    "sparsify-magnitude": "no layer to sparsify",
+    "prune-channels": "no channel group that can be pruned",
+}
+
+
+def unchanged_note(recipe: Recipe, records: Sequence[PassRecord]) -> str | None:
+    """A note when every lossy pass of ``recipe`` ran and changed nothing (the file equals what
+    a lossless recipe makes, under a lossy preset's name), with the reason; None otherwise."""
+    from fxcompress.infra.registry import available_passes
+
+    registered = available_passes()
+    lossy = [r for r in records if (cls := registered.get(r.name.rsplit("/", 1)[-1])) is not None and not cls.lossless]
+    if not lossy or any(r.modified for r in lossy):
+        return None
+    short = lossy[-1].name.rsplit("/", 1)[-1]
+    reason = UNCHANGED_REASONS.get(short, f"pass {short} found nothing to change")
+    return f"recipe '{recipe.name}' changed nothing lossy on this model: {reason}."
+
+
 def _validate_proto(model, module: fx.GraphModule, inputs, tolerance: float, output_mask: OutputMask = None) -> ParityReport:
     return validate(model, module, inputs, tolerance=tolerance, output_mask=output_mask)
 
@@ -261,6 +335,20 @@ def _final_comparisons(module: fx.GraphModule, inputs: Sequence[torch.Tensor], r
         # Clones: a graph that writes into its input must not change the caller's tensors.
         outputs = flatten_outputs(module(*(t.clone() for t in inputs)))
     return compare_outputs(flatten_outputs(reference), outputs, masks, names)
+
+
+def _refuse_cached_decoder(model: Any) -> None:
+    """A transformers causal LM that returns its KV cache cannot be captured as one graph (its
+    DynamicCache output is no tensor): say to use compile_decoder, not what torch.export says."""
+    config = getattr(model, "config", None)
+    name = type(model).__name__
+    if config is None or not name.endswith(("ForCausalLM", "LMHeadModel")) or not getattr(config, "use_cache", False):
+        return
+    raise CaptureError(
+        f"{name} is a causal LM that returns its KV cache, which fxcompress.compile does not capture.",
+        "use fxcompress.compile_decoder(model, recipe) (the cache as graph inputs and outputs, generation with "
+        "fxcompress.generate), or set model.config.use_cache = False to compile the logits-only graph.",
+    )
 
 
 def _user_metric(evaluate: Any, max_metric_drop: float | None) -> UserMetric | None:
@@ -291,6 +379,7 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
     output_mask: OutputMask = None,
     dynamic_shapes: Any = None,
     executor: Any = None,
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
 ) -> CompileResult:
     """Capture ``model`` and run a recipe of passes over it.
 
@@ -334,6 +423,9 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
         dynamic_shapes: an explicit torch.export dynamic-shapes spec for positional inputs, used
             instead of ``dynamic_batch`` / ``dynamic_sequence`` at capture (what
             :func:`fxcompress.decoder.compile_decoder` passes for the KV cache).
+        dynamic_axes: any input axes to make symbolic, by input name: ``{"pixel_values": {2:
+            "height", 3: "width"}}``; captured symbolic and exported under those dimension
+            names (instead of ``dynamic_batch`` / ``dynamic_sequence`` / ``dynamic_shapes``).
         executor: where the per-layer sensitivity and metric trials of that search run: an
             executor of :mod:`fxcompress.sweeps` (e.g. ``RayExecutor``, one Ray task per trial);
             default: in this process, one after another.
@@ -343,6 +435,7 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
         explanation and the fix.
     """
     start = time.perf_counter()
+    _refuse_cached_decoder(model)
     check_tolerance(tolerance)
     check_output_mask(output_mask)
     call = model_call(model if isinstance(model, nn.Module) else None, example_inputs)
@@ -359,6 +452,8 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
         metric.baseline = metric.score(reference_model, "the original model")
         if call.structured:
             metric.as_user_module = lambda module: StructuredModule(module, call)
+    if dynamic_axes:
+        dynamic_shapes = _dynamic_axes_shapes(call, dynamic_axes)[0]
     graph_module = capture(reference_model, example_inputs, dynamic_batch=dynamic_batch, dynamic_sequence=dynamic_sequence,
                            shapes=dynamic_shapes)
     nodes_before, params_before = count_compute_nodes(graph_module), count_parameters(graph_module)
@@ -390,6 +485,7 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
         converged=manager.converged,
         unmasked_drift=worst_unmasked_drift(comparisons),
         outputs=output_fidelity([comparisons]),
+        note=unchanged_note(resolved, manager.records),
     )
     if metric is not None:
         compiled_metric = metric.score(metric.as_user_module(compiled), "the compiled module")
@@ -414,8 +510,10 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
             "raise the tolerance (tolerance=... or `tolerance` in the recipe) if that accuracy is acceptable, "
             "or use a less aggressive recipe (e.g. keep sensitive layers in float).",
         )
-    return CompileResult(compiled, report, resolved, inputs, recorder, dynamic_batch, call, tolerance, dynamic_sequence,
-                         output_mask)
+    result = CompileResult(compiled, report, resolved, inputs, recorder, dynamic_batch, call, tolerance, dynamic_sequence,
+                           output_mask)
+    result.dynamic_axes = dynamic_axes or None
+    return result
 
 
 def diff(a: Any, b: Any) -> Any:

@@ -1,5 +1,6 @@
-"""Load models named on the command line: ``torchvision:NAME``, ``package.module:function``,
-``.pt2`` torch.export archives, and (only with explicit trust) pickled modules.
+"""Load models named on the command line: ``hf:ID_OR_FOLDER``, ``timm:NAME``, ``torchvision:NAME``
+(fxcompress.model_specs), ``package.module:function``, ``.pt2`` torch.export archives, and (only
+with explicit trust) pickled modules.
 
 Unpickling runs arbitrary code, so a pickled ``.pt``/``.pth`` module is refused unless the caller
 says it trusts the file; weights and archives are loaded with ``weights_only``-style safe loading.
@@ -13,7 +14,6 @@ import os
 import pickle
 import re
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,20 +22,9 @@ from torch import nn
 
 from fxcompress.capture import model_call, normalize_inputs
 from fxcompress.errors import InputError, ModelFileError, UntrustedFileError
+from fxcompress.model_specs import LoadedModel, load_model_spec
 
-#: Input sizes of torchvision classifiers whose default is not 224.
-_TORCHVISION_SIZES = {"inception_v3": 299}
 MAX_MODEL_FILE_BYTES = 8 * 1024**3
-
-
-@dataclass
-class LoadedModel:
-    """A model and the example inputs to capture it with (a tuple of tensors, or the keyword /
-    nested form a factory returned, e.g. a tokenizer's dict)."""
-
-    model: nn.Module
-    example_inputs: Any
-    description: str
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -56,24 +45,6 @@ def _inputs_from_shapes(shapes: Sequence[tuple[int, ...]] | None, default: tuple
     if default is None:
         raise InputError(f"{what} does not say what inputs it takes.", "give --input-shape (e.g. 1,3,224,224), once per input.")
     return (torch.randn(default),)
-
-
-def _torchvision(name: str, shapes) -> LoadedModel:
-    try:
-        import torchvision
-    except ImportError:
-        raise InputError("torchvision is not installed.", "pip install torchvision (it is in fxcompress's test extra).") from None
-    available = torchvision.models.list_models(module=torchvision.models)
-    if name not in available:
-        import difflib
-
-        close = difflib.get_close_matches(name, available, n=3)
-        raise InputError(f"torchvision has no classification model {name!r}.",
-                         f"did you mean {', '.join(close)}?" if close else "see torchvision.models.list_models().")
-    kwargs = {"aux_logits": False, "init_weights": True} if name in ("inception_v3", "googlenet") else {}
-    model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
-    size = _TORCHVISION_SIZES.get(name, 224)
-    return LoadedModel(model, _inputs_from_shapes(shapes, (1, 3, size, size), name), f"torchvision:{name} (random weights)")
 
 
 def _factory(spec: str, shapes) -> LoadedModel:
@@ -190,28 +161,44 @@ def _pickle(path: Path, shapes, trust: bool) -> LoadedModel:
     return LoadedModel(model.eval(), _inputs_from_shapes(shapes, None, str(path)), f"pickled module {path.name}")
 
 
-def load_model(spec: str, input_shapes: Sequence[tuple[int, ...]] | None = None, *, trust_pickle: bool = False) -> LoadedModel:
-    """Resolve a model SPEC: ``torchvision:NAME``, ``package.module:function``, ``file.pt2``,
-    or a pickled ``file.pt``/``.pth`` (only with ``trust_pickle``)."""
+def load_model(spec: str, input_shapes: Sequence[tuple[int, ...]] | None = None, *, trust_pickle: bool = False,
+               weights: str | None = None, num_classes: int | None = None, task: str | None = None,
+               max_length: int | None = None) -> LoadedModel:
+    """Resolve a model SPEC: ``hf:ID_OR_FOLDER``, ``timm:NAME``, ``torchvision:NAME`` (with
+    ``weights``: "pretrained" or a weights file; ``num_classes``; ``task`` for hf:), or
+    ``package.module:function``, ``file.pt2``, a pickled ``file.pt``/``.pth`` (only with ``trust_pickle``)."""
+    loaded = load_model_spec(spec, input_shapes, weights=weights, num_classes=num_classes, task=task, max_length=max_length)
+    if loaded is not None:
+        return loaded
+    if weights is not None or num_classes is not None or task is not None:
+        raise InputError(f"--weights, --num-classes and --task apply to hf:, timm: and torchvision: specs, not {spec!r}.",
+                         "load the weights inside your factory function, or drop the option.")
     path = Path(spec)
     suffix = path.suffix.lower()
     if suffix == ".pt2":
         return _archive(path, input_shapes, trust_pickle)
     if suffix in (".pt", ".pth", ".pkl", ".bin"):
         return _pickle(path, input_shapes, trust_pickle)
-    if spec.startswith("torchvision:"):
-        return _torchvision(spec.split(":", 1)[1], input_shapes)
     if ":" in spec and not os.path.exists(spec):
         return _factory(spec, input_shapes)
     raise InputError(f"Cannot tell what model {spec!r} names.",
-                     "use torchvision:NAME, package.module:function, a .pt2 archive, or a .pt file with --trust-pickle.")
+                     "use hf:ID_OR_FOLDER, timm:NAME, torchvision:NAME, package.module:function, a .pt2 archive, or a .pt "
+                     "file with --trust-pickle.")
 
 
-def load_calibration(spec: str | None, example_inputs: Any) -> Any:
+def load_calibration(spec: str | None, example_inputs: Any, *, size: int | None = None) -> Any:
     """``random:N`` (N random batches shaped like the inputs), a ``.pt`` list of tensors/tuples
-    (loaded with weights_only=True), or ``package.module:function`` returning an iterable."""
+    (loaded with weights_only=True), ``package.module:function`` returning an iterable, or data
+    as users have it (fxcompress.data: an image folder, a .txt / .jsonl file, a datasets folder,
+    .npz tensors), preprocessed the model's way. ``example_inputs`` may be the
+    :class:`LoadedModel` (its preprocessing is then used); ``size`` keeps the first N examples."""
     if spec is None:
         return None
+    loaded = example_inputs if isinstance(example_inputs, LoadedModel) else None
+    if loaded is not None:
+        example_inputs = loaded.example_inputs
+    if size is not None and size <= 0:
+        raise InputError(f"--calibration-size {size} is not positive.", "give at least 1.")
     if spec.startswith("random:"):
         try:
             count = int(spec.split(":", 1)[1])
@@ -221,8 +208,17 @@ def load_calibration(spec: str | None, example_inputs: Any) -> Any:
             raise InputError(f"Calibration spec {spec!r} needs a positive count.", "write random:16.")
         from fxcompress.runtime.parity import input_sets
 
+        count = min(count, size) if size is not None else count
         call = model_call(None, example_inputs)  # random batches in the example's own form
         return [call.unflatten(flat) if call.structured else flat for flat in input_sets(call.flat, count, seed=1)[1:]]
+    path = Path(spec)
+    if path.exists() and (path.is_dir() or path.suffix.lower() in (".txt", ".jsonl", ".json", ".npz")):
+        from fxcompress import data
+
+        import sys
+
+        return data.load(path, loaded if loaded is not None else _AsModel(example_inputs), limit=size,
+                         progress=sys.stderr.isatty())
     path = Path(spec)
     if path.suffix in (".pt", ".pth"):
         _check_file(path)
@@ -231,11 +227,23 @@ def load_calibration(spec: str | None, example_inputs: Any) -> Any:
         except Exception as exc:  # noqa: BLE001
             raise ModelFileError(f"Calibration file {path} could not be loaded safely ({type(exc).__name__}: {str(exc)[:160]}).",
                                  "save a list of tensors or of tuples of tensors with torch.save.") from None
-        return [item if isinstance(item, (tuple, list)) else (item,) for item in data]
-    if ":" in spec:
+        batches = [item if isinstance(item, (tuple, list, dict)) else (item,) for item in data]
+        return batches[:size] if size is not None else batches
+    if ":" in spec and not path.exists():
         module_name, _, func_name = spec.partition(":")
         return getattr(importlib.import_module(module_name), func_name)()
-    raise InputError(f"Cannot tell what calibration data {spec!r} names.", "use random:N, a .pt file, or package.module:function.")
+    raise InputError(f"Cannot tell what calibration data {spec!r} names.",
+                     "use an image folder, a .txt/.jsonl file, a datasets folder, .pt/.npz tensors, random:N, or "
+                     "package.module:function.")
+
+
+class _AsModel:
+    """Example inputs where fxcompress.data expects a model (no preprocessing: tensors only)."""
+
+    preprocess = None
+
+    def __init__(self, example_inputs: Any) -> None:
+        self.example_inputs = example_inputs
 
 
 def onnx_inputs(model: Any, shapes: Sequence[tuple[int, ...]] | None = None) -> tuple[torch.Tensor, ...]:

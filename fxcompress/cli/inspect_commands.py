@@ -35,7 +35,7 @@ def add_diff_parser(sub: Any) -> None:
 
 def add_inspect_parser(sub: Any) -> None:
     p = sub.add_parser("inspect", help="op histogram, parameters, MACs, size, quantized/sparse share, opset, providers")
-    p.add_argument("model", help="an .onnx file, or a model spec (torchvision:NAME, package.module:function, file.pt2)")
+    p.add_argument("model", help="an .onnx file, an output folder (compile --out DIR/), or a model spec (torchvision:NAME, package.module:function, file.pt2)")
     p.add_argument("--input-shape", action="append", default=None, help="input shape for a model spec (repeat per input)")
     p.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled module (runs code from the file)")
     p.add_argument("--no-providers", action="store_true", help="skip creating a session per execution provider")
@@ -158,6 +158,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from fxcompress.inspect.model_info import inspect_graph_module, inspect_onnx
     from fxcompress.inspect.render_text import render_model_info, use_color
 
+    if Path(args.model).is_dir():  # an output folder of fxcompress compile --out DIR/
+        from fxcompress.output_folder import read_manifest, render_manifest
+
+        manifest = read_manifest(args.model)
+        infos = {name: inspect_onnx(Path(args.model) / graph["file"], check_providers=not args.no_providers)
+                 for name, graph in manifest.get("graphs", {}).items()}
+        if args.json:
+            print(json.dumps({"manifest": manifest, "graphs": {k: v.as_dict() for k, v in infos.items()}}, indent=2, default=str))
+        else:
+            print(render_manifest(manifest))
+            for name, info in infos.items():
+                print(f"\n{name}:\n" + render_model_info(info, color=use_color(sys.stdout)))
+        return 0
     if _looks_like_onnx(args.model):
         info = inspect_onnx(args.model, check_providers=not args.no_providers)
     else:

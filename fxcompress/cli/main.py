@@ -1,4 +1,4 @@
-"""Command line: ``fxcompress compile | bench | diff | inspect | sweep | passes | demo``.
+"""Command line: ``fxcompress compile | generate | bench | diff | inspect | sweep | passes | demo``.
 
 Errors the user can fix are printed as one paragraph (no stack trace) with exit status 2.
 """
@@ -12,28 +12,8 @@ from pathlib import Path
 from typing import Sequence
 
 from fxcompress.errors import FxCompressError
+from fxcompress.cli.compile_command import add_compile_parser, add_generate_parser, cmd_compile, cmd_generate
 from fxcompress.cli.inspect_commands import add_diff_parser, add_inspect_parser, cmd_diff, cmd_inspect
-
-
-def _add_compile(sub) -> None:
-    p = sub.add_parser("compile", help="compile a model with a recipe and export ONNX")
-    p.add_argument("spec", help="torchvision:NAME, package.module:function, file.pt2, or file.pt (with --trust-pickle)")
-    p.add_argument("--recipe", default="default", help="preset name or path to a TOML recipe (default: default)")
-    p.add_argument("--out", required=True, help="where to write the ONNX file")
-    p.add_argument("--input-shape", action="append", default=None, help="input shape like 1,3,224,224 (repeat per input)")
-    p.add_argument("--calibration", default=None, help="random:N, a .pt file of input tensors, or package.module:function")
-    p.add_argument("--tolerance", type=float, default=None, help="largest accepted drift vs the original (default: recipe's)")
-    p.add_argument("--simplify", action="store_true", help="run onnxsim on the exported model (kept only if it checks)")
-    p.add_argument("--dynamic-batch", action="store_true", help="export with a dynamic batch axis")
-    p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="ORT provider for the latency table")
-    p.add_argument("--no-baseline", action="store_true", help="skip timing a plain torch.onnx.export beside the result")
-    p.add_argument("--iters", type=int, default=50, help="timed runs per variant (default 50)")
-    p.add_argument("--dump-dir", default=None, help="write the graph after every changed pass into this folder")
-    p.add_argument("--report", default=None, help="write a self-contained HTML report (passes, diffs, figures) here")
-    p.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled module (runs code from the file)")
-    p.add_argument("--import", dest="imports", action="append", default=None, metavar="MODULE",
-                   help="import this module first (it registers your own passes); repeat for several")
-    p.add_argument("--why-not", action="store_true", help="also print where rules matched but declined to rewrite, and why")
 
 
 def _add_bench(sub) -> None:
@@ -64,7 +44,8 @@ def _add_sweep(sub) -> None:
     p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="ORT provider for --benchmark")
     p.add_argument("--iters", type=int, default=48, help="timed runs per variant with --benchmark (default 48)")
     p.add_argument("--input-shape", action="append", default=None, help="input shape for every spec, like 1,3,224,224")
-    p.add_argument("--calibration", default=None, help="random:N, a .pt file, or package.module:function (every spec)")
+    p.add_argument("--calibration", default=None, help="an image folder, a .txt/.jsonl file, a datasets folder, .pt/.npz, "
+                                                       "random:N, or package.module:function (every spec)")
     p.add_argument("--retry-failed", action="store_true", help="rerun logged trials that did not end ok")
     p.add_argument("--import", dest="imports", action="append", default=None, metavar="MODULE",
                    help="import this module first (it registers your own passes); repeat for several")
@@ -73,7 +54,8 @@ def _add_sweep(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fxcompress", description="Graph-level compiler passes for PyTorch models.")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_compile(sub)
+    add_compile_parser(sub)
+    add_generate_parser(sub)
     _add_bench(sub)
     add_diff_parser(sub)
     add_inspect_parser(sub)
@@ -98,43 +80,6 @@ def _import_user_modules(args: argparse.Namespace) -> None:
 
     if args.imports:
         import_modules(args.imports, "--import")
-
-
-def cmd_compile(args: argparse.Namespace) -> int:
-    from fxcompress.api import compile as compile_model
-    from fxcompress.capture import describe_inputs, model_call
-    from fxcompress.comparison import compare
-    from fxcompress.export.atomic import check_output_path
-    from fxcompress.loading import load_calibration, load_model
-
-    check_output_path(args.out)
-    if args.report:
-        check_output_path(args.report)
-    _import_user_modules(args)
-    loaded = load_model(args.spec, _shapes(args.input_shape), trust_pickle=args.trust_pickle)
-    calibration = load_calibration(args.calibration, loaded.example_inputs)
-    print(f"Compiling {loaded.description} with recipe '{args.recipe}' "
-          f"on inputs {describe_inputs(model_call(None, loaded.example_inputs).flat)}")
-    result = compile_model(loaded.model, loaded.example_inputs, args.recipe, calibration,
-                           tolerance=args.tolerance, dynamic_batch=args.dynamic_batch, dump_dir=args.dump_dir)
-    result.report.print_table()
-    print(result.report.fidelity_text())
-    if args.why_not:
-        from fxcompress.inspect.render_text import render_near_misses
-        from fxcompress.inspect.why_not import why_not
-
-        print("\nWhy not (rules that matched but declined):\n" + render_near_misses(why_not(result)))
-    path = result.export_onnx(args.out, simplify=args.simplify)
-    print(f"\nParity (ONNX in ORT vs compiled module): {result.report.parity.summary()}")
-    comparison = compare(result, loaded.model, path, provider=args.provider, baseline=not args.no_baseline, runs=args.iters)
-    print(f"Parity (ONNX in ORT vs original model):  {comparison.compiled.parity.summary()}")
-    print(f"\n{comparison.to_text()}")
-    print(f"\nWrote {path}")
-    if args.report:
-        from fxcompress.inspect.render_html import write_report
-
-        print(f"Wrote {write_report(args.report, result, variants=comparison.report_variants())}")
-    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -199,7 +144,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"compile": cmd_compile, "bench": cmd_bench, "passes": cmd_passes, "demo": cmd_demo, "diff": cmd_diff, "inspect": cmd_inspect,
-            "sweep": cmd_sweep}
+            "sweep": cmd_sweep, "generate": cmd_generate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -202,6 +202,30 @@ def check_model(model: onnx.ModelProto) -> None:
                           "report this model; export without onnxsim (simplify=False) to narrow it down.") from None
 
 
+def _names_read(graph: onnx.GraphProto) -> set[str]:
+    """Every value name a node of ``graph`` (or of a subgraph inside it) reads."""
+    names: set[str] = set()
+    for node in graph.node:
+        names.update(node.input)
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                names |= _names_read(sub)
+    return names
+
+
+def drop_unused_inputs(model: onnx.ModelProto) -> list[str]:
+    """Remove graph inputs that no node reads and no output is (an argument forward() never
+    uses stays a required ONNX input otherwise); returns their names. ``model`` is changed in place."""
+    graph = model.graph
+    read = _names_read(graph) | {o.name for o in graph.output}
+    dropped = [value.name for value in graph.input if value.name not in read]
+    if dropped:
+        kept = [value for value in graph.input if value.name in read]
+        del graph.input[:]
+        graph.input.extend(kept)
+    return dropped
+
+
 def set_metadata(model: onnx.ModelProto, metadata: Mapping[str, Any]) -> None:
     """Set (replace) string metadata props on ``model``."""
     existing = {p.key: p for p in model.metadata_props}

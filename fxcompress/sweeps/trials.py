@@ -97,7 +97,7 @@ def run_trial(spec: str, recipe: str, options: TrialOptions) -> dict[str, Any]:
     try:
         torch.manual_seed(0)
         loaded = load_model(spec, options.input_shapes, trust_pickle=options.trust_pickle)
-        calibration = load_calibration(options.calibration, loaded.example_inputs)
+        calibration = load_calibration(options.calibration, loaded)  # an image folder or text gets the model's preprocessing
         result = compile_model(loaded.model, loaded.example_inputs, recipe, calibration, tolerance=options.tolerance)
         record["compile_seconds"] = round(time.perf_counter() - start, 2)
         captured, compiled = result.snapshots.snapshots[0], result.graph_module
