@@ -21,7 +21,7 @@ from torch import fx
 
 from fxcompress.infra.pass_base import option
 from fxcompress.infra.registry import register
-from fxcompress.passes.cleanup import no_op_source
+from fxcompress.passes.cleanup import NoOpRule
 from fxcompress.rewrite import (
     Match,
     Rule,
@@ -182,15 +182,10 @@ class _FullSliceRule(_SimplifyRule):
         return None
 
 
-class _NoOpRule(_SimplifyRule):
-    """remove-no-ops' rules (same-shape views, same-dtype casts, eval dropout), for recipes without it."""
+class _NoOpRule(NoOpRule):
+    """remove-no-ops' rule (same-shape views, same-dtype casts, eval dropout), for recipes without it."""
 
-    name = "no-op"
     stat = "no_ops"
-
-    def pattern(self, ctx: RewriteContext, node: fx.Node) -> _Replacement | None:
-        source = no_op_source(node)
-        return _Replacement(node, source, fresh=False) if source is not None else None
 
 
 class _EmptyAttentionMaskRule(_SimplifyRule):
@@ -254,5 +249,5 @@ class SimplifyAlgebraPass(RewritePass):
     def rules(self) -> list[Rule]:
         options, limit = self.options, self.options.max_constant_elements
         return [_IdentityRule(limit), _SingleCatRule(limit), _FullSliceRule(limit),
-                *([_NoOpRule(limit)] if options.include_no_ops else []),
+                *([_NoOpRule()] if options.include_no_ops else []),
                 *([_EmptyAttentionMaskRule(limit)] if options.drop_empty_attention_masks else [])]
