@@ -67,6 +67,21 @@ def inherit_meta(node: fx.Node, like: fx.Node) -> None:
     node.meta.update({k: v for k, v in like.meta.items() if not is_own_key(k)})
 
 
+def stamp_provenance(node: fx.Node, pass_name: str, replaced: Iterable[fx.Node]) -> None:
+    """Record in ``node.meta[PROVENANCE_KEY]`` that pass ``pass_name`` made ``node`` out of ``replaced``.
+
+    ``from`` lists the replaced nodes' names after what they themselves came from (oldest first,
+    no repeats), so a chain of rewrites still names the nodes of the captured graph.
+    """
+    sources: list[str] = []
+    for old in replaced:
+        earlier = old.meta.get(PROVENANCE_KEY, {}).get("from", [])
+        for name in [*earlier, old.name]:
+            if name not in sources:
+                sources.append(name)
+    node.meta[PROVENANCE_KEY] = {"pass": pass_name, "from": sources}
+
+
 # --- layers ------------------------------------------------------------------------------------
 
 def layer_name(node: fx.Node, fallback: str | None = None) -> str:

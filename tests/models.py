@@ -165,3 +165,19 @@ def keyword_encoder():
     mask = torch.ones(2, 6, dtype=torch.long)
     mask[1, 4:] = 0
     return KeywordModel().eval(), {"input_ids": torch.randint(0, 50, (2, 6)), "attention_mask": mask}
+
+
+class LinearChain(nn.Module):
+    """Linear layers of ``widths`` in a row (a ReLU after the first with ``act``): fuse-linear-chains' case."""
+
+    def __init__(self, *widths: int, act: bool = False, bias: bool = True) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(a, b, bias=bias) for a, b in zip(widths, widths[1:]))
+        self.act = act
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if self.act and i == 0:
+                x = torch.relu(x)
+        return x

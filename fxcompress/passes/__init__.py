@@ -8,8 +8,11 @@ from fxcompress.passes import fold_constants  # noqa: F401
 from fxcompress.passes import simplify_algebra  # noqa: F401
 from fxcompress.passes import cse  # noqa: F401
 from fxcompress.passes import zero_branches  # noqa: F401
-from fxcompress.passes import fuse  # noqa: F401
-from fxcompress.passes import reparameterize  # noqa: F401
+from fxcompress.passes import fold_batchnorm  # noqa: F401
+from fxcompress.passes import linear_chains  # noqa: F401
+from fxcompress.passes import fused_activations  # noqa: F401
+from fxcompress.passes import reshapes  # noqa: F401
+from fxcompress.passes import parallel_convs  # noqa: F401
 from fxcompress.passes import quantize  # noqa: F401
 from fxcompress.passes import quantize_dynamic  # noqa: F401
 from fxcompress.passes import quantize_weights  # noqa: F401

@@ -16,7 +16,7 @@ from fxcompress.analysis.aliasing import inactive_dropout, may_be_mutated
 from fxcompress.analysis.attributes import delete_attribute
 from fxcompress.infra.pass_base import Pass, PassResult, option
 from fxcompress.infra.registry import register
-from fxcompress.rewrite import RewriteContext, same_type, tensor_val
+from fxcompress.rewrite import Match, RewriteContext, RewritePass, Rule, same_type, tensor_val
 
 aten = torch.ops.aten
 
@@ -81,8 +81,22 @@ def no_op_source(node: fx.Node) -> fx.Node | None:
     return None
 
 
+class NoOpRule(Rule[Match]):
+    """A node that computes nothing (:func:`no_op_source`)  =>  the input it equals."""
+
+    name = "no-op"
+    stat = "removed"
+
+    def pattern(self, ctx: RewriteContext, node: fx.Node) -> Match | None:
+        source = no_op_source(node)
+        return Match(node, source=source) if source is not None else None
+
+    def rewrite(self, ctx: RewriteContext, match: Match) -> fx.Node:
+        return match.source
+
+
 @register
-class RemoveNoOpsPass(Pass):
+class RemoveNoOpsPass(RewritePass):
     """Replace nodes that compute nothing by their input.
 
     Eval-mode dropout, same-shape view/reshape/expand/flatten, same-dtype casts and copies nobody
@@ -91,14 +105,5 @@ class RemoveNoOpsPass(Pass):
 
     name = "remove-no-ops"
 
-    def call(self, graph_module: fx.GraphModule) -> PassResult:
-        removed = 0
-        for node in list(graph_module.graph.nodes):
-            if node.op != "call_function":
-                continue
-            source = no_op_source(node)
-            if source is not None:
-                node.replace_all_uses_with(source)
-                graph_module.graph.erase_node(node)
-                removed += 1
-        return PassResult(graph_module, bool(removed), {"removed": removed})
+    def rules(self) -> list[Rule]:
+        return [NoOpRule()]

@@ -22,7 +22,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fxcompress.infra.registry import register
-from fxcompress.rewrite import Rule, RewriteContext, RewritePass, argument, is_call, set_argument, tensor_val
+from fxcompress.rewrite import Match, Rule, RewriteContext, RewritePass, argument, is_call, set_argument, tensor_val
 
 aten = torch.ops.aten
 _SDPA = aten.scaled_dot_product_attention.default
@@ -67,17 +67,25 @@ def _repeat(node: Any) -> _Repeat | None:
 
 
 @dataclass
-class _GroupedAttention:
+class _GroupedAttention(Match):
     attention: fx.Node
     key: _Repeat
     value: _Repeat
+
+    @property
+    def root(self) -> fx.Node:
+        return self.attention
+
+    @property
+    def nodes(self) -> list[fx.Node]:
+        return list(dict.fromkeys([self.attention, *self.key.nodes, *self.value.nodes]))
 
 
 class _FoldRepeatKvRule(Rule[_GroupedAttention]):
     name = "repeat-kv"
     stat = "attentions_grouped"
 
-    def pattern(self, node: fx.Node) -> _GroupedAttention | None:
+    def pattern(self, ctx: RewriteContext, node: fx.Node) -> _GroupedAttention | None:
         if not is_call(node, _SDPA) or argument(node, "enable_gqa"):
             return None
         key, value = _repeat(argument(node, "key")), _repeat(argument(node, "value"))
@@ -95,14 +103,12 @@ class _FoldRepeatKvRule(Rule[_GroupedAttention]):
             return "the query's head count is not the key's times the repeat (or is not recorded)"
         return None
 
-    def rewrite(self, ctx: RewriteContext, match: _GroupedAttention) -> None:
+    def rewrite(self, ctx: RewriteContext, match: _GroupedAttention) -> fx.Node:
         node = match.attention
-        grouped = ctx.call(_SDPA, node.args, like=node, before=node, kwargs=dict(node.kwargs))
+        grouped = ctx.call(_SDPA, node.args, kwargs=dict(node.kwargs))
         for name, value in (("key", match.key.heads), ("value", match.value.heads), ("enable_gqa", True)):
             set_argument(grouped, name, value)
-        ctx.stamp(grouped, [node, *match.key.nodes, *match.value.nodes])
-        node.replace_all_uses_with(grouped)
-        ctx.erase(node, *match.key.nodes, *match.value.nodes)
+        return grouped
 
 
 @register

@@ -15,14 +15,13 @@ Lossless: ``rms_norm`` computes the same expression (to fp32 rounding).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx
 
 from fxcompress.infra.registry import register
-from fxcompress.rewrite import Rule, RewriteContext, RewritePass, is_call, tensor_val
+from fxcompress.rewrite import Match, Rule, RewriteContext, RewritePass, is_call, tensor_val
 
 aten = torch.ops.aten
 
@@ -63,29 +62,38 @@ def _inverse_rms(node: Any) -> tuple[fx.Node, float, list[fx.Node]] | None:
     return x, float(eps), [node, add, mean, squares]
 
 
-@dataclass
-class _Norm:
-    output: fx.Node  # the node whose value the norm computes (the weight's mul if absorbed)
+class _Norm(Match):
+    """``root`` computes the norm of ``x`` (the weight's mul when ``weight`` is absorbed); ``nodes``: the chain."""
+
     x: fx.Node
     eps: float
     weight: fx.Node | None
-    nodes: list[fx.Node]
+
+
+def _norm(ctx: RewriteContext, normed: fx.Node, x: fx.Node, eps: float, chain: list[fx.Node]) -> _Norm:
+    """The match of a norm computed by ``normed`` (with ``chain`` before it), absorbing its weight if any."""
+    width = tensor_val(x).shape[-1] if tensor_val(x) is not None else None
+    known = isinstance(width, int) and tensor_val(normed) is not None
+    weight = _absorbed_weight(ctx, normed, width) if known else None
+    if weight is None:
+        return _Norm(normed, *chain, x=x, eps=eps, weight=None)
+    return _Norm(next(iter(normed.users)), normed, *chain, x=x, eps=eps, weight=weight)
 
 
 class _RmsNormRule(Rule[_Norm]):
     name = "rms-norm"
     stat = "rms_norms"
 
-    def pattern(self, node: fx.Node) -> _Norm | None:
+    def pattern(self, ctx: RewriteContext, node: fx.Node) -> _Norm | None:
         if is_call(node, aten.mul.Tensor) and len(node.args) == 2:
             for x, inverse in (node.args, node.args[::-1]):
                 found = _inverse_rms(inverse)
                 if found is not None and found[0] is x and inverse.target is aten.rsqrt.default:
-                    return _Norm(node, x, found[1], None, [node, *found[2]])
+                    return _norm(ctx, node, x, found[1], found[2])
         if is_call(node, aten.div.Tensor) and len(node.args) == 2:
             found = _inverse_rms(node.args[1])
             if found is not None and found[0] is node.args[0] and node.args[1].target is aten.sqrt.default:
-                return _Norm(node, node.args[0], found[1], None, [node, *found[2]])
+                return _norm(ctx, node, node.args[0], found[1], found[2])
         return None
 
     def check(self, ctx: RewriteContext, match: _Norm) -> str | None:
@@ -98,18 +106,13 @@ class _RmsNormRule(Rule[_Norm]):
             return "the normalised tensor has no recorded float type or a symbolic last dimension"
         return None
 
-    def rewrite(self, ctx: RewriteContext, match: _Norm) -> None:
+    def rewrite(self, ctx: RewriteContext, match: _Norm) -> fx.Node:
         width = int(tensor_val(match.x).shape[-1])
-        output, weight = match.output, _absorbed_weight(ctx, match.output, width)
-        if weight is not None:
-            output = next(iter(match.output.users))
-        else:
+        weight = match.weight
+        if weight is None:
             ones = torch.ones(width, dtype=tensor_val(match.x).dtype)
-            weight = ctx.new_constant(ones, f"{match.output.name}_rms_weight", match.output, match.nodes)
-        norm = ctx.call(aten.rms_norm.default, (match.x, [width], weight, match.eps), like=output, before=output)
-        ctx.stamp(norm, [output, *match.nodes])
-        output.replace_all_uses_with(norm)
-        ctx.erase(output, *match.nodes)
+            weight = ctx.new_constant(ones, f"{match.root.name}_rms_weight")
+        return ctx.call(aten.rms_norm.default, (match.x, [width], weight, match.eps))
 
 
 def _absorbed_weight(ctx: RewriteContext, normed: fx.Node, width: int) -> fx.Node | None:

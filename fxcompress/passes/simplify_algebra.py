@@ -21,8 +21,9 @@ from torch import fx
 
 from fxcompress.infra.pass_base import option
 from fxcompress.infra.registry import register
-from fxcompress.passes.cleanup import no_op_source
+from fxcompress.passes.cleanup import NoOpRule
 from fxcompress.rewrite import (
+    Match,
     Rule,
     RewriteContext,
     RewritePass,
@@ -61,12 +62,16 @@ _SDPA = aten.scaled_dot_product_attention.default
 
 
 @dataclass
-class _Replacement:
+class _Replacement(Match):
     """``node`` computes the value of ``survivor``; ``fresh``: ``node`` is a new tensor, not ``survivor`` itself."""
 
     node: fx.Node
     survivor: Any
     fresh: bool = True
+
+    @property
+    def root(self) -> fx.Node:
+        return self.node
 
 
 def _aliasing_problem(match: _Replacement) -> str | None:
@@ -80,30 +85,18 @@ def _aliasing_problem(match: _Replacement) -> str | None:
             "replacing one by the other would let the write reach both")
 
 
-def _replace(ctx: RewriteContext, match: _Replacement) -> None:
-    node = match.node
-    node.replace_all_uses_with(match.survivor)
-    inputs = node.all_input_nodes
-    ctx.erase(node)
-    ctx.erase_dead(inputs)
-
-
 class _SimplifyRule(Rule[_Replacement]):
-    """Base of the rules below: keeps the walk's context for constant look-ups in ``pattern``."""
+    """Base of the rules below: the node becomes the survivor (the engine erases what that leaves dead)."""
 
     def __init__(self, max_constant_elements: int) -> None:
         self.max_constant_elements = max_constant_elements
-        self._ctx: RewriteContext | None = None
 
-    def prepare(self, ctx: RewriteContext) -> None:
-        self._ctx = ctx
-
-    def constant_value(self, node: Any) -> torch.Tensor | None:
+    def constant_value(self, ctx: RewriteContext, node: Any) -> torch.Tensor | None:
         """``node``'s value if it is a small compile-time constant (evaluated once per walk), else None."""
-        return self._ctx.constants.small_value(node, self.max_constant_elements)
+        return ctx.constants.small_value(node, self.max_constant_elements)
 
-    def rewrite(self, ctx: RewriteContext, match: _Replacement) -> None:
-        _replace(ctx, match)
+    def rewrite(self, ctx: RewriteContext, match: _Replacement) -> fx.Node:
+        return match.survivor
 
 
 class _IdentityRule(_SimplifyRule):
@@ -112,20 +105,20 @@ class _IdentityRule(_SimplifyRule):
     name = "identity"
     stat = "identities"
 
-    def _is_identity(self, operand: Any, identity: Any) -> bool:
+    def _is_identity(self, ctx: RewriteContext, operand: Any, identity: Any) -> bool:
         if isinstance(operand, (bool, int, float)):
             return operand == identity
-        value = self.constant_value(operand)
+        value = self.constant_value(ctx, operand)
         return value is not None and value.numel() > 0 and bool((value == identity).all())
 
-    def pattern(self, node: fx.Node) -> _Replacement | None:
+    def pattern(self, ctx: RewriteContext, node: fx.Node) -> _Replacement | None:
         if node.op != "call_function":
             return None
         target = node.target
         if target in _INPLACE_IDENTITIES:
             # x.add_(0) returns x itself, unchanged: exact, whatever aliases x.
             other = node.args[1] if len(node.args) > 1 else None
-            if self._is_identity(other, _INPLACE_IDENTITIES[target]):
+            if self._is_identity(ctx, other, _INPLACE_IDENTITIES[target]):
                 return _Replacement(node, node.args[0], fresh=False)
             return None
         table = _IDENTITIES if target in _IDENTITIES else _BOOL_IDENTITIES
@@ -137,7 +130,7 @@ class _IdentityRule(_SimplifyRule):
         candidates = [
             _Replacement(node, node.args[1 - pos]) for pos in positions
             if (pos == 1 or not has_argument(node, "alpha") or argument(node, "alpha") == 1)
-            and self._is_identity(node.args[pos], identity)
+            and self._is_identity(ctx, node.args[pos], identity)
         ]
         # the first candidate that can be applied; else the first, so its problem is reported
         return next((c for c in candidates if self._problem(c) is None), candidates[0] if candidates else None)
@@ -161,7 +154,7 @@ class _SingleCatRule(_SimplifyRule):
     name = "single-cat"
     stat = "single_cats"
 
-    def pattern(self, node: fx.Node) -> _Replacement | None:
+    def pattern(self, ctx: RewriteContext, node: fx.Node) -> _Replacement | None:
         if node.op != "call_function" or node.target is not aten.cat.default:
             return None
         tensors = argument(node, "tensors")
@@ -180,7 +173,7 @@ class _FullSliceRule(_SimplifyRule):
     name = "full-slice"
     stat = "full_slices"
 
-    def pattern(self, node: fx.Node) -> _Replacement | None:
+    def pattern(self, ctx: RewriteContext, node: fx.Node) -> _Replacement | None:
         if node.op != "call_function" or node.target not in (aten.slice.Tensor, aten.narrow.default):
             return None
         step = argument(node, "step") if node.target is aten.slice.Tensor else 1
@@ -189,15 +182,10 @@ class _FullSliceRule(_SimplifyRule):
         return None
 
 
-class _NoOpRule(_SimplifyRule):
-    """remove-no-ops' rules (same-shape views, same-dtype casts, eval dropout), for recipes without it."""
+class _NoOpRule(NoOpRule):
+    """remove-no-ops' rule (same-shape views, same-dtype casts, eval dropout), for recipes without it."""
 
-    name = "no-op"
     stat = "no_ops"
-
-    def pattern(self, node: fx.Node) -> _Replacement | None:
-        source = no_op_source(node)
-        return _Replacement(node, source, fresh=False) if source is not None else None
 
 
 class _EmptyAttentionMaskRule(_SimplifyRule):
@@ -206,13 +194,13 @@ class _EmptyAttentionMaskRule(_SimplifyRule):
     name = "empty-attention-mask"
     stat = "attention_masks_dropped"
 
-    def pattern(self, node: fx.Node) -> _Replacement | None:
+    def pattern(self, ctx: RewriteContext, node: fx.Node) -> _Replacement | None:
         if node.op != "call_function" or node.target is not _SDPA:
             return None
         mask = argument(node, "attn_mask")
         if not isinstance(mask, fx.Node) or tensor_val(mask) is None:
             return None
-        value = self.constant_value(mask)
+        value = self.constant_value(ctx, mask)
         if value is None:
             return None
         empty = bool(value.all()) if value.dtype is torch.bool else bool((value == 0).all())
@@ -230,9 +218,9 @@ class _EmptyAttentionMaskRule(_SimplifyRule):
             return "the mask's shape is symbolic or does not broadcast to the attention scores"
         return None
 
-    def rewrite(self, ctx: RewriteContext, match: _Replacement) -> None:
-        set_argument(match.node, "attn_mask", None)
-        ctx.erase_dead([match.survivor])
+    def rewrite(self, ctx: RewriteContext, match: _Replacement) -> fx.Node:
+        set_argument(match.node, "attn_mask", None)  # the engine erases the mask if nothing else reads it
+        return match.node
 
 
 @dataclass(frozen=True)
@@ -261,5 +249,5 @@ class SimplifyAlgebraPass(RewritePass):
     def rules(self) -> list[Rule]:
         options, limit = self.options, self.options.max_constant_elements
         return [_IdentityRule(limit), _SingleCatRule(limit), _FullSliceRule(limit),
-                *([_NoOpRule(limit)] if options.include_no_ops else []),
+                *([_NoOpRule()] if options.include_no_ops else []),
                 *([_EmptyAttentionMaskRule(limit)] if options.drop_empty_attention_masks else [])]

@@ -35,7 +35,7 @@ import torch
 from torch import fx
 
 from fxcompress.rewrite import (
-    RewriteContext, RewritePass, Rule, WeightedLayer, argument, describe_constant_problem, static_shape,
+    Match, RewriteContext, RewritePass, Rule, WeightedLayer, argument, describe_constant_problem, static_shape,
     tensor_val, weighted_layer,
 )
 from fxcompress.analysis.shapes import refresh_shapes
@@ -84,10 +84,14 @@ def _spatial_size(node: fx.Node) -> tuple[int, int] | None:
 
 
 @dataclass
-class _StemMatch:
+class _StemMatch(Match):
     layer: WeightedLayer
     stride: int
     kernel: int
+
+    @property
+    def root(self) -> fx.Node:
+        return self.layer.node
 
     @property
     def padding(self) -> int:
@@ -112,7 +116,7 @@ class _SpaceToDepthRule(Rule[_StemMatch]):
     def __init__(self, max_in_channels: int) -> None:
         self.max_in_channels = max_in_channels
 
-    def pattern(self, node: fx.Node) -> _StemMatch | None:
+    def pattern(self, ctx: RewriteContext, node: fx.Node) -> _StemMatch | None:
         layer = weighted_layer(node)
         if layer is None or layer.kind != "conv" or node.target not in (aten.conv2d.default, aten.convolution.default):
             return None
@@ -146,25 +150,21 @@ class _SpaceToDepthRule(Rule[_StemMatch]):
         return describe_constant_problem(ctx.graph_module, layer.weight, "conv weight") or ctx.sharing_problem(
             layer.weight, node, "conv weight")
 
-    def rewrite(self, ctx: RewriteContext, match: _StemMatch) -> None:
+    def rewrite(self, ctx: RewriteContext, match: _StemMatch) -> fx.Node:
         node, layer, s, p = match.layer.node, match.layer, match.stride, match.padding
         weight = ctx.constant(layer.weight)
         bias = layer.bias
         x = node.args[0]
         bottom, right = match.right_pads()
         pads = [p, right, p, bottom]  # constant_pad_nd: (before, after) pairs from the last dimension backwards
-        padded = ctx.call(aten.constant_pad_nd.default, (x, pads, 0.0), like=node, before=node)
-        blocks = ctx.call(space_to_depth, (padded, s), like=node, before=node)
+        padded = ctx.call(aten.constant_pad_nd.default, (x, pads, 0.0))
+        blocks = ctx.call(space_to_depth, (padded, s))
         new_weight = ctx.new_state(layer.weight, "weight_s2d", space_to_depth_weight(weight, s), node, layer.weight)
-        conv = ctx.call(aten.conv2d.default, (blocks, new_weight, bias, [1, 1], [0, 0], [1, 1], 1), like=node, before=node)
+        conv = ctx.call(aten.conv2d.default, (blocks, new_weight, bias, [1, 1], [0, 0], [1, 1], 1))
         for new in (padded, blocks):  # their values differ from the conv's; shapes are refreshed below
             new.meta.pop("val", None)
             new.meta.pop("tensor_meta", None)
-        ctx.stamp(padded, [node])
-        ctx.stamp(blocks, [node])
-        ctx.stamp(conv, [node])
-        node.replace_all_uses_with(conv)
-        ctx.erase(node, layer.weight)
+        return conv
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,8 @@ from fxcompress.analysis.aliasing import alias_set, inactive_dropout, may_be_mut
 from fxcompress.infra.pass_base import option
 from fxcompress.infra.registry import register
 from fxcompress.rewrite import (
+    NOTHING,
+    Match,
     Rule,
     RewriteContext,
     RewritePass,
@@ -169,10 +171,14 @@ class _ZeroRule(Rule[M]):
 # --- x + 0  =>  x --------------------------------------------------------------------------------------
 
 @dataclass
-class _Absorption:
+class _Absorption(Match):
     node: fx.Node
     survivor: fx.Node
     copy: bool  # the result is a fresh tensor and one of the two is written later: keep a clone
+
+    @property
+    def root(self) -> fx.Node:
+        return self.node
 
 
 def _safe_to_alias(node: fx.Node, source: fx.Node) -> bool:
@@ -228,29 +234,24 @@ class _AbsorbZeroRule(_ZeroRule[_Absorption]):
     name = "absorb-zero"
     stat = "absorbed"
 
-    def pattern(self, node: fx.Node) -> _Absorption | None:
+    def pattern(self, ctx: RewriteContext, node: fx.Node) -> _Absorption | None:
         return _absorption(node, self.zero)
 
     def check(self, ctx: RewriteContext, match: _Absorption) -> str | None:
         return _copy_problem(match)
 
-    def rewrite(self, ctx: RewriteContext, match: _Absorption) -> None:
-        node, survivor = match.node, match.survivor
+    def rewrite(self, ctx: RewriteContext, match: _Absorption) -> fx.Node:
         if match.copy:
-            survivor = ctx.call(aten.clone.default, (survivor,), node, node, {"memory_format": _copy_format(node)})
-            ctx.stamp(survivor, [node])
-        node.replace_all_uses_with(survivor)
-        inputs = node.all_input_nodes
-        ctx.erase(node)
-        ctx.erase_dead(inputs)
+            return ctx.call(aten.clone.default, (match.survivor,), kwargs={"memory_format": _copy_format(match.node)})
+        return match.survivor
 
 
 # --- other uses of a zero  =>  aten.zeros ----------------------------------------------------------------
 
-@dataclass
-class _ZeroUse:
-    node: fx.Node
-    users: list[fx.Node]  # the users that need a zeros tensor (not zero themselves, not absorbing it)
+class _ZeroUse(Match):
+    """A zero ``root`` read by ``users`` that need its value (not zero themselves, not absorbing it)."""
+
+    users: list[fx.Node]
 
 
 class _ZerosRule(_ZeroRule[_ZeroUse]):
@@ -264,44 +265,40 @@ class _ZerosRule(_ZeroRule[_ZeroUse]):
         match = _absorption(user, self.zero)
         return match is not None and _copy_problem(match) is None
 
-    def pattern(self, node: fx.Node) -> _ZeroUse | None:
+    def pattern(self, ctx: RewriteContext, node: fx.Node) -> _ZeroUse | None:
         if node.op != "call_function" or not self.zero(node) or node.target in _ZERO_FACTORIES:
             return None
         users = [u for u in node.users if not self.zero(u) and not self._absorbs(u)]
-        return _ZeroUse(node, users) if users else None
+        return _ZeroUse(node, users=users) if users else None
 
     def check(self, ctx: RewriteContext, match: _ZeroUse) -> str | None:
-        return None if static_shape(match.node) is not None else "all zero, but its shape is dynamic"
+        return None if static_shape(match.root) is not None else "all zero, but its shape is dynamic"
 
-    def rewrite(self, ctx: RewriteContext, match: _ZeroUse) -> None:
-        node, val = match.node, tensor_val(match.node)
+    def rewrite(self, ctx: RewriteContext, match: _ZeroUse) -> fx.Node:
+        # Every reader gets the zeros tensor, the zero ones too: they stay zero (and go in turn).
+        node, val = match.root, tensor_val(match.root)
         shape = list(static_shape(node))
         kwargs = {"dtype": val.dtype, "layout": torch.strided, "device": val.device, "pin_memory": False}
-        zeros = ctx.call(aten.zeros.default, (shape,), node, node, kwargs)
+        zeros = ctx.call(aten.zeros.default, (shape,), kwargs=kwargs)
         with ctx.fake_mode:
             ctx.set_val(zeros, torch.zeros(shape, dtype=val.dtype, device=val.device))
-        ctx.stamp(zeros, [node])
         self.zero.zero[zeros] = True
-        for user in match.users:
-            user.replace_input_with(node, zeros)
-        ctx.erase_dead([node])
+        return zeros
 
 
-class _DeadZeroWriteRule(_ZeroRule[fx.Node]):
+class _DeadZeroWriteRule(_ZeroRule[Match]):
     """An unused zero-preserving in-place op on a zero (``relu_`` of it writes zero)  =>  nothing."""
 
     name = "drop-zero-write"
     stat = "zero_writes_dropped"
 
-    def pattern(self, node: fx.Node) -> fx.Node | None:
+    def pattern(self, ctx: RewriteContext, node: fx.Node) -> Match | None:
         if node.op != "call_function" or node.users or not self.zero(node) or not mutated_inputs(node):
             return None
-        return node
+        return Match(node)
 
-    def rewrite(self, ctx: RewriteContext, match: fx.Node) -> None:
-        inputs = match.all_input_nodes
-        ctx.erase(match)
-        ctx.erase_dead(inputs)
+    def rewrite(self, ctx: RewriteContext, match: Match) -> Any:
+        return NOTHING
 
 
 @dataclass(frozen=True)

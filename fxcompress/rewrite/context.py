@@ -1,8 +1,10 @@
 """The rewrite context: what a rule's ``check`` and ``rewrite`` work with.
 
 It creates nodes and state with valid ``meta["val"]``, erases what a rewrite replaced (and the
-dead subgraphs it leaves), and stamps provenance (``meta[PROVENANCE_KEY]``) so graph
-diffs can align old and new nodes.
+dead subgraphs it leaves), and stamps provenance (:func:`fxcompress.graph_meta.stamp_provenance`)
+so graph diffs can align old and new nodes. While a rule's ``rewrite`` runs, the context knows the
+match (new nodes go before its root unless told otherwise) and records the nodes it creates, which
+the engine stamps.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from fxcompress.analysis.aliasing import has_side_effects
 from fxcompress.analysis.constant_eval import ConstantEvaluator
 from fxcompress.analysis.attributes import add_attribute, attribute_owner, delete_attribute
-from fxcompress.graph_meta import PROVENANCE_KEY, inherit_meta
-from fxcompress.rewrite.matchers import attribute, constant_tensor, sharing_problem
+from fxcompress.graph_meta import PROVENANCE_KEY, inherit_meta, stamp_provenance
+from fxcompress.rewrite.matchers import (
+    WeightedLayer, attribute, constant_tensor, describe_constant_problem, sharing_problem,
+)
 
 
 class RewriteContext:
@@ -38,6 +42,30 @@ class RewriteContext:
             (v.fake_mode for n in self.graph.nodes if hasattr(v := n.meta.get("val"), "fake_mode")), None
         )
         self._constants: ConstantEvaluator | None = None
+        #: the match whose ``rewrite`` is running (None outside one), and the nodes it created
+        self.match: Any = None
+        self._created_nodes: list[fx.Node] = []
+
+    def begin(self, match: Any) -> None:
+        """The engine starts ``rewrite`` of ``match``: new nodes go before its root and are recorded."""
+        self.match, self._created_nodes = match, []
+
+    def end(self) -> list[fx.Node]:
+        """The rewrite is over: the nodes it created through this context."""
+        created, self.match, self._created_nodes = self._created_nodes, None, []
+        return created
+
+    def _before(self, before: fx.Node | None) -> fx.Node:
+        if before is not None:
+            return before
+        if self.match is None:
+            raise TypeError("give `before` (the node to insert before): no rewrite is running to default to")
+        return self.match.root
+
+    def _record(self, node: fx.Node) -> fx.Node:
+        if self.match is not None:  # outside a rule's rewrite (a pass using the context directly) nobody asks
+            self._created_nodes.append(node)
+        return node
 
     @property
     def fake_mode(self) -> FakeTensorMode:
@@ -66,34 +94,49 @@ class RewriteContext:
         """:func:`sharing_problem` with a storage cache kept for this run (attributes are only added)."""
         return sharing_problem(self.graph_module, value, consumer, what, self._storage_cache)
 
+    def weights_problem(self, layer: WeightedLayer) -> str | None:
+        """Why ``layer``'s weight and bias cannot be replaced by rewritten copies (not constant, or
+        read by another node too), or None."""
+        what = layer.kind.replace("_", "-")
+        for role, value in (("weight", layer.weight), ("bias", layer.bias)):
+            reason = describe_constant_problem(self.graph_module, value, f"{what} {role}")
+            reason = reason or self.sharing_problem(value, layer.node, f"{what} {role}")
+            if reason:
+                return reason
+        return None
+
     def set_val(self, node: fx.Node, val: torch.Tensor) -> None:
         """Record ``val`` (a fake tensor of this graph's mode) as ``node``'s value and tensor metadata."""
         node.meta["val"] = val
         node.meta["tensor_meta"] = _extract_tensor_metadata(val)
 
     def new_constant(
-        self, tensor: torch.Tensor, hint: str, before: fx.Node, replaced: list[fx.Node], as_parameter: bool = False
+        self, tensor: torch.Tensor, hint: str, before: fx.Node | None = None, replaced: list[fx.Node] | None = None,
+        as_parameter: bool = False,
     ) -> fx.Node:
-        """Store ``tensor`` on the root module and return a get_attr reading it, inserted before ``before``.
+        """Store ``tensor`` on the root module and return a get_attr reading it, inserted before ``before``
+        (default: the root of the match being rewritten).
 
         The attribute is named after ``hint`` (non-identifier characters replaced, made unique).
         ``as_parameter`` registers a floating-point tensor as an ``nn.Parameter`` (a folded weight
         stays a weight for fine-tuning); otherwise it is a persistent buffer. The node gets a fake
-        ``val`` and is stamped as made from ``replaced``.
+        ``val`` and is stamped as made from ``replaced`` (default: the match's nodes).
         """
         base = re.sub(r"\W", "_", hint).strip("_") or "constant"
         data = tensor.detach().clone(memory_format=torch.contiguous_format)
         parameter = as_parameter and data.is_floating_point()
         name = add_attribute(self.graph_module, base, data, parameter, requires_grad=True)
-        with self.graph.inserting_before(before):
+        with self.graph.inserting_before(self._before(before)):
             node = self.graph.get_attr(name)
         self.set_val(node, self.fake_mode.from_tensor(data, static_shapes=True))
-        self.stamp(node, replaced)
+        if replaced is None and self.match is not None:
+            replaced = list(self.match.nodes)
+        self.stamp(node, replaced or [])
         self.created.add(name)
-        return node
+        return self._record(node)
 
     def new_state(
-        self, like: fx.Node, base: str, tensor: torch.Tensor, before: fx.Node, replaces: Any = None
+        self, like: fx.Node, base: str, tensor: torch.Tensor, before: fx.Node | None = None, replaces: Any = None
     ) -> fx.Node:
         """Register ``tensor`` next to the state ``like`` reads and return a get_attr reading it.
 
@@ -108,33 +151,37 @@ class RewriteContext:
         parameter = isinstance(old, nn.Parameter)
         name = add_attribute(owner, base, tensor.detach().contiguous(), parameter, parameter and old.requires_grad)
         target = f"{owner_path}.{name}" if owner_path else name
-        with self.graph.inserting_before(before):
+        with self.graph.inserting_before(self._before(before)):
             node = self.graph.get_attr(target)
         if self._fake_mode is not None:
             node.meta["val"] = self._fake_mode.from_tensor(attribute(self.graph_module, target), static_shapes=True)
         self.stamp(node, [replaces] if isinstance(replaces, fx.Node) else [])
         self.created.add(target)
-        return node
+        return self._record(node)
 
-    def call(self, target: Any, args: tuple, like: fx.Node, before: fx.Node, kwargs: dict | None = None) -> fx.Node:
+    def call(
+        self, target: Any, args: tuple, like: fx.Node | None = None, before: fx.Node | None = None,
+        kwargs: dict | None = None,
+    ) -> fx.Node:
         """A new call of ``target`` before ``before``, carrying ``like``'s metadata (val, layer, trace).
 
-        Our own annotations are not copied (:func:`fxcompress.graph_meta.inherit_meta`).
+        Inside a rewrite both default to the match's root. Our own annotations are not copied
+        (:func:`fxcompress.graph_meta.inherit_meta`).
         """
+        before = self._before(before)
         with self.graph.inserting_before(before):
             node = self.graph.call_function(target, args, kwargs)
-        inherit_meta(node, like)
-        return node
+        inherit_meta(node, like if like is not None else self._before(None))  # the root, or a clear error
+        return self._record(node)
 
     def stamp(self, node: fx.Node, replaced: list[fx.Node]) -> None:
         """Record in ``node.meta`` that this pass made ``node`` out of ``replaced`` (and what they came from)."""
-        sources: list[str] = []
-        for old in replaced:
-            earlier = old.meta.get(PROVENANCE_KEY, {}).get("from", [])
-            for name in [*earlier, old.name]:
-                if name not in sources:
-                    sources.append(name)
-        node.meta[PROVENANCE_KEY] = {"pass": self.pass_name, "from": sources}
+        stamp_provenance(node, self.pass_name, replaced)
+
+    @staticmethod
+    def is_stamped(node: fx.Node) -> bool:
+        """Whether ``node`` carries a provenance stamp (the engine keeps one a rule set itself)."""
+        return PROVENANCE_KEY in node.meta
 
     def take_type(self, node: fx.Node, source: fx.Node) -> None:
         """Give ``node`` the result type of ``source`` (the node whose value it now computes)."""

@@ -4,7 +4,8 @@ Write the rules (:class:`~fxcompress.rewrite.rule.Rule`), list them in :meth:`Re
 (usually chosen by the pass's options), and the base class does the rest: it walks the graph with
 :func:`~fxcompress.rewrite.rule.apply_rules` until a walk changes nothing, sums each rule's count
 into the pass's stats (plus ``nodes_removed``), and reports the declined candidates of the last
-walk as rejections, which ``fxcompress why-not`` and the report show.
+walk as rejections (``PassResult.rejections``), which ``fxcompress compile --why-not``,
+:func:`fxcompress.inspect.why_not.why_not` and the HTML report show.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import ClassVar
 from torch import fx
 
 from fxcompress.infra.pass_base import Pass, PassContractError, PassResult
-from fxcompress.rewrite.rule import Rule, apply_rules
+from fxcompress.rewrite.rule import Rule, apply_rules, validate_rules
 
 
 class RewritePass(Pass):
@@ -35,6 +36,7 @@ class RewritePass(Pass):
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         rules = list(self.rules())
+        validate_rules(rules)  # before any walk: a v1 rule or a rule without a stat is named at once
         nodes_before = len(graph_module.graph.nodes)
         totals = {rule.stat: 0 for rule in rules}
         modified = False

@@ -43,6 +43,12 @@ def test_the_doc_has_every_file_the_routes_need():
             "test_my_passes.py"} <= set(doc_files())
 
 
+def test_the_example_rule_leaves_rewiring_and_erasing_to_the_engine():
+    rule = doc_files()["my_passes/__init__.py"]
+    assert "def pattern(self, ctx, node)" in rule and "return Reject(" in rule
+    assert not any(manual in rule for manual in ("replace_all_uses_with", ".erase(", ".stamp("))
+
+
 def test_route_a_compile_with_a_list_of_pass_names(user_dir):
     out = run(user_dir, "run_compile.py")
     assert "'muls_folded': 3" in out

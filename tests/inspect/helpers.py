@@ -1,6 +1,6 @@
 """Test-only passes for the inspection tests: a batch-norm fold and a node renamer.
 
-The real fold-batchnorm pass lives in fxcompress/passes/fuse.py; this small fold lets the diff
+The real fold-batchnorm pass lives in fxcompress/passes/fold_batchnorm.py; this small fold lets the diff
 tests run on their own and is exact (conv weight and bias absorb the eval-mode batch norm).
 """
 

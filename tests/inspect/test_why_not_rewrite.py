@@ -10,7 +10,7 @@ import fxcompress
 from fxcompress.cli import main
 from fxcompress.inspect.render_text import render_near_misses
 from fxcompress.inspect.why_not import why_not
-from fxcompress.passes.fuse import FoldBatchNormPass
+from fxcompress.passes.fold_batchnorm import FoldBatchNormPass
 from fxcompress.rewrite import RewritePass
 
 

@@ -27,9 +27,9 @@ from torch import fx
 
 from fxcompress.infra.pass_base import NoOptions
 from fxcompress.infra.registry import register
-from fxcompress.passes.fuse import TRAINING_MODE, batch_norm_affine, batch_norm_problem
+from fxcompress.passes.fold_batchnorm import TRAINING_MODE, batch_norm_affine, batch_norm_problem
 from fxcompress.rewrite import (
-    RewriteContext, RewritePass, Rule, argument, describe_constant_problem, other_users, static_shape, tensor_val,
+    Match, RewriteContext, RewritePass, Rule, argument, describe_constant_problem, other_users, static_shape, tensor_val,
 )
 
 aten = torch.ops.aten
@@ -92,11 +92,19 @@ def _branch_of(node: object, source: fx.Node | None = None) -> tuple[_Branch, fx
 
 
 @dataclass
-class _ParallelMatch:
+class _ParallelMatch(Match):
     add: fx.Node
     source: fx.Node
     branches: tuple[_Branch, _Branch]
     sign: float  # of the second branch: -1 for a difference
+
+    @property
+    def root(self) -> fx.Node:
+        return self.add
+
+    @property
+    def nodes(self) -> list[fx.Node]:
+        return [self.add, *(b.node for b in self.branches if b.kind != "identity")]
 
 
 class _ParallelBranchesRule(Rule[_ParallelMatch]):
@@ -105,7 +113,7 @@ class _ParallelBranchesRule(Rule[_ParallelMatch]):
     name = "parallel-branches-into-conv"
     stat = "merged"
 
-    def pattern(self, node: fx.Node) -> _ParallelMatch | None:
+    def pattern(self, ctx: RewriteContext, node: fx.Node) -> _ParallelMatch | None:
         if node.op != "call_function" or node.target not in _SUMS or len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
             return None
         left, right = node.args
@@ -160,7 +168,7 @@ class _ParallelBranchesRule(Rule[_ParallelMatch]):
                     return reason
         return None
 
-    def rewrite(self, ctx: RewriteContext, match: _ParallelMatch) -> None:
+    def rewrite(self, ctx: RewriteContext, match: _ParallelMatch) -> fx.Node:
         geometries = {b.node: _conv_geometry(b.node) for b in match.branches if b.kind == "conv"}
         like = max(geometries, key=lambda c: geometries[c].kernel[0] * geometries[c].kernel[1])
         geometry = geometries[like]
@@ -181,11 +189,7 @@ class _ParallelBranchesRule(Rule[_ParallelMatch]):
                                                 list(padding), list(geometry.dilation), geometry.groups),
                           like=like, before=match.add)
         ctx.take_type(merged, match.add)
-        branch_nodes = [b.node for b in match.branches if b.kind != "identity"]
-        ctx.stamp(merged, [*branch_nodes, match.add])
-        match.add.replace_all_uses_with(merged)
-        inputs = [i for n in branch_nodes for i in n.all_input_nodes if i.op == "get_attr"]
-        ctx.erase(match.add, *branch_nodes, *inputs)
+        return merged
 
     @staticmethod
     def _branch_kernel(ctx: RewriteContext, branch: _Branch, shape: torch.Size, kernel: tuple[int, int]):
