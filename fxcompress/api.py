@@ -44,6 +44,10 @@ if TYPE_CHECKING:
     import onnx
 
 
+#: ONNX metadata key naming the inputs the CLI dropped from a file because no node reads them.
+DROPPED_INPUTS_KEY = "fxcompress_dropped_inputs"
+
+
 @dataclass
 class CompileReport(MaskedFigures):
     """What a compile run did: one record per pass run, plus whole-model figures.

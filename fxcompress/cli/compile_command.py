@@ -223,12 +223,13 @@ def _compile_and_write(args, loaded, calibration, evaluation, original_metric, r
 
 def _drop_unused_inputs(path: Path) -> None:
     """Rewrite the (measured) file without the inputs no node reads, saying which."""
+    from fxcompress.api import DROPPED_INPUTS_KEY
     from fxcompress.export.onnx_export import check_model, drop_unused_inputs, load_onnx, save_model, set_metadata
 
     model = load_onnx(path)
     dropped = drop_unused_inputs(model)
     if dropped:
-        set_metadata(model, {"fxcompress_dropped_inputs": ",".join(dropped)})
+        set_metadata(model, {DROPPED_INPUTS_KEY: ",".join(dropped)})
         check_model(model)
         save_model(model, path)
         print(f"Dropped the unused input(s) {', '.join(dropped)} (never read by the graph; --keep-unused-inputs keeps them).")
