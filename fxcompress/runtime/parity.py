@@ -12,7 +12,6 @@ positions it keeps; ``unmasked_drift`` reports the drift over every position bes
 
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -22,7 +21,7 @@ import onnx
 import torch
 from torch import nn
 
-from fxcompress.capture import FlatCall, model_call, run_eager
+from fxcompress.capture import FlatCall, model_call, private_copy, run_eager
 from fxcompress.fidelity import (
     MaskedFigures, OutputFidelity, OutputMask, check_output_mask, fidelity_table, output_fidelity, output_masks,
     output_tensors,
@@ -132,7 +131,7 @@ def validate(
 
         onnx_model = load_onnx(onnx_model)
     session = create_session(onnx_model, provider, optimize=False)
-    reference_model = copy.deepcopy(model).eval()
+    reference_model = private_copy(model, share_parameters=True)  # its own modes and buffers, the same weights
     if call.structured:
         reference_model = FlatCall(reference_model, call)
     names = [o.name for o in session.session.get_outputs()]
