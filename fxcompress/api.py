@@ -40,6 +40,7 @@ from fxcompress.analysis.sensitivity import trials_through
 from fxcompress.numerics import LOSSLESS_TOLERANCE, compare_outputs, flatten_outputs, worst_drift, worst_unmasked_drift
 from fxcompress.inspect.pass_table import pass_rows, print_table, render_plain
 from fxcompress.runtime.parity import ParityReport, validate
+from fxcompress.runtime.session import create_session
 from fxcompress.runtime.timing import benchmark
 
 if TYPE_CHECKING:
@@ -214,14 +215,16 @@ class CompileResult:
             mask = self.output_mask if output_mask is None else output_mask
             check_output_mask(mask)
             started = time.perf_counter()
+            session = create_session(model, optimize=False)  # one session for every input set, closed after
             for inputs in self._parity_inputs():  # one file for every shape: check each that differs
-                parity = _validate_proto(model, self.graph_module, inputs, allowed, output_mask=mask)
+                parity = _validate_proto(session, self.graph_module, inputs, allowed, output_mask=mask)
                 self.report.parity = parity
                 if not parity.passed:
                     raise ExportError(
                         f"The exported ONNX model does not match the compiled module in ONNX Runtime: {parity.summary()}.",
                         "nothing was written; report the model, or export with simplify=False / a recipe without the last pass.",
                     )
+            del session
             self._add_time("parity", started)
             stamp.update({"fxcompress_parity_drift": f"{parity.drift:.3e}", "fxcompress_parity_cosine": f"{parity.cosine:.8f}"})
         from fxcompress.version import __version__

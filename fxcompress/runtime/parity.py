@@ -27,7 +27,7 @@ from fxcompress.fidelity import (
     output_tensors,
 )
 from fxcompress.numerics import LOSSLESS_TOLERANCE, OutputComparison, compare_outputs, flatten_outputs
-from fxcompress.runtime.session import create_session
+from fxcompress.runtime.session import RuntimeSession, create_session
 
 
 @dataclass
@@ -97,7 +97,7 @@ def input_sets(example_inputs: Sequence[torch.Tensor], random_inputs: int, seed:
 
 
 def validate(
-    onnx_model: str | os.PathLike | bytes | onnx.ModelProto,
+    onnx_model: str | os.PathLike | bytes | onnx.ModelProto | RuntimeSession,
     model: nn.Module,
     example_inputs: Any,
     *,
@@ -109,7 +109,8 @@ def validate(
     """Compare the ONNX model in ORT with ``model`` in PyTorch.
 
     Args:
-        onnx_model: path, bytes or ModelProto.
+        onnx_model: path, bytes or ModelProto, or a session made with ``optimize=False`` (so that
+            several checks of one model open it once).
         model: the PyTorch model (or compiled GraphModule) to compare with; it is copied and run
             in eval mode, never modified.
         example_inputs: the model's inputs in any form ``compile`` takes (tensor, tuple, dict of
@@ -130,7 +131,7 @@ def validate(
         from fxcompress.export.onnx_export import load_onnx
 
         onnx_model = load_onnx(onnx_model)
-    session = create_session(onnx_model, provider, optimize=False)
+    session = onnx_model if isinstance(onnx_model, RuntimeSession) else create_session(onnx_model, provider, optimize=False)
     reference_model = private_copy(model, share_parameters=True)  # its own modes and buffers, the same weights
     if call.structured:
         reference_model = FlatCall(reference_model, call)
