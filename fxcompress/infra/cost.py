@@ -20,7 +20,7 @@ from fxcompress.errors import InputError
 
 #: Peak resident memory a compile + export adds, in multiples of the fp32 weight bytes, by recipe
 #: (the weights themselves, already in memory, excluded); recipes not named take ``"*"``.
-PEAK_FACTOR = {"*": 2.5, "int4-weights": 2.5, "int8-weights": 2.5}
+PEAK_FACTOR = {"*": 4.0}
 #: Fixed working memory of a compile besides the weights (torch.export, the exporter, ORT).
 FIXED_BYTES = 1 * 1024**3
 #: Set to 1 to skip the check (the estimate is conservative; a machine with swap may manage).
