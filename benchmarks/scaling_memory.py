@@ -98,7 +98,8 @@ def worker(model_name: str, tool: str, preset: str) -> dict:
     stages = {}
     if tool == "fxcompress":
         if inputs is None:
-            result = fxcompress.compile_decoder(model, preset)
+            # random weights: the drift gate is not what this measures (benchmarks/decoder.py has the fidelity)
+            result = fxcompress.compile_decoder(model, preset, tolerance=float("inf"))
         else:
             calibration = [(torch.randn(1, 3, 224, 224),) for _ in range(4)] if preset == "int8" else None
             result = fxcompress.compile(model, inputs, preset, calibration, tolerance=1.0 if preset == "int8" else None)
