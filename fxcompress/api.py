@@ -28,16 +28,19 @@ from fxcompress.fidelity import (
     output_tensors,
 )
 from fxcompress.export.sparse import bake_weight_masks, compress_initializers
+from fxcompress.infra.cost import check_memory
 from fxcompress.infra.context import CompileContext, UserMetric, calibration_source
 from fxcompress.infra.instrument import Instrument, PassRecord
 from fxcompress.infra.instruments import DumpIR, RecordDiff, Timing, VerifyNumerics
 from fxcompress.infra.pass_base import Pass
 from fxcompress.infra.recipe import Recipe, resolve_recipe
+from fxcompress.infra.weights import collect, own_tensors
 from fxcompress.analysis.graph_stats import count_compute_nodes, count_parameters
 from fxcompress.analysis.sensitivity import trials_through
 from fxcompress.numerics import LOSSLESS_TOLERANCE, compare_outputs, flatten_outputs, worst_drift, worst_unmasked_drift
 from fxcompress.inspect.pass_table import pass_rows, print_table, render_plain
 from fxcompress.runtime.parity import ParityReport, validate
+from fxcompress.runtime.session import create_session
 from fxcompress.runtime.timing import benchmark
 
 if TYPE_CHECKING:
@@ -78,6 +81,13 @@ class CompileReport(MaskedFigures):
     outputs: list[OutputFidelity] = field(default_factory=list)
     #: set when the recipe's lossy passes changed nothing, with the reason ("no linear layers for int8-dynamic; try int8")
     note: str | None = None
+    #: wall seconds by stage: capture, passes, verification, pipeline (snapshots, lint, diffs),
+    #: final check; export and parity are added by each export (docs/cost.md)
+    stages: dict[str, float] = field(default_factory=dict)
+
+    def stages_text(self) -> str:
+        """Where the time went, one line: ``Time: capture 12.1 s, passes 3.0 s, ...``."""
+        return "Time: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.stages.items())
 
     def fidelity_text(self) -> str:
         """The per-output figures against the original as aligned text."""
@@ -88,7 +98,7 @@ class CompileReport(MaskedFigures):
 
     def to_text(self) -> str:
         """The per-pass table followed by the per-output figures."""
-        return self.table() + "\n" + self.fidelity_text()
+        return self.table() + "\n" + self.fidelity_text() + ("\n" + self.stages_text() if self.stages else "")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (JSON-ready): whole-model figures, per-output figures, parity and passes."""
@@ -99,6 +109,7 @@ class CompileReport(MaskedFigures):
             "converged": self.converged, "metric": self.metric, "note": self.note,
             "outputs": [o.as_dict() for o in self.outputs],
             "parity": self.parity.as_dict() if self.parity is not None else None,
+            "stages": dict(self.stages),
             "passes": [{"name": r.name, "iteration": r.iteration, "modified": r.modified, "seconds": r.seconds,
                         "drift": r.drift, "rolled_back": r.rolled_back} for r in self.records],
         }
@@ -192,10 +203,13 @@ class CompileResult:
         ``output_mask`` (default: compile's) says which output positions parity counts, as in
         :func:`fxcompress.compile`; where one applies the masked drift is the one checked.
         """
+        started = time.perf_counter()
         model, notes = export_model_proto(bake_weight_masks(self.graph_module), self.example_inputs, simplify=simplify,
                                           **self._export_options(dynamic_batch))
         if sparse:  # lossless: ORT rebuilds the dense weights when the session is created
             model = compress_initializers(model)[0]
+        collect()  # the exporter's intermediate programs go before the parity sessions open
+        self._add_time("export", started)
         stamp: dict[str, Any] = {
             "fxcompress_recipe": self.recipe.name,
             "fxcompress_passes": ",".join(r.name for r in self.report.records if r.modified),
@@ -209,14 +223,18 @@ class CompileResult:
             allowed = tolerance if tolerance is not None else self._export_tolerance()
             mask = self.output_mask if output_mask is None else output_mask
             check_output_mask(mask)
+            started = time.perf_counter()
+            session = create_session(model, optimize=False)  # one session for every input set, closed after
             for inputs in self._parity_inputs():  # one file for every shape: check each that differs
-                parity = _validate_proto(model, self.graph_module, inputs, allowed, output_mask=mask)
+                parity = _validate_proto(session, self.graph_module, inputs, allowed, output_mask=mask)
                 self.report.parity = parity
                 if not parity.passed:
                     raise ExportError(
                         f"The exported ONNX model does not match the compiled module in ONNX Runtime: {parity.summary()}.",
                         "nothing was written; report the model, or export with simplify=False / a recipe without the last pass.",
                     )
+            del session
+            self._add_time("parity", started)
             stamp.update({"fxcompress_parity_drift": f"{parity.drift:.3e}", "fxcompress_parity_cosine": f"{parity.cosine:.8f}"})
         from fxcompress.version import __version__
 
@@ -233,6 +251,9 @@ class CompileResult:
         The write is atomic.
         """
         return save_model(self.export_proto(**options), path)
+
+    def _add_time(self, stage: str, started: float) -> None:
+        self.report.stages[stage] = self.report.stages.get(stage, 0.0) + time.perf_counter() - started
 
     def _export_options(self, dynamic_batch: bool | None) -> dict[str, Any]:
         """export_model_proto's shape and naming arguments for this result."""
@@ -445,9 +466,13 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
     call = model_call(model if isinstance(model, nn.Module) else None, example_inputs)
     inputs = call.flat
     resolved = resolve_recipe(recipe)  # unknown passes/options fail before any work
+    check_memory(model, resolved.name)  # a model too big for this machine fails now, not in the allocator
     allowed = resolved.tolerance if tolerance is None else tolerance
     metric = _user_metric(evaluate, max_metric_drop)
-    reference_model = private_copy(model)
+    # The reference and the captured graph share the user's parameters (not copied: the weights
+    # are held once); passes run under the manager's copy-on-write guard, and the result gets
+    # tensors of its own below, so the user's model is never written to.
+    reference_model = private_copy(model, share_parameters=True)
     reference = run_eager(FlatCall(reference_model, call) if call.structured else reference_model, inputs)
     check_finite_outputs(model, reference)
     names = call.output_names if call.structured else None
@@ -461,8 +486,10 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
     graph_module = capture(reference_model, example_inputs, dynamic_batch=dynamic_batch, dynamic_sequence=dynamic_sequence,
                            shapes=dynamic_shapes)
     nodes_before, params_before = count_compute_nodes(graph_module), count_parameters(graph_module)
+    captured = time.perf_counter()
     recorder = RecordDiff()
-    all_instruments: list[Instrument] = [Timing(), recorder, VerifyNumerics(inputs, reference, masks=masks), *instruments]
+    verify = VerifyNumerics(inputs, reference, masks=masks)
+    all_instruments: list[Instrument] = [Timing(), recorder, verify, *instruments]
     if dump_dir is not None:
         all_instruments.append(DumpIR(dump_dir))
     manager = resolved.build(all_instruments)
@@ -474,8 +501,15 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
     with trials_through(executor.map_calls if executor is not None else None):
         result = manager(graph_module)
     compiled = result.graph_module
+    piped = time.perf_counter()
+    del graph_module, result
+    collect()  # what discarded graphs left for the cyclic collector goes before the result is made its own
+    own_tensors(compiled, model.parameters())
     comparisons = _final_comparisons(compiled, inputs, reference, masks, call.output_names if call.structured else None)
     drift = worst_drift(comparisons)  # masked where a mask applies: the figure the tolerance gates
+    in_passes = sum(r.seconds or 0.0 for r in manager.records)
+    stages = {"capture": captured - start, "passes": in_passes, "verification": verify.seconds,
+              "pipeline": max(0.0, piped - captured - in_passes - verify.seconds), "final check": time.perf_counter() - piped}
     report = CompileReport(
         recipe=resolved.name,
         records=manager.records,
@@ -490,6 +524,7 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
         unmasked_drift=worst_unmasked_drift(comparisons),
         outputs=output_fidelity([comparisons]),
         note=unchanged_note(resolved, manager.records),
+        stages=stages,
     )
     if metric is not None:
         compiled_metric = metric.score(metric.as_user_module(compiled), "the compiled module")

@@ -323,8 +323,18 @@ def run_eager(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
         ) from None
 
 
-def private_copy(model: nn.Module) -> nn.Module:
+#: Set on a copy made with ``share_parameters``: copying it again shares its parameters as well.
+_SHARES_PARAMETERS = "_fxcompress_shares_parameters"
+
+
+def private_copy(model: nn.Module, share_parameters: bool = False) -> nn.Module:
     """Deep-copy ``model`` and put the copy in eval mode, so that the caller's object is never touched.
+
+    ``share_parameters``: the copy holds the caller's parameter tensors themselves (modules,
+    buffers and training flags are still its own), so that compiling a model does not hold its
+    weights twice. Whoever uses such a copy must not write into its parameters in place: compile
+    runs its passes under the pass manager's copy-on-write guard and gives the result tensors of
+    its own (fxcompress.infra.weights). A copy of such a copy shares them too.
 
     Raises:
         InputError: ``model`` is not an ``nn.Module`` (a state_dict or a path, say).
@@ -335,14 +345,18 @@ def private_copy(model: nn.Module) -> nn.Module:
             f"model must be a torch.nn.Module, got {type(model).__name__}.",
             "pass the nn.Module itself (not its state_dict or a path); load files with the CLI's SPEC syntax.",
         )
+    share = share_parameters or getattr(model, _SHARES_PARAMETERS, False)
+    memo: dict[int, Any] = {id(p): p for _, p in model.named_parameters(remove_duplicate=False)} if share else {}
     try:
-        work = copy.deepcopy(model)
+        work = copy.deepcopy(model, memo)
     except Exception as exc:  # noqa: BLE001
         raise CaptureError(
             f"{type(model).__name__} cannot be deep-copied ({type(exc).__name__}: {_first_line(exc)}); "
             "fxcompress copies the model so that yours is never modified.",
             "make the module copyable (no open files, locks or generators as attributes).",
         ) from None
+    if share:
+        object.__setattr__(work, _SHARES_PARAMETERS, True)
     return work.eval()
 
 

@@ -190,13 +190,19 @@ def _simplify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
 
 
 def check_model(model: onnx.ModelProto) -> None:
-    """Full onnx.checker check plus strict shape inference; ExportError on failure."""
+    """Full onnx.checker check plus strict shape inference; ExportError on failure.
+
+    Both run on :func:`weightless` ``model``: the checker and shape inference serialize what they
+    are given and shape inference returns a whole new model, which with the weights inside held
+    them three more times at once.
+    """
     if model.ByteSize() >= _PROTOBUF_LIMIT:
         raise ExportError("The model is over 2 GiB, the protobuf limit for one ONNX file.",
                           "compress it further (int8, pruning) before export.")
+    skeleton = weightless(model)
     try:
-        onnx.checker.check_model(model, full_check=True)
-        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+        onnx.checker.check_model(skeleton, full_check=True)
+        onnx.shape_inference.infer_shapes(skeleton, check_type=True, strict_mode=True)
     except Exception as exc:  # noqa: BLE001
         raise ExportError(f"The exported ONNX model does not pass onnx.checker: {exc}",
                           "report this model; export without onnxsim (simplify=False) to narrow it down.") from None
@@ -224,6 +230,29 @@ def drop_unused_inputs(model: onnx.ModelProto) -> list[str]:
         del graph.input[:]
         graph.input.extend(kept)
     return dropped
+#: Initializers at least this large become typed graph inputs in :func:`weightless` (smaller ones,
+#: shape constants among them, stay: shape inference reads their values).
+_WEIGHTLESS_BYTES = 64 * 1024
+
+
+def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` without the bytes of its large initializers: each becomes a graph input
+    of the same name, type and shape, which is all the checker and shape inference look at."""
+    graph = model.graph
+    skeleton = onnx.ModelProto()
+    for descriptor, value in model.ListFields():
+        if descriptor.name != "graph":
+            skeleton.MergeFrom(onnx.ModelProto(**{descriptor.name: value}))
+    for descriptor, value in graph.ListFields():
+        if descriptor.name != "initializer":
+            skeleton.graph.MergeFrom(onnx.GraphProto(**{descriptor.name: value}))
+    inputs = {i.name for i in graph.input}
+    for tensor in graph.initializer:
+        if tensor.ByteSize() < _WEIGHTLESS_BYTES or tensor.name in inputs:
+            skeleton.graph.initializer.append(tensor)
+        else:
+            skeleton.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    return skeleton
 
 
 def set_metadata(model: onnx.ModelProto, metadata: Mapping[str, Any]) -> None:

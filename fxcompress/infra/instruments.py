@@ -121,10 +121,19 @@ class VerifyNumerics(Instrument):
         self.lossless_tolerance = lossless_tolerance
         self.last_drift = 0.0
         self.masks = masks
+        #: seconds spent running and comparing the graph, over all passes (the report's "verification")
+        self.seconds = 0.0
 
     def after_pass(self, pass_: Pass, graph_module: fx.GraphModule, result: PassResult, record: PassRecord) -> None:
         if not result.modified:
             return
+        start = time.perf_counter()
+        try:
+            self._check(pass_, graph_module, record)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def _check(self, pass_: Pass, graph_module: fx.GraphModule, record: PassRecord) -> None:
         try:
             with torch.no_grad():
                 # Clones: a graph that mutates its inputs in place must see the same values every pass.

@@ -4,13 +4,15 @@ It runs passes in order, optionally repeats the sequence until no pass reports a
 point), lints and recompiles after every pass that changed something, and wraps failures with
 context ("pass X failed after [A, B]"). Before each pass it snapshots the graph module, so a pass
 that raises, or that an instrument rejects (:class:`RollbackPass`), leaves the previous graph
-intact. Instruments are handed to the manager explicitly; a nested manager also runs its
+intact. The snapshot copies the graph, not the weights: it shares every tensor with the module the
+pass receives, and a :class:`~fxcompress.infra.weights.WriteGuard` saves a tensor's bytes before
+a pass (or an instrument's run of the graph) first writes into it in place, so the snapshot is
+put back exactly and a kept pass's in-place writes land in copies of its own. Instruments are handed to the manager explicitly; a nested manager also runs its
 parent's instruments, so per-pass records cover the whole tree.
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Sequence
 
 from torch import fx
@@ -19,6 +21,7 @@ from fxcompress.errors import FxCompressError, PassError
 from fxcompress.infra.instrument import Instrument, PassRecord, RollbackPass
 from fxcompress.infra.context import CompileContext
 from fxcompress.infra.pass_base import Pass, PassResult
+from fxcompress.infra.weights import WriteGuard, module_tensors, release, sharing_copy
 
 
 class PassManager(Pass):
@@ -115,21 +118,25 @@ class PassManager(Pass):
     ) -> tuple[fx.GraphModule, bool]:
         record = PassRecord(name=name, iteration=iteration, exports_exactly=p.exports_exactly)
         ran_before = [r.name for r in records if r.rolled_back is None]
-        snapshot = copy.deepcopy(graph_module)
+        shared = module_tensors(graph_module)
+        snapshot = sharing_copy(graph_module, shared)
+        guard = WriteGuard(shared)
         for inst in instruments:
             inst.before_pass(p, graph_module, record)
         try:
-            result = p(graph_module)
-            out = result.graph_module
-            if result.modified:
-                out.graph.lint()
-                out.recompile()
-            record.modified = result.modified
-            record.stats = dict(result.stats)
-            record.rejections = list(result.rejections)
-            for inst in instruments:
-                inst.after_pass(p, out, result, record)
+            with guard:
+                result = p(graph_module)
+                out = result.graph_module
+                if result.modified:
+                    out.graph.lint()
+                    out.recompile()
+                record.modified = result.modified
+                record.stats = dict(result.stats)
+                record.rejections = list(result.rejections)
+                for inst in instruments:
+                    inst.after_pass(p, out, result, record)
         except RollbackPass as rollback:
+            guard.restore()
             record.rolled_back = rollback.reason
             record.modified = False
             for inst in instruments:
@@ -137,14 +144,20 @@ class PassManager(Pass):
             records.append(record)
             return snapshot, False
         except FxCompressError:
+            guard.restore()
             for inst in instruments:
                 inst.after_pass_failed(p, snapshot, record)
             raise
         except Exception as exc:
+            guard.restore()
             for inst in instruments:
                 inst.after_pass_failed(p, snapshot, record)
             error = PassError(name, ran_before, f"{type(exc).__name__}: {exc}")
             error.last_good = snapshot  # the graph from before the failing pass
             raise error from exc
+        # Kept: in-place writes move into copies of the output's own; the snapshot lets go of
+        # its tensors now, so weights the pass replaced are freed without waiting for the collector.
+        guard.keep_writes(out)
+        release(snapshot)
         records.append(record)
         return out, result.modified

@@ -46,13 +46,13 @@ A tied table over a third of all weights keeps one 4-bit copy (see ``_split_tied
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import fx
 
+from fxcompress.analysis.attributes import replace_attribute
 from fxcompress.analysis.macs import register_linear_like
 from fxcompress.analysis.sensitivity import (
     layer_sensitivities, report_trial, select_float_layers, select_float_layers_by_metric,
@@ -63,6 +63,7 @@ from fxcompress.graph_meta import PRECISION_KEY, QUANT_META, layer_name, matches
 from fxcompress.infra.context import CompileContext
 from fxcompress.infra.pass_base import DataDrivenPass, PassResult, option
 from fxcompress.infra.registry import register
+from fxcompress.infra.weights import sharing_copy, unguarded
 from fxcompress.passes.block_quant import block_grid, fake_quantize_blocks, gptq, packed_bytes
 from fxcompress.passes.calibrators import pass_calibration, watch_values
 from fxcompress.passes.quantize import is_quantized
@@ -222,7 +223,7 @@ class QuantizeWeightsPass(DataDrivenPass):
             else:
                 batches = pass_calibration(context, graph_module, self.name, opts.calibration_batches)
         grids = self._grids(graph_module, sites, enabled, method, batches)
-        build = lambda on: self._apply(copy.deepcopy(graph_module), sites, grids, set(on))  # noqa: E731
+        build = lambda on: self._apply(sharing_copy(graph_module), sites, grids, set(on))  # noqa: E731
         sensitivity: dict[int, float] = {}
         if opts.max_drift is not None and batches:
             sensitivity = layer_sensitivities(graph_module, build, enabled, batches)
@@ -388,14 +389,17 @@ class QuantizeWeightsPass(DataDrivenPass):
             return grids
         # Sequential GPTQ: a working copy whose weights are replaced by their quantized values as
         # the layers are done, so each layer's Hessian sees the errors of the layers before it.
-        work = copy.deepcopy(graph_module) if opts.sequential else graph_module
+        # It shares the float weights and gets new tensors as layers are quantized (never a write
+        # into a shared one), so it costs the quantized layers, not a copy of the model.
+        work = sharing_copy(graph_module) if opts.sequential else graph_module
         if opts.sequential:
             for i in enabled:
                 s = sites[i]
                 if s.node not in by_gptq:
                     grid = grids[s.group]
                     tensor = attribute(work, str(_node(work, s.weight).target))
-                    tensor.data.copy_(fake_quantize_blocks(tensor.detach(), grid.scale, grid.zero_point, s.bits, opts.block_size))
+                    _replace_everywhere(work, tensor, fake_quantize_blocks(tensor.detach(), grid.scale, grid.zero_point,
+                                                                           s.bits, opts.block_size))
         everything = None if opts.sequential else _input_hessians(
             work, [_node(work, s.node) for group in gptq_sites.values() for s in group], batches)
         for input_name, group in gptq_sites.items():
@@ -406,10 +410,11 @@ class QuantizeWeightsPass(DataDrivenPass):
                 # GPTQ starts from the float weight: a table tied to another group's reader (quantized
                 # before in ``work``) holds that reader's rounded values there.
                 original = attribute(graph_module, target).detach()
-                new, scale, zero = gptq(original, hessian, s.bits, opts.block_size, opts.is_symmetric(s.bits), opts.damp)
+                with unguarded():  # GPTQ's column loop works on its own copies only
+                    new, scale, zero = gptq(original, hessian, s.bits, opts.block_size, opts.is_symmetric(s.bits), opts.damp)
                 grids[s.group] = _Grid(scale, zero, new, "gptq")
                 if opts.sequential:
-                    tensor.data.copy_(new)
+                    _replace_everywhere(work, tensor, new)
         return grids
 
     # -- the rewrite --
@@ -478,6 +483,16 @@ def _keep_float(sites: list[_Site], enabled: list[int], kept: list[int], reason:
             if sites[j].group == sites[i].group and sites[j].reason is None:
                 sites[j].reason = f"tied to '{sites[i].name}', kept float by {reason}"
     return [i for i in enabled if sites[i].reason is None]
+
+
+def _replace_everywhere(graph_module: fx.GraphModule, old: torch.Tensor, new: torch.Tensor) -> None:
+    """Put ``new`` at every attribute that holds ``old`` (a tied table is read under several names)."""
+    targets = [name for name, _ in graph_module.named_parameters(remove_duplicate=False)]
+    targets += [name for name, _ in graph_module.named_buffers(remove_duplicate=False)]
+    targets += [str(n.target) for n in graph_module.graph.nodes if n.op == "get_attr"]
+    for target in dict.fromkeys(targets):
+        if attribute(graph_module, target) is old:
+            replace_attribute(graph_module, target, new.to(old.dtype))
 
 
 def _node(graph_module: fx.GraphModule, name: str) -> fx.Node:

@@ -12,7 +12,6 @@ positions it keeps; ``unmasked_drift`` reports the drift over every position bes
 
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -22,13 +21,13 @@ import onnx
 import torch
 from torch import nn
 
-from fxcompress.capture import FlatCall, model_call, run_eager
+from fxcompress.capture import FlatCall, model_call, private_copy, run_eager
 from fxcompress.fidelity import (
     MaskedFigures, OutputFidelity, OutputMask, check_output_mask, fidelity_table, output_fidelity, output_masks,
     output_tensors,
 )
 from fxcompress.numerics import LOSSLESS_TOLERANCE, OutputComparison, compare_outputs, flatten_outputs
-from fxcompress.runtime.session import create_session
+from fxcompress.runtime.session import RuntimeSession, create_session
 
 
 @dataclass
@@ -98,7 +97,7 @@ def input_sets(example_inputs: Sequence[torch.Tensor], random_inputs: int, seed:
 
 
 def validate(
-    onnx_model: str | os.PathLike | bytes | onnx.ModelProto,
+    onnx_model: str | os.PathLike | bytes | onnx.ModelProto | RuntimeSession,
     model: nn.Module,
     example_inputs: Any,
     *,
@@ -110,7 +109,8 @@ def validate(
     """Compare the ONNX model in ORT with ``model`` in PyTorch.
 
     Args:
-        onnx_model: path, bytes or ModelProto.
+        onnx_model: path, bytes or ModelProto, or a session made with ``optimize=False`` (so that
+            several checks of one model open it once).
         model: the PyTorch model (or compiled GraphModule) to compare with; it is copied and run
             in eval mode, never modified.
         example_inputs: the model's inputs in any form ``compile`` takes (tensor, tuple, dict of
@@ -131,8 +131,8 @@ def validate(
         from fxcompress.export.onnx_export import load_onnx
 
         onnx_model = load_onnx(onnx_model)
-    session = create_session(onnx_model, provider, optimize=False)
-    reference_model = copy.deepcopy(model).eval()
+    session = onnx_model if isinstance(onnx_model, RuntimeSession) else create_session(onnx_model, provider, optimize=False)
+    reference_model = private_copy(model, share_parameters=True)  # its own modes and buffers, the same weights
     if call.structured:
         reference_model = FlatCall(reference_model, call)
     names = [o.name for o in session.session.get_outputs()]
