@@ -124,6 +124,9 @@ def test_real_inputs_come_first_and_are_listed():
                       random_inputs=1)
     assert report.passed and report.inputs == ["example", "calibration batch 1", "random 1"]
     assert "on example and calibration batch 1" in report.summary()
+    named = validate(_onnx(TextDetectorLike(), example), TextDetectorLike(), example, tolerance={"cosine": 0.9},
+                     random_inputs=0)
+    assert named.gate == Gate(math.inf, math.inf, 0.9) and named.passed and named.inputs == ["example"]
 
 
 def test_error_against_scale_never_stricter_than_own_scale():

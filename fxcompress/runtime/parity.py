@@ -16,6 +16,7 @@ positions it keeps; ``unmasked_drift`` reports the drift over every position bes
 from __future__ import annotations
 
 import copy
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -154,8 +155,8 @@ def validate(
         example_inputs: the model's inputs in any form ``compile`` takes (tensor, tuple, dict of
             keyword tensors, ``(args, kwargs)``, nested lists).
         tolerance: the acceptance bounds per output: a number bounds the drift (max abs error /
-            max magnitude); a :class:`~fxcompress.fidelity.Gate` or a dict with keys ``drift``,
-            ``rel_rms``, ``cosine`` bounds those measures (docs/fidelity.md).
+            max magnitude); a :class:`~fxcompress.fidelity.Gate`, or a dict with keys ``drift``,
+            ``rel_rms``, ``cosine`` bounds the measures it names (docs/fidelity.md).
         random_inputs: extra random input sets of the same shapes, judged against the scale of
             the outputs on the real inputs (drift and relative RMS error; cosine is not judged there).
         provider: "cpu" or "cuda".
@@ -169,7 +170,8 @@ def validate(
     """
     check_output_mask(output_mask)
     check_gate(tolerance)
-    gate = Gate().merged(tolerance) if not isinstance(tolerance, (int, float)) else Gate(float(tolerance))
+    # A number bounds the drift alone (as always); a dict bounds the measures it names, the others unbounded.
+    gate = Gate(float(tolerance)) if isinstance(tolerance, (int, float)) else Gate(math.inf).merged(tolerance)
     call = model_call(model if isinstance(model, nn.Module) else None, example_inputs)
     module = model if isinstance(model, nn.Module) else None
     real = [tuple(call.flat)] + [tuple(model_call(module, batch).flat) for batch in real_inputs]
