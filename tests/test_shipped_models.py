@@ -51,6 +51,19 @@ def test_rendered_text_boxes_are_where_the_ink_is():
     assert shipped.box_f1(boxes, boxes) == (len(boxes), len(boxes), len(boxes))
 
 
+@needs_craft
+def test_craft_loads_the_shipped_weights_and_finds_rendered_words():
+    model = shipped.load_craft()
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(20.8e6, rel=0.01)
+    image, boxes = shipped.render_text_image(0, height=160, width=256)
+    with torch.no_grad():
+        score, feature = model(shipped.craft_input(image))
+    assert score.shape == (1, 80, 128, 2) and feature.shape[1] == 32
+    found = shipped.detect_words(score[0].numpy())
+    hits, _, words = shipped.box_f1(found, boxes)
+    assert words and hits >= words // 2  # trained weights: most rendered words are found even at this size
+
+
 @needs_minilm
 def test_minilm_int8_dynamic_defaults_compile_export_and_keep_embeddings(tmp_path):
     torch.set_num_threads(2)
