@@ -84,7 +84,7 @@ def variants(model: shipped.ShippedModel, work: Path) -> tuple[dict[str, Path], 
         try:
             if failures:
                 raise DriftError(f"beyond the bounds of recipe '{preset}' ({gate.describe()}): "
-                                                   + "; ".join(failures), "")
+                                                   + "; ".join(failures), "the preset's defaults refuse it (docs/fidelity.md)")
             with quiet():
                 paths[label] = result.export_onnx(f"{stem}_{preset}.onnx", tolerance=gate)
             row["parity_inputs"] = result.report.parity.inputs
