@@ -310,13 +310,16 @@ class Gate:
         return not self.failures(rows)
 
     def merged(self, override: "float | Mapping[str, float] | Gate | None") -> "Gate":
-        """This gate with ``override`` applied: a number replaces the drift bound; a mapping or Gate the bounds it names."""
+        """This gate with ``override`` applied: a number replaces the drift bound (``inf``: no bound on
+        any measure, the result is accepted whatever it is); a mapping or Gate the bounds it names."""
         if override is None:
             return self
         if isinstance(override, Gate):
             return override
         if isinstance(override, Mapping):
             return Gate(**{**self.as_dict(), **{k: float(v) for k, v in override.items()}})
+        if float(override) == math.inf:
+            return Gate(math.inf, math.inf, -1.0)
         return Gate(float(override), self.rel_rms, self.cosine)
 
     def with_drift_floor(self, floor: float) -> "Gate":
