@@ -367,8 +367,8 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
         calibration: inputs for data-driven passes (quantization), each in the example's form: a list, a DataLoader,
             any re-iterable, or a callable returning an iterator. Streamed, not copied.
         tolerance: the acceptance bounds (default: the recipe's, docs/fidelity.md): a number
-            replaces the drift bound (max abs error / max output; ``float("inf")``: no bound on any
-            measure); a dict with keys ``drift``,
+            is a drift bound alone (max abs error / max output, the criterion it always was;
+            ``float("inf")`` accepts anything); a dict with keys ``drift``,
             ``rel_rms`` (relative RMS error) and ``cosine`` replaces the bounds it names. Each
             output is checked (masked where a mask applies); a result beyond a bound raises
             DriftError naming the measure. ``export_onnx`` honours them too.

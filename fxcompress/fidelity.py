@@ -310,17 +310,16 @@ class Gate:
         return not self.failures(rows)
 
     def merged(self, override: "float | Mapping[str, float] | Gate | None") -> "Gate":
-        """This gate with ``override`` applied: a number replaces the drift bound (``inf``: no bound on
-        any measure, the result is accepted whatever it is); a mapping or Gate the bounds it names."""
+        """This gate with ``override`` applied: a number is a drift bound *alone* (the criterion
+        ``tolerance`` always was: relative RMS error and cosine are then not bounded; ``inf`` accepts
+        anything); a mapping or Gate replaces the bounds it names and keeps the others."""
         if override is None:
             return self
         if isinstance(override, Gate):
             return override
         if isinstance(override, Mapping):
             return Gate(**{**self.as_dict(), **{k: float(v) for k, v in override.items()}})
-        if float(override) == math.inf:
-            return Gate(math.inf, math.inf, -1.0)
-        return Gate(float(override), self.rel_rms, self.cosine)
+        return Gate(float(override), math.inf, -1.0)
 
     def with_drift_floor(self, floor: float) -> "Gate":
         """This gate with a drift bound of at least ``floor`` (e.g. the lossless bound, for export parity)."""

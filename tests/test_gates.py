@@ -36,7 +36,7 @@ def test_gate_names_each_measure_that_fails():
 def test_gate_overrides_number_dict_and_bad_values():
     gate = Gate(drift=0.5, rel_rms=0.2, cosine=0.98)
     assert gate.merged(None) == gate
-    assert gate.merged(0.1) == Gate(0.1, 0.2, 0.98)  # a number is the drift bound, as tolerance always was
+    assert gate.merged(0.1) == Gate(0.1, math.inf, -1.0)  # a number is a drift bound alone, as tolerance always was
     assert gate.merged(math.inf) == Gate(math.inf, math.inf, -1.0)  # inf: accept whatever comes out
     assert gate.merged({"rel_rms": 0.4}) == Gate(0.5, 0.4, 0.98)
     assert Gate(1e-4, 0.2, 0.98).with_drift_floor(0.5) == Gate(0.5, 0.2, 0.98)
