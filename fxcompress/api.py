@@ -18,14 +18,14 @@ import torch
 from torch import fx, nn
 
 from fxcompress.capture import (
-    FlatCall, ModelCall, StructuredModule, capture, check_finite_outputs, check_tolerance, holding_tracing_lock,
+    FlatCall, ModelCall, StructuredModule, capture, check_finite_outputs, holding_tracing_lock,
     longer_sequences, model_call, private_copy, run_eager,
 )
 from fxcompress.errors import CaptureError, DriftError, ExportError, InputError
 from fxcompress.export.onnx_export import export_model_proto, save_model, set_metadata
 from fxcompress.fidelity import (
-    MaskedFigures, OutputFidelity, OutputMask, check_output_mask, fidelity_table, output_fidelity, output_masks,
-    output_tensors,
+    Gate, MaskedFigures, OutputFidelity, OutputMask, check_gate, check_output_mask, fidelity_table, output_fidelity,
+    output_masks, output_tensors,
 )
 from fxcompress.export.sparse import bake_weight_masks, compress_initializers
 from fxcompress.infra.cost import check_memory
@@ -36,7 +36,7 @@ from fxcompress.infra.pass_base import Pass
 from fxcompress.infra.recipe import Recipe, resolve_recipe
 from fxcompress.infra.weights import collect, own_tensors
 from fxcompress.analysis.graph_stats import count_compute_nodes, count_parameters
-from fxcompress.analysis.sensitivity import trials_through
+from fxcompress.analysis.sensitivity import masked_by, trials_through
 from fxcompress.numerics import LOSSLESS_TOLERANCE, compare_outputs, flatten_outputs, worst_drift, worst_unmasked_drift
 from fxcompress.inspect.pass_table import pass_rows, print_table, render_plain
 from fxcompress.runtime.parity import ParityReport, validate
@@ -88,12 +88,15 @@ class CompileReport(MaskedFigures):
     def stages_text(self) -> str:
         """Where the time went, one line: ``Time: capture 12.1 s, passes 3.0 s, ...``."""
         return "Time: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.stages.items())
+    #: the acceptance bounds the result was checked against (``tolerance`` is its drift bound)
+    gate: Gate | None = None
 
     def fidelity_text(self) -> str:
         """The per-output figures against the original as aligned text."""
         whole = f" (all positions: {self.unmasked_drift:.2e})" if self.masked and self.unmasked_drift is not None else ""
         masked = " over the positions the output mask keeps" if self.masked else ""
-        return (f"Outputs vs the original: drift {self.drift:.2e}{masked}{whole}, tolerance {self.tolerance:.1e}\n"
+        bounds = f"bounds: {self.gate.describe()}" if self.gate is not None else f"tolerance {self.tolerance:.1e}"
+        return (f"Outputs vs the original: drift {self.drift:.2e}{masked}{whole}, {bounds}\n"
                 + fidelity_table(self.outputs))
 
     def to_text(self) -> str:
@@ -104,7 +107,8 @@ class CompileReport(MaskedFigures):
         """Plain data (JSON-ready): whole-model figures, per-output figures, parity and passes."""
         return {
             "recipe": self.recipe, "drift": self.drift, "unmasked_drift": self.unmasked_drift, "masked": self.masked,
-            "tolerance": self.tolerance, "seconds": self.seconds, "nodes_before": self.nodes_before,
+            "tolerance": self.tolerance, "gate": self.gate.as_dict() if self.gate is not None else None,
+            "seconds": self.seconds, "nodes_before": self.nodes_before,
             "nodes_after": self.nodes_after, "params_before": self.params_before, "params_after": self.params_after,
             "converged": self.converged, "metric": self.metric, "note": self.note,
             "outputs": [o.as_dict() for o in self.outputs],
@@ -149,8 +153,8 @@ class CompileResult:
 
     def __init__(self, module: fx.GraphModule, report: CompileReport, recipe: Recipe,
                  example_inputs: tuple[torch.Tensor, ...], snapshots: RecordDiff, dynamic_batch: bool,
-                 call: ModelCall | None = None, tolerance: float | None = None, dynamic_sequence: bool = False,
-                 output_mask: OutputMask = None) -> None:
+                 call: ModelCall | None = None, tolerance: Any = None, dynamic_sequence: bool = False,
+                 output_mask: OutputMask = None, calibration: Callable[[], Any] | None = None) -> None:
         # A model called with keyword or nested inputs gets a module called the same way, over
         # the compiled graph (shared parameters: fine-tune either, export sees the change).
         self.module = StructuredModule(module, call) if call is not None and call.structured else module
@@ -161,8 +165,12 @@ class CompileResult:
         self.dynamic_batch = dynamic_batch
         self.dynamic_sequence = dynamic_sequence
         self.call = call
-        #: the tolerance compile was given (argument, else the recipe's); export parity honours it
-        self.tolerance = recipe.tolerance if tolerance is None else tolerance
+        #: the acceptance bounds compile was given (argument merged over the recipe's); export parity honours them
+        self.gate = recipe.gate.merged(tolerance)
+        #: the drift bound of :attr:`gate` (what ``tolerance`` was, as a number)
+        self.tolerance = self.gate.drift
+        #: the calibration source compile was given (re-iterable; None without): export parity runs on its first batches
+        self.calibration = calibration
         #: the output mask compile was given (None: automatic); export parity and compare honour it
         self.output_mask = output_mask
 
@@ -198,8 +206,12 @@ class CompileResult:
         enough zeros in a smaller encoding (fxcompress.export.sparse.compress_initializers).
 
         With ``validate`` (the default) the model is run in ORT (optimizations off) on the example
-        inputs and random inputs of the same shapes and compared with ``module``; a mismatch raises
-        ExportError. The parity figures, recipe and version are stored as metadata props.
+        inputs and the first calibration batches compile was given (real data, judged by the
+        compile's bounds: drift, relative RMS error, cosine per output), then on random inputs of the
+        same shapes judged against the real outputs' scale (fxcompress.runtime.parity), and compared
+        with ``module``; a mismatch raises ExportError. ``tolerance`` (a number for the drift bound,
+        or a dict of bounds as compile takes) overrides them. The parity figures, recipe and version
+        are stored as metadata props.
         ``output_mask`` (default: compile's) says which output positions parity counts, as in
         :func:`fxcompress.compile`; where one applies the masked drift is the one checked.
         """
@@ -220,18 +232,22 @@ class CompileResult:
         if self.report.masked:  # the drift above is over the positions the output mask keeps
             stamp["fxcompress_unmasked_drift_vs_original"] = f"{self.report.unmasked_drift:.3e}"
         if validate:
-            allowed = tolerance if tolerance is not None else self._export_tolerance()
+            check_gate(tolerance)
+            allowed = self._export_gate().merged(tolerance)
             mask = self.output_mask if output_mask is None else output_mask
             check_output_mask(mask)
             started = time.perf_counter()
             session = create_session(model, optimize=False)  # one session for every input set, closed after
+            calibration = self._parity_calibration()
             for inputs in self._parity_inputs():  # one file for every shape: check each that differs
-                parity = _validate_proto(session, self.graph_module, inputs, allowed, output_mask=mask)
+                real = calibration if inputs is self.example_inputs else []
+                parity = _validate_proto(session, self.graph_module, inputs, allowed, output_mask=mask, real_inputs=real,
+                                         random_inputs=max(1, PARITY_SETS - 1 - len(real)))
                 self.report.parity = parity
                 if not parity.passed:
                     raise ExportError(
                         f"The exported ONNX model does not match the compiled module in ONNX Runtime: {parity.summary()}.",
-                        "nothing was written; report the model, or export with simplify=False / a recipe without the last pass.",
+                        "nothing was written; " + self._parity_advice(parity, simplify),
                     )
             del session
             self._add_time("parity", started)
@@ -273,19 +289,62 @@ class CompileResult:
         when the file serves every length."""
         return [self.example_inputs] + ([longer_sequences(self.example_inputs)] if self.dynamic_sequence else [])
 
+    def _parity_calibration(self) -> list[Any]:
+        """The first calibration batches (at most PARITY_CALIBRATION_BATCHES) the exported file can run:
+        shapes as the example's, apart from the axes the file leaves symbolic."""
+        if self.calibration is None:
+            return []
+        free = ({0} if self.dynamic_batch else set()) | ({1} if self.dynamic_sequence else set())
+        chosen = []
+        for batch in self.calibration():
+            # compile's source yields flat tuples for keyword-called models, the user's form otherwise
+            structured = self.call is not None and self.call.structured
+            flat = tuple(batch) if structured else model_call(None, batch, "calibration batch").flat
+            if len(flat) != len(self.example_inputs) or any(
+                    a.dim() != b.dim() or a.dtype != b.dtype
+                    or any(x != y for d, (x, y) in enumerate(zip(a.shape, b.shape)) if d not in free)
+                    for a, b in zip(flat, self.example_inputs)):
+                continue
+            chosen.append(tuple(flat))
+            if len(chosen) == PARITY_CALIBRATION_BATCHES:
+                break
+        return chosen
+
+    def _parity_advice(self, parity: ParityReport, simplify: bool) -> str:
+        """The fixes that can help with a failed export parity (never one that cannot)."""
+        advice = []
+        if simplify:
+            advice.append("export with simplify=False (onnxsim rewrote the graph)")
+        if self._export_gate().drift > LOSSLESS_TOLERANCE:  # a lossy pass exports inexactly (int8 kernels, fp16)
+            advice.append("if the figures above are acceptable for your task, export with a looser bound (e.g. "
+                          "tolerance={'rel_rms': ..., 'cosine': ...}, as compile takes)")
+        advice.append("report the model with the figures above: the ONNX graph computes something the compiled module "
+                      "does not")
+        return "; or ".join(advice) + "."
+
     def _export_metadata(self) -> dict[str, Any]:
         """Metadata props particular to this kind of result (none here)."""
         return {}
 
-    def _export_tolerance(self) -> float:
-        """Lossless unless a kept pass exports inexactly (quantization, fp16): then the recipe's.
+    def _export_gate(self) -> Gate:
+        """Lossless unless a kept pass exports inexactly (quantization, fp16): then compile's bounds.
 
         Pruning and sparsity are lossy against the original model (their recipes allow any
         drift) but exact against the compiled module, which is what export parity compares.
         """
         if all(r.exports_exactly for r in self.report.records if r.modified):
-            return LOSSLESS_TOLERANCE
-        return max(LOSSLESS_TOLERANCE, self.tolerance)
+            return Gate(LOSSLESS_TOLERANCE)
+        return self.gate.with_drift_floor(LOSSLESS_TOLERANCE)
+
+    def _export_tolerance(self) -> float:
+        """The drift bound of :meth:`_export_gate`."""
+        return self._export_gate().drift
+
+
+#: Input sets export parity runs per shape: the example, up to PARITY_CALIBRATION_BATCHES calibration
+#: batches, and random sets making up the rest (at least one).
+PARITY_SETS = 4
+PARITY_CALIBRATION_BATCHES = 2
 
 
 def _dynamic_axes_shapes(call: ModelCall, axes: Any) -> tuple[Any, list[dict[int, Any]], dict[tuple[str, int], str]]:
@@ -350,8 +409,10 @@ def unchanged_note(recipe: Recipe, records: Sequence[PassRecord]) -> str | None:
     return f"recipe '{recipe.name}' changed nothing lossy on this model: {reason}."
 
 
-def _validate_proto(model, module: fx.GraphModule, inputs, tolerance: float, output_mask: OutputMask = None) -> ParityReport:
-    return validate(model, module, inputs, tolerance=tolerance, output_mask=output_mask)
+def _validate_proto(model, module: fx.GraphModule, inputs, tolerance: Gate | float, output_mask: OutputMask = None,
+                    real_inputs: Sequence[Any] = (), random_inputs: int = 3) -> ParityReport:
+    return validate(model, module, inputs, tolerance=tolerance, output_mask=output_mask, real_inputs=real_inputs,
+                    random_inputs=random_inputs)
 
 
 def _final_comparisons(module: fx.GraphModule, inputs: Sequence[torch.Tensor], reference: Any,
@@ -419,8 +480,12 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
             a Recipe, or a list of pass names / Pass objects.
         calibration: inputs for data-driven passes (quantization), each in the example's form: a list, a DataLoader,
             any re-iterable, or a callable returning an iterator. Streamed, not copied.
-        tolerance: largest whole-model drift accepted (default: the recipe's); a result beyond
-            it raises DriftError instead of being returned. ``export_onnx`` honours it too.
+        tolerance: the acceptance bounds (default: the recipe's, docs/fidelity.md): a number
+            is a drift bound alone (max abs error / max output, the criterion it always was;
+            ``float("inf")`` accepts anything); a dict with keys ``drift``,
+            ``rel_rms`` (relative RMS error) and ``cosine`` replaces the bounds it names. Each
+            output is checked (masked where a mask applies); a result beyond a bound raises
+            DriftError naming the measure. ``export_onnx`` honours them too.
         dynamic_batch: capture with a symbolic batch dimension so the ONNX batch axis is dynamic
             (needs an example batch of at least 2).
         dynamic_sequence: also make dim 1 of every ``[batch, sequence]`` input (token ids, masks)
@@ -461,13 +526,14 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
     """
     start = time.perf_counter()
     _refuse_cached_decoder(model)
-    check_tolerance(tolerance)
+    check_gate(tolerance)
     check_output_mask(output_mask)
     call = model_call(model if isinstance(model, nn.Module) else None, example_inputs)
     inputs = call.flat
     resolved = resolve_recipe(recipe)  # unknown passes/options fail before any work
     check_memory(model, resolved.name)  # a model too big for this machine fails now, not in the allocator
-    allowed = resolved.tolerance if tolerance is None else tolerance
+    gate = resolved.gate.merged(tolerance)
+    allowed = gate.drift
     metric = _user_metric(evaluate, max_metric_drop)
     # The reference and the captured graph share the user's parameters (not copied: the weights
     # are held once); passes run under the manager's copy-on-write guard, and the result gets
@@ -498,7 +564,7 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
         source = calibration_batches
         calibration_batches = lambda: (call.flatten(batch) for batch in source())  # noqa: E731
     manager.bind(CompileContext(inputs, calibration_batches, reference, progress, metric))
-    with trials_through(executor.map_calls if executor is not None else None):
+    with trials_through(executor.map_calls if executor is not None else None), masked_by(output_mask, call.names, names):
         result = manager(graph_module)
     compiled = result.graph_module
     piped = time.perf_counter()
@@ -525,6 +591,7 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
         outputs=output_fidelity([comparisons]),
         note=unchanged_note(resolved, manager.records),
         stages=stages,
+        gate=gate,
     )
     if metric is not None:
         compiled_metric = metric.score(metric.as_user_module(compiled), "the compiled module")
@@ -538,19 +605,23 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
                 "raise max_metric_drop, or use a recipe whose lossy pass supports accuracy-aware compile "
                 "(int8, int8-dynamic), or fine-tune result.module (prune, sparse).",
             )
-    if not drift <= allowed:
+    failures = gate.failures(report.outputs)
+    if failures:
         worst = max((r for r in report.records if r.drift is not None), key=lambda r: r.drift, default=None)
         culprit = f" The largest drift was measured after pass '{worst.name}' ({worst.drift:.2e})." if worst else ""
-        masked = (f" over the positions the output mask keeps (over all positions: {report.unmasked_drift:.2e})"
+        masked = (f" (over the positions the output mask keeps; drift over all positions {report.unmasked_drift:.2e})"
                   if report.masked else "")
+        source = "the tolerance given" if tolerance is not None else f"recipe '{resolved.name}'"
         raise DriftError(
-            f"The compiled model's outputs drift {drift:.2e}{masked} from the original, beyond the tolerance "
-            f"{allowed:.1e} of recipe '{resolved.name}'.{culprit}",
-            "raise the tolerance (tolerance=... or `tolerance` in the recipe) if that accuracy is acceptable, "
-            "or use a less aggressive recipe (e.g. keep sensitive layers in float).",
+            f"The compiled model's outputs are beyond the bounds of {source} ({gate.describe()}): "
+            f"{'; '.join(failures)}{masked}.{culprit}",
+            "if that accuracy is acceptable for your task, raise the tolerance of the measure that failed (tolerance=<drift> or "
+            "tolerance={'rel_rms': ..., 'cosine': ...}, or `tolerance` / `rel_rms` / `min_cosine` in the recipe); "
+            "else use a less aggressive recipe (e.g. int8-dynamic instead of int8) or keep sensitive layers in float "
+            "(evaluate= with max_metric_drop=).",
         )
     result = CompileResult(compiled, report, resolved, inputs, recorder, dynamic_batch, call, tolerance, dynamic_sequence,
-                           output_mask)
+                           output_mask, calibration_batches)
     result.dynamic_axes = dynamic_axes or None
     return result
 

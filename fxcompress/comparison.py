@@ -159,7 +159,7 @@ def compare(
     check_output_mask(output_mask)
     mask = result.output_mask if output_mask is None else output_mask
     inputs = result.model_inputs
-    tolerance = max(result.tolerance, LOSSLESS_TOLERANCE)
+    tolerance = result.gate.with_drift_floor(LOSSLESS_TOLERANCE)  # compile's bounds, at least the lossless one
     models: dict[str, tuple[onnx.ModelProto | str, int]] = {}
     if baseline:
         plain = compile_model(original, inputs, [], dynamic_batch=result.dynamic_batch, dynamic_sequence=result.dynamic_sequence)

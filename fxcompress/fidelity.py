@@ -264,3 +264,94 @@ def fidelity_table(rows: Sequence[OutputFidelity], indent: str = "  ") -> str:
         lines.append(f"{indent}(masked: positions the output mask excludes, e.g. padding, are ignored; rel RMS and "
                      "cosine are masked too, and the masked drift is the one checked against the tolerance)")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# Acceptance gates
+# ------------------------------------------------------------------------------------------------
+
+#: The measures a gate bounds, in the order a failure names them.
+GATE_MEASURES = ("rel_rms", "cosine", "drift")
+
+
+@dataclass(frozen=True)
+class Gate:
+    """When a result is accepted: bounds on each output's figures (masked where a mask applies).
+
+    * ``rel_rms``: largest ``||error|| / ||reference||`` of an output (``1/sqrt(SQNR)``): the share of
+      the output's energy the error is. What a quantized network's users see in their task metric.
+    * ``cosine``: smallest cosine similarity of an output with the reference (its direction).
+    * ``drift``: largest ``max|error| / max|reference|`` (the worst single element). Lossless
+      recipes are judged by it alone (1e-4: fp32 rounding); lossy presets keep it reported but
+      loose, because int8 on a trained network with activation outliers moves a few elements
+      by several percent of the output's maximum while the task metric does not move.
+
+    Why, and the figures each preset's bounds were calibrated on: docs/fidelity.md.
+    """
+
+    drift: float = 1e-4
+    rel_rms: float = math.inf
+    cosine: float = -1.0
+
+    def failures(self, rows: Sequence[OutputFidelity]) -> list[str]:
+        """One phrase per bound an output breaks, e.g. ``"rel. RMS error 0.31 of 'logits' > 0.25"``."""
+        found = []
+        for r in rows:
+            if not r.rel_rms <= self.rel_rms:
+                found.append(f"relative RMS error {r.rel_rms:.3g} of output '{r.name}' is above the bound {self.rel_rms:g}")
+            if not r.cosine >= self.cosine:  # NaN (non-finite outputs) fails too
+                found.append(f"cosine {r.cosine:.4f} of output '{r.name}' is below the bound {self.cosine:g}")
+            if not r.judged_drift <= self.drift:
+                found.append(f"drift (max error / max output) {r.judged_drift:.3g} of output '{r.name}' is above the "
+                             f"bound {self.drift:g}")
+        return found
+
+    def passes(self, rows: Sequence[OutputFidelity]) -> bool:
+        return not self.failures(rows)
+
+    def merged(self, override: "float | Mapping[str, float] | Gate | None") -> "Gate":
+        """This gate with ``override`` applied: a number is a drift bound *alone* (the criterion
+        ``tolerance`` always was: relative RMS error and cosine are then not bounded; ``inf`` accepts
+        anything); a mapping or Gate replaces the bounds it names and keeps the others."""
+        if override is None:
+            return self
+        if isinstance(override, Gate):
+            return override
+        if isinstance(override, Mapping):
+            return Gate(**{**self.as_dict(), **{k: float(v) for k, v in override.items()}})
+        return Gate(float(override), math.inf, -1.0)
+
+    def with_drift_floor(self, floor: float) -> "Gate":
+        """This gate with a drift bound of at least ``floor`` (e.g. the lossless bound, for export parity)."""
+        return Gate(max(self.drift, floor), self.rel_rms, self.cosine)
+
+    def as_dict(self) -> dict[str, float]:
+        return {"drift": self.drift, "rel_rms": self.rel_rms, "cosine": self.cosine}
+
+    def describe(self) -> str:
+        """The bounds in words: ``rel. RMS <= 0.2, cosine >= 0.98, drift <= 0.5``; unbounded measures left out."""
+        parts = []
+        if self.rel_rms != math.inf:
+            parts.append(f"rel. RMS <= {self.rel_rms:g}")
+        if self.cosine > -1.0:
+            parts.append(f"cosine >= {self.cosine:g}")
+        if self.drift != math.inf:
+            parts.append(f"drift <= {self.drift:g}")
+        return ", ".join(parts) or "no bound"
+
+
+def check_gate(tolerance: Any, what: str = "tolerance") -> None:
+    """InputError unless ``tolerance`` is None, a number >= 0, a Gate, or a mapping of gate measures."""
+    if tolerance is None or isinstance(tolerance, Gate):
+        return
+    values = dict(tolerance) if isinstance(tolerance, Mapping) else {"drift": tolerance}
+    unknown = [k for k in values if k not in GATE_MEASURES]
+    bad = [k for k, v in values.items() if k in GATE_MEASURES and (
+        isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or (k != "cosine" and v < 0)
+        or (k == "cosine" and not -1 <= v <= 1))]
+    if unknown or bad:
+        raise InputError(
+            f"{what} must be a number >= 0 (the drift bound) or a dict of bounds with keys {list(GATE_MEASURES)}; got "
+            f"{tolerance!r}.",
+            "use e.g. tolerance=0.05, or tolerance={'rel_rms': 0.3, 'cosine': 0.95} (relative RMS error at most 0.3, "
+            "cosine at least 0.95 per output), or leave it out for the recipe's bounds.")

@@ -24,7 +24,8 @@ from typing import Any, Callable, Union
 import torch
 from torch import fx, nn
 
-from fxcompress.capture import capture
+from fxcompress.capture import capture, model_call
+from fxcompress.fidelity import OutputMask, output_masks
 from fxcompress.infra.pass_base import Pass, PassResult
 from fxcompress.infra.registry import create_pass
 from fxcompress.numerics import OutputComparison, compare_outputs, flatten_outputs, worst_drift
@@ -154,24 +155,36 @@ def check_idempotent(pass_: PassLike, graph_module: fx.GraphModule, **options: A
 
 
 def check_numerics(
-    pass_: PassLike, module: nn.Module, inputs: Any, tolerance: float = 1e-5, **options: Any
+    pass_: PassLike, module: nn.Module, inputs: Any, tolerance: float = 1e-5, *, output_mask: OutputMask = False,
+    **options: Any
 ) -> list[OutputComparison]:
     """Capture ``module`` on ``inputs``, run the pass on a copy, and assert the outputs of the graph
     before and after the pass agree within ``tolerance``.
 
     ``tolerance`` bounds the drift of every output: its max absolute error divided by the output's
     largest magnitude (see :mod:`fxcompress.numerics`). Returns the per-output comparisons (max_abs,
-    max_rel, drift, cosine) for tighter asserts.
+    max_rel, drift, cosine, and ``masked`` where a mask applied) for tighter asserts.
+
+    ``output_mask`` (default ``False``: every position counts, as a lossless pass must keep even
+    padded positions): which output positions the drift counts, in the forms
+    :func:`fxcompress.compile` takes (see :mod:`fxcompress.fidelity`), e.g. ``None`` for the
+    positions an input named ``attention_mask`` keeps, for a lossy pass on a padded batch.
     """
     before = _graph_module(module, inputs)
     after = run_pass(pass_, copy.deepcopy(before), **options).graph_module
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     with torch.no_grad():
         reference, got = flatten_outputs(before(*args)), flatten_outputs(after(*args))
-    comparisons = compare_outputs(reference, got)
+    masks = None
+    if output_mask is not False:
+        names = model_call(module, args).names
+        masks = output_masks(output_mask, names, args, [torch.from_numpy(r) for r in reference])
+    comparisons = compare_outputs(reference, got, masks)
     drift = worst_drift(comparisons)
     name = make_pass(pass_, **options).display_name
-    assert drift <= tolerance, f"pass '{name}' changed the outputs beyond {tolerance:g}: " + "; ".join(
-        f"output {c.index}: max_abs {c.max_abs:.3g}, max_rel {c.max_rel:.3g}, drift {c.drift:.3g}" for c in comparisons
+    where = " (over the positions the output mask keeps)" if any(c.masked is not None for c in comparisons) else ""
+    assert drift <= tolerance, f"pass '{name}' changed the outputs beyond {tolerance:g}{where}: " + "; ".join(
+        f"output {c.index}: max_abs {c.judged.max_abs:.3g}, max_rel {c.judged.max_rel:.3g}, drift {c.judged.drift:.3g}"
+        for c in comparisons
     )
     return comparisons

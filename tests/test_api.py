@@ -129,3 +129,4 @@ def test_export_parity_is_lossless_unless_a_pass_exports_inexactly(tmp_path, rec
         assert tolerance == fxcompress.numerics.LOSSLESS_TOLERANCE
     else:
         assert tolerance == result.recipe.tolerance > fxcompress.numerics.LOSSLESS_TOLERANCE
+        assert result.report.parity.gate == result.recipe.gate  # relative RMS error and cosine bound it too

@@ -55,6 +55,7 @@ def test_compare_shows_a_lossy_presets_drift():
     assert report.compiled.parity.passed
     assert report.variants[0].parity.drift < 1e-4
     assert report.compiled.parity.tolerance == pytest.approx(result.recipe.tolerance)
+    assert report.compiled.parity.gate == result.recipe.gate
     # the tolerance given to compile governs compare too, as it does export
     loose = fxcompress.compile(model, inputs, "int8-dynamic", tolerance=0.5)
     assert fxcompress.compare(loose, model, runs=8).compiled.parity.tolerance == pytest.approx(0.5)

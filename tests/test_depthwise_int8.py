@@ -29,7 +29,7 @@ def _compile_timm(name: str, size: int):
     stats = {r.name: r.stats for r in result.report.records}
     print(f"{name} @ {size}: drift {result.report.drift:.4f}, held-out cosine {cosine:.5f}, "
           f"equalize {stats.get('equalize-layers')}, correct-bias corrected {stats.get('correct-bias', {}).get('corrected')}")
-    assert result.report.drift <= INT8_TOLERANCE
+    assert result.report.drift <= INT8_TOLERANCE and result.report.gate.passes(result.report.outputs)
     assert cosine > 0.99
     assert stats["correct-bias"]["corrected"] > 20
     return stats

@@ -62,8 +62,8 @@ def test_padded_positions_do_not_gate_and_both_figures_are_reported(garbage, tmp
     model, batch, result = garbage
     report = result.report
     assert report.masked
-    # The garbage in the padded positions drifts far beyond int8-dynamic's tolerance; the kept ones do not.
-    assert report.unmasked_drift > 0.3 > report.tolerance >= report.drift
+    # The garbage in the padded positions drifts far beyond int8-dynamic's bounds; the kept ones do not.
+    assert report.unmasked_drift > 0.3 and report.gate.passes(report.outputs)
     rows = {o.name: o for o in report.outputs}
     assert set(rows) == {"last_hidden_state", "pooled"}
     hidden = rows["last_hidden_state"]
@@ -87,7 +87,7 @@ def test_padded_positions_do_not_gate_and_both_figures_are_reported(garbage, tmp
 
 def test_without_the_mask_the_padded_garbage_is_refused(garbage):
     model, batch, _ = garbage
-    with pytest.raises(DriftError, match="drift"):
+    with pytest.raises(DriftError, match="relative RMS error"):
         fxcompress.compile(model, batch, "int8-dynamic", output_mask=False)
 
 
@@ -95,7 +95,7 @@ def test_compare_gates_on_the_masked_figure_and_reports_per_output(garbage):
     model, batch, result = garbage
     report = fxcompress.compare(result, model, runs=8)
     compiled = report.compiled.parity
-    assert compiled.passed and compiled.masked and compiled.unmasked_drift > compiled.tolerance >= compiled.drift
+    assert compiled.passed and compiled.masked and compiled.unmasked_drift > 0.3 > compiled.drift
     text = report.to_text()
     assert "Per output" in text and "last_hidden_state" in text and "rel RMS" in text
     data = json.loads(json.dumps(report.to_dict()))

@@ -4,7 +4,8 @@ A lossy rewrite (quantization) is applied to one layer at a time and the output 
 data is measured against the unmodified graph: that is the layer's *sensitivity*. Given a drift
 budget, the most sensitive layers go back to float until the whole model is within budget.
 
-Drift is :func:`fxcompress.numerics.worst_drift` (largest abs error over an output divided by its
+Drift is :func:`fxcompress.numerics.worst_drift` (masked as the compile's drift is, see
+:func:`masked_by`: padded positions do not count; largest abs error over an output divided by its
 largest magnitude), the figure the compile report and the recipe tolerance use.
 
 The analysis is independent of what the rewrite is: callers hand in ``build(enabled)``, which
@@ -32,12 +33,42 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from fxcompress.fidelity import OutputMask, output_masks
 from fxcompress.numerics import compare_outputs, flatten_outputs, worst_drift
 
 Build = Callable[[Sequence[int]], nn.Module]
 TrialMap = Callable[[Callable[[Any], Any], list], list]
 
 _TRIAL_MAP: contextvars.ContextVar[TrialMap | None] = contextvars.ContextVar("sensitivity_trial_map", default=None)
+#: (output_mask, input names, output names) of the compile run: which output positions drift counts
+_MASKING: contextvars.ContextVar[tuple[OutputMask, Sequence[str], Sequence[str] | None] | None] = contextvars.ContextVar(
+    "sensitivity_masking", default=None)
+
+
+@contextlib.contextmanager
+def masked_by(output_mask: OutputMask, input_names: Sequence[str], output_names: Sequence[str] | None = None) -> Iterator[None]:
+    """Drift in this block counts only the output positions ``output_mask`` keeps (fxcompress.fidelity),
+    as the compile's own drift does: padded positions must not rank a layer as sensitive."""
+    token = _MASKING.set((output_mask, list(input_names), output_names))
+    try:
+        yield
+    finally:
+        _MASKING.reset(token)
+
+
+def batch_masks(batches: Sequence[tuple[torch.Tensor, ...]], expected: Sequence[Sequence[Any]]) -> list[list[Any]] | None:
+    """One mask list per batch (None per output where none applies), from the bound masking; None without one.
+
+    Computed in-process, before trials may ship to other workers (the masks travel as arrays).
+    """
+    masking = _MASKING.get()
+    if masking is None:
+        return None
+    output_mask, input_names, output_names = masking
+    if not batches or len(input_names) != len(batches[0]):  # batches of another form than the compile's inputs
+        return None
+    return [output_masks(output_mask, input_names, batch, [torch.from_numpy(o) for o in outputs], output_names)
+            for batch, outputs in zip(batches, expected)]
 
 
 @contextlib.contextmanager
@@ -56,13 +87,21 @@ def map_trials(function: Callable[[Any], Any], items: Sequence[Any]) -> list:
     return [function(item) for item in items] if trial_map is None else list(trial_map(function, list(items)))
 
 
-def drift_on_batches(reference: nn.Module | list, candidate: nn.Module, batches: Sequence[tuple[torch.Tensor, ...]]) -> float:
-    """Worst drift of ``candidate`` over ``batches``; ``reference`` is a module or its flattened outputs per batch."""
+def drift_on_batches(reference: nn.Module | list, candidate: nn.Module, batches: Sequence[tuple[torch.Tensor, ...]],
+                     masks: Sequence[Sequence[Any]] | None = None) -> float:
+    """Worst drift of ``candidate`` over ``batches``; ``reference`` is a module or its flattened outputs per batch.
+
+    ``masks``: one mask list per batch (:func:`batch_masks`); the drift is then over the positions
+    they keep. Without, the compile's masking bound by :func:`masked_by` applies (in-process only).
+    """
     expected = reference_outputs(reference, batches) if isinstance(reference, nn.Module) else reference
+    if masks is None:
+        masks = batch_masks(batches, expected)
     worst = 0.0
     with torch.no_grad():
-        for batch, ref in zip(batches, expected):
-            worst = max(worst, worst_drift(compare_outputs(ref, flatten_outputs(candidate(*batch)))))
+        for i, (batch, ref) in enumerate(zip(batches, expected)):
+            got = flatten_outputs(candidate(*batch))
+            worst = max(worst, worst_drift(compare_outputs(ref, got, masks[i] if masks is not None else None)))
     return worst
 
 
@@ -76,8 +115,9 @@ def layer_sensitivities(reference: nn.Module, build: Build, layers: Sequence[int
                         batches: Sequence[tuple[torch.Tensor, ...]]) -> dict[int, float]:
     """Drift of the model with only layer ``i`` rewritten, for every ``i`` in ``layers``."""
     expected = reference_outputs(reference, batches)
+    masks = batch_masks(batches, expected)
     layers = list(layers)
-    return dict(zip(layers, map_trials(lambda i: drift_on_batches(expected, build([i]), batches), layers)))
+    return dict(zip(layers, map_trials(lambda i: drift_on_batches(expected, build([i]), batches, masks), layers)))
 
 
 def select_float_layers(reference: nn.Module, build: Build, sensitivity: dict[int, float], layers: Sequence[int],
@@ -89,10 +129,11 @@ def select_float_layers(reference: nn.Module, build: Build, sensitivity: dict[in
     kept in float and the drift of the resulting mix (on ``batches``).
     """
     expected = reference_outputs(reference, batches)
+    masks = batch_masks(batches, expected)
     ranked = sorted(layers, key=lambda i: sensitivity.get(i, 0.0), reverse=True)
 
     def drift_keeping(k: int) -> float:
-        return drift_on_batches(expected, build(ranked[k:]), batches)
+        return drift_on_batches(expected, build(ranked[k:]), batches, masks)
 
     full = drift_keeping(0)
     if full <= max_drift:

@@ -7,7 +7,9 @@ A TOML recipe (see the top-level ``passes/`` folder for examples)::
     description = "default, then int8"
     extends = "default"            # a preset name or a path relative to this file (optional)
     imports = ["my_package.passes"]  # modules that register your own passes (optional)
-    tolerance = 0.02               # largest whole-model drift accepted (optional)
+    tolerance = 0.02               # largest whole-model drift (max error / max output) accepted (optional)
+    rel_rms = 0.2                  # largest relative RMS error per output (optional; lossy presets set it)
+    min_cosine = 0.98              # smallest cosine per output (optional; lossy presets set it)
     max_iterations = 2             # repeat the pass list until nothing changes (optional)
     passes = [                     # appended after the base's steps
         { pipeline = "default" },                         # a preset, nested (to its own fixed point)
@@ -35,12 +37,14 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence, Union
 
 from fxcompress.errors import RecipeError
+from fxcompress.fidelity import Gate
 from fxcompress.infra.manager import PassManager
 from fxcompress.infra.pass_base import Pass
 from fxcompress.infra.registry import PRESETS, create_pass, pass_class
 from fxcompress.numerics import LOSSLESS_TOLERANCE
 
-_TOP_LEVEL_KEYS = {"description", "extends", "imports", "tolerance", "max_iterations", "passes", "options", "name"}
+_TOP_LEVEL_KEYS = {"description", "extends", "imports", "tolerance", "rel_rms", "min_cosine", "max_iterations", "passes",
+                   "options", "name"}
 _PASS_KEYS = {"name", "options"}
 _PIPELINE_KEYS = {"pipeline", "passes", "max_iterations"}
 
@@ -78,7 +82,11 @@ Step = Union[PassStep, "Recipe"]
 
 @dataclass
 class Recipe:
-    """A named pipeline: ordered steps (passes or nested recipes), a drift tolerance, an iteration count."""
+    """A named pipeline: ordered steps (passes or nested recipes), acceptance bounds, an iteration count.
+
+    The bounds (``tolerance`` on the drift, ``rel_rms`` and ``min_cosine`` per output) form the
+    recipe's :class:`~fxcompress.fidelity.Gate` (:attr:`gate`); see docs/fidelity.md.
+    """
 
     name: str
     steps: list[Step]
@@ -87,6 +95,15 @@ class Recipe:
     max_iterations: int = 1
     #: modules imported before the recipe's pass names are resolved (a user's own passes)
     imports: list[str] = field(default_factory=list)
+    #: largest relative RMS error per output (inf: unbounded)
+    rel_rms: float = math.inf
+    #: smallest cosine per output (-1: unbounded)
+    min_cosine: float = -1.0
+
+    @property
+    def gate(self) -> Gate:
+        """The acceptance bounds a result of this recipe is checked against (compile and export)."""
+        return Gate(self.tolerance, self.rel_rms, self.min_cosine)
 
     def pass_steps(self) -> Iterator[PassStep]:
         """Every pass step, nested pipelines' included, in order."""
@@ -138,6 +155,10 @@ class Recipe:
         """The recipe as TOML text that :func:`load_recipe_file` reads back to the same recipe."""
         lines = [f"name = {_toml_value(self.name)}", f"description = {_toml_value(self.description)}",
                  f"tolerance = {_toml_value(self.tolerance)}", f"max_iterations = {self.max_iterations}"]
+        if self.rel_rms != math.inf:
+            lines.append(f"rel_rms = {_toml_value(self.rel_rms)}")
+        if self.min_cosine != -1.0:
+            lines.append(f"min_cosine = {_toml_value(self.min_cosine)}")
         if self.imports:
             lines.append(f"imports = {_toml_value(self.imports)}")
         lines.append("passes = [")
@@ -273,6 +294,8 @@ def load_recipe_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> Recipe:
         tolerance=float(data.get("tolerance", base.tolerance if base else LOSSLESS_TOLERANCE)),
         max_iterations=int(data.get("max_iterations", base.max_iterations if base else 1)),
         imports=imports,
+        rel_rms=float(data.get("rel_rms", base.rel_rms if base else math.inf)),
+        min_cosine=float(data.get("min_cosine", base.min_cosine if base else -1.0)),
     )
     for pass_name, opts in data.get("options", {}).items():
         recipe.set_options(pass_name, opts, where=str(path))

@@ -485,6 +485,7 @@ class QuantizeInt8Options:
     max_drift: float | None = option(None, "keep the most sensitive layers in float until drift on calibration data is under this")
     calibration_batches: int = option(256, "use at most this many calibration batches")
     sensitivity_batches: int = option(4, "calibration batches used to measure each layer's sensitivity (with max_drift)")
+    embeddings: bool = option(True, "store embedding tables as int8 (an int8 Gather, one scale per table), as int8-dynamic does")
 
     def __post_init__(self) -> None:
         unknown = [k for k in self.ops if k not in LAYER_KINDS]
@@ -561,14 +562,16 @@ class QuantizeInt8Pass(DataDrivenPass):
                 reasons[i] = "max_metric_drop"
             enabled -= set(kept_float)
         result = build_quantized(graph_module, plan, params, enabled)
+        embeddings = self._quantize_embeddings(result) if opts.embeddings else []
         layers = [{
             "name": layer.name, "kind": layer.kind,
             "precision": "int8" if i in enabled else "float",
             **({"reason": reasons[i]} if i in reasons else {}),
             **({"sensitivity": sensitivity[i]} if i in sensitivity else {}),
-        } for i, layer in enumerate(plan.layers)]
+        } for i, layer in enumerate(plan.layers)] + embeddings
         out_stats: dict[str, Any] = {
             "quantized_layers": len(enabled),
+            "int8_embeddings": sum(e["precision"] == "int8" for e in embeddings),
             "float_layers": len(plan.layers) - len(enabled),
             "calibrator": opts.calibrator,
             "calibration_batches": len(batches),
@@ -578,7 +581,23 @@ class QuantizeInt8Pass(DataDrivenPass):
             out_stats["calibration_drift"] = drift
         if trials:
             out_stats["metric_trials"] = [vars(t) for t in trials]
-        return PassResult(result, bool(enabled), out_stats)
+        return PassResult(result, bool(enabled) or any(e["precision"] == "int8" for e in embeddings), out_stats)
+
+    def _quantize_embeddings(self, graph_module: fx.GraphModule) -> list[dict]:
+        """Embedding tables as int8 lookups (the ``embeddings`` option); their layer-report entries."""
+        from fxcompress.passes.quantize_dynamic import is_float_table, quantize_embedding  # it imports this module
+
+        entries = []
+        for node in [n for n in graph_module.graph.nodes if is_float_table(n)]:
+            name = layer_name(node)
+            if matches_layer(self.options.skip, (name, node.name), kind="embedding"):
+                entries.append({"name": name, "kind": "embedding", "precision": "float", "reason": "skip"})
+                continue
+            entry = quantize_embedding(graph_module, node, f"_fxqe{len(entries)}")
+            entries.append({"name": entry["name"], "kind": "embedding", "precision": "int8"})
+        if any(e["precision"] == "int8" for e in entries):
+            graph_module.recompile()
+        return entries
 
     def _float_reasons(self, plan: QuantPlan) -> dict[int, str]:
         opts = self.options

@@ -232,32 +232,49 @@ class QuantizeInt8DynamicPass(DataDrivenPass):
 
     def _embedding(self, graph_module: fx.GraphModule, node: fx.Node, index: int, kept_float: set[str]) -> list[dict]:
         """Rewrite one ``aten.embedding`` of a constant float table; its entry for the layer report."""
-        weight_node, ids = node.args[0], node.args[1]
-        padding_idx = node.args[2] if len(node.args) > 2 else node.kwargs.get("padding_idx", -1)
-        val = weight_node.meta.get("val") if isinstance(weight_node, fx.Node) else None
-        if not (isinstance(weight_node, fx.Node) and weight_node.op == "get_attr" and isinstance(val, torch.Tensor)
-                and val.dtype == torch.float32 and val.dim() == 2):
+        if not is_float_table(node):
             return []
         name = layer_name(node)
         if node.name in kept_float:
             return [{"name": name, "node": node.name, "kind": "embedding", "precision": "float", "reason": "max_metric_drop"}]
         if self._skipped(name, node):
             return [{"name": name, "node": node.name, "kind": "embedding", "precision": "float", "reason": "skip"}]
-        graph = graph_module.graph
-        table = attribute(graph_module, weight_node.target).detach()
-        scale = symmetric_weight_scales(table.reshape(1, -1), 0).reshape(())  # one scale for the table
-        prefix = f"_fxqd{index}_{name.replace('.', '_')}"
-        graph_module.register_buffer(f"{prefix}_scale", scale)
-        with graph.inserting_before(node):
-            s = graph.get_attr(f"{prefix}_scale")
-            s.meta["val"] = scale
-            s.meta[QUANT_META] = {"role": "weight-param", "layer": name}
-            q = graph.call_function(int8_embedding, (ids, weight_node, s, int(padding_idx)))
-        inherit_meta(q, node)
-        q.meta[QUANT_META] = {"role": "int8-embedding", "layer": name}
-        node.replace_all_uses_with(q)
-        graph.erase_node(node)
-        return [{"name": name, "node": node.name, "kind": "embedding", "precision": "int8"}]
+        return [quantize_embedding(graph_module, node, f"_fxqd{index}")]
+
+
+def is_float_table(node: fx.Node) -> bool:
+    """Whether ``node`` is an ``aten.embedding`` of a constant 2-D float32 table (what :func:`quantize_embedding` takes)."""
+    if node.op != "call_function" or node.target is not aten.embedding.default:
+        return False
+    weight_node = node.args[0]
+    val = weight_node.meta.get("val") if isinstance(weight_node, fx.Node) else None
+    return (isinstance(weight_node, fx.Node) and weight_node.op == "get_attr" and isinstance(val, torch.Tensor)
+            and val.dtype == torch.float32 and val.dim() == 2)
+
+
+def quantize_embedding(graph_module: fx.GraphModule, node: fx.Node, prefix: str) -> dict:
+    """Replace an embedding lookup (:func:`is_float_table`) by :func:`int8_embedding`: the table stored as
+    int8 with one symmetric scale, rows gathered as int8 and dequantized after the lookup. Returns the
+    layer-report entry. Shared by int8-dynamic and static int8 (the table's bytes are the same either way).
+    """
+    weight_node, ids = node.args[0], node.args[1]
+    padding_idx = node.args[2] if len(node.args) > 2 else node.kwargs.get("padding_idx", -1)
+    name = layer_name(node)
+    graph = graph_module.graph
+    table = attribute(graph_module, weight_node.target).detach()
+    scale = symmetric_weight_scales(table.reshape(1, -1), 0).reshape(())  # one scale for the table
+    prefix = f"{prefix}_{name.replace('.', '_')}"
+    graph_module.register_buffer(f"{prefix}_scale", scale)
+    with graph.inserting_before(node):
+        s = graph.get_attr(f"{prefix}_scale")
+        s.meta["val"] = scale
+        s.meta[QUANT_META] = {"role": "weight-param", "layer": name}
+        q = graph.call_function(int8_embedding, (ids, weight_node, s, int(padding_idx)))
+    inherit_meta(q, node)
+    q.meta[QUANT_META] = {"role": "int8-embedding", "layer": name}
+    node.replace_all_uses_with(q)
+    graph.erase_node(node)
+    return {"name": name, "node": node.name, "kind": "embedding", "precision": "int8"}
 
 
 class _DynamicBuilder:

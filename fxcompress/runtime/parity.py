@@ -1,9 +1,12 @@
 """Parity: does the ONNX model in ORT compute what the PyTorch model computes?
 
-Runs with ORT graph optimizations off (so we test the exported graph, not ORT's rewrites of it),
-on the example inputs and on extra random inputs of the same shapes and dtypes, and compares every
-output: max abs / max rel error, drift, cosine similarity, top-1 agreement for classifier logits,
-and a NaN/Inf count.
+Runs with ORT graph optimizations off (so we test the exported graph, not ORT's rewrites of it).
+Real inputs come first: the example inputs and any ``real_inputs`` given (export passes the first
+calibration batches); their figures are the headline and are checked against the gate (a
+:class:`~fxcompress.fidelity.Gate`: drift, relative RMS error, cosine per output). Random inputs of
+the same shapes run in addition, judged by drift and relative RMS error *against the real outputs'
+scale* (:func:`fxcompress.numerics.error_against_scale`): a trained network's output on noise can be
+near zero, and an error divided by it means nothing. The report lists which input sets were used.
 
 Where an output mask applies (the padded positions an ``attention_mask`` excludes, or the
 ``output_mask`` given; see :mod:`fxcompress.fidelity`) the figures, and the verdict, are over the
@@ -12,6 +15,7 @@ positions it keeps; ``unmasked_drift`` reports the drift over every position bes
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -23,10 +27,12 @@ from torch import nn
 
 from fxcompress.capture import FlatCall, model_call, private_copy, run_eager
 from fxcompress.fidelity import (
-    MaskedFigures, OutputFidelity, OutputMask, check_output_mask, fidelity_table, output_fidelity, output_masks,
-    output_tensors,
+    Gate, MaskedFigures, OutputFidelity, OutputMask, check_gate, check_output_mask, fidelity_table, output_fidelity,
+    output_masks, output_tensors,
 )
-from fxcompress.numerics import LOSSLESS_TOLERANCE, OutputComparison, compare_outputs, flatten_outputs
+from fxcompress.numerics import (
+    LOSSLESS_TOLERANCE, OutputComparison, compare_outputs, error_against_scale, flatten_outputs, output_scale,
+)
 from fxcompress.runtime.session import RuntimeSession, create_session
 
 
@@ -53,24 +59,56 @@ class ParityReport(MaskedFigures):
     #: drift over every position, masked ones included (equal to ``drift`` without a mask)
     unmasked_drift: float | None = None
     outputs: list[OutputFidelity] = field(default_factory=list)
+    #: what each input set was, in order: "example", "calibration batch 1", ..., "random 1", ...
+    inputs: list[str] = field(default_factory=list)
+    #: the bounds the verdict applied (a number given as ``tolerance`` bounds the drift alone)
+    gate: Gate = field(default_factory=Gate)
+    #: worst relative RMS error over the outputs, on the real input sets
+    rel_rms: float = 0.0
+    #: on the random input sets: worst drift and relative RMS error against the real outputs' scale
+    random_drift: float | None = None
+    random_rel_rms: float | None = None
+    #: why it failed, one phrase per broken bound (empty when it passed)
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def real_inputs(self) -> list[str]:
+        """The input sets that came from the caller (example, calibration batches), not random."""
+        return [name for name in self.inputs if not name.startswith("random")]
 
     def summary(self) -> str:
         top1 = f", top-1 agreement {self.top1_agreement:.1%}" if self.top1_agreement is not None else ""
         verdict = "PASS" if self.passed else "FAIL"
         masked = (f" masked, {self.unmasked_drift:.2e} over all positions"
                   if self.masked and self.unmasked_drift is not None else "")
-        return (f"{verdict}: drift {self.drift:.2e}{masked} (tolerance {self.tolerance:.0e}), max abs {self.max_abs:.2e}, "
-                f"cosine {self.cosine:.7f}{top1}, non-finite {self.nonfinite}, {self.runs} input sets on {self.provider}")
+        real = self.real_inputs or ["example"]
+        random = len(self.inputs) - len(real)
+        extra = (f"; {random} random input set(s): drift {self.random_drift:.2e}, rel. RMS {self.random_rel_rms:.2e} "
+                 "against the real outputs' scale" if random and self.random_drift is not None else "")
+        why = f" [{'; '.join(self.failures)}]" if self.failures else ""
+        return (f"{verdict}: drift {self.drift:.2e}{masked}, rel. RMS {self.rel_rms:.2e}, cosine {self.cosine:.7f} "
+                f"(bounds: {self.gate.describe()}), max abs {self.max_abs:.2e}{top1}, non-finite {self.nonfinite}, on "
+                f"{_plural(real)}{extra}, {self.provider}{why}")
 
     def table(self) -> str:
         """Per-output figures (worst over the input sets) as aligned text."""
         return fidelity_table(self.outputs)
 
     def as_dict(self) -> dict[str, Any]:
-        data = {k: v for k, v in self.__dict__.items() if k not in ("comparisons", "outputs")}
+        data = {k: v for k, v in self.__dict__.items() if k not in ("comparisons", "outputs", "gate")}
         data["masked"] = self.masked
+        data["gate"] = self.gate.as_dict()
         data["outputs"] = [o.as_dict() for o in self.outputs]
         return data
+
+
+def _plural(names: Sequence[str]) -> str:
+    """``example``, ``example and calibration batch 1``, ``example, calibration batch 1 and 2``."""
+    calibration = [n.rsplit(" ", 1)[-1] for n in names if n.startswith("calibration")]
+    parts = [n for n in names if not n.startswith("calibration")]
+    if calibration:
+        parts.append(f"calibration batch{'es' if len(calibration) > 1 else ''} {', '.join(calibration)}")
+    return " and ".join(parts)
 
 
 def random_like(example: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -101,10 +139,11 @@ def validate(
     model: nn.Module,
     example_inputs: Any,
     *,
-    tolerance: float = LOSSLESS_TOLERANCE,
+    tolerance: float | Gate | dict = LOSSLESS_TOLERANCE,
     random_inputs: int = 3,
     provider: str = "cpu",
     output_mask: OutputMask = None,
+    real_inputs: Sequence[Any] = (),
 ) -> ParityReport:
     """Compare the ONNX model in ORT with ``model`` in PyTorch.
 
@@ -115,18 +154,30 @@ def validate(
             in eval mode, never modified.
         example_inputs: the model's inputs in any form ``compile`` takes (tensor, tuple, dict of
             keyword tensors, ``(args, kwargs)``, nested lists).
-        tolerance: largest accepted drift (max abs error / max magnitude, per output).
-        random_inputs: extra random input sets of the same shapes.
+        tolerance: the acceptance bounds per output: a number bounds the drift (max abs error /
+            max magnitude); a :class:`~fxcompress.fidelity.Gate`, or a dict with keys ``drift``,
+            ``rel_rms``, ``cosine`` bounds the measures it names (docs/fidelity.md).
+        random_inputs: extra random input sets of the same shapes, judged against the scale of
+            the outputs on the real inputs (drift and relative RMS error; cosine is not judged there).
         provider: "cpu" or "cuda".
         output_mask: which output positions count (fxcompress.fidelity): by default the
             positions an input named ``attention_mask`` keeps, in outputs whose leading dims are
             ``[batch, sequence]``; ``False`` for every position; an input's name; or a callable
-            ``output_mask(inputs, outputs)``. Where a mask applies, the masked drift is the one
-            checked against ``tolerance``; the drift over all positions is reported beside it.
+            ``output_mask(inputs, outputs)``. Where a mask applies, the masked figures are the
+            ones checked; the drift over all positions is reported beside them.
+        real_inputs: more real input sets (each in the example's form, e.g. calibration batches),
+            compared and judged like the example.
     """
     check_output_mask(output_mask)
+    check_gate(tolerance)
+    # A number bounds the drift alone (as always); a dict bounds the measures it names, the others unbounded.
+    gate = Gate(float(tolerance)) if isinstance(tolerance, (int, float)) else Gate(math.inf).merged(tolerance)
     call = model_call(model if isinstance(model, nn.Module) else None, example_inputs)
-    inputs = call.flat
+    module = model if isinstance(model, nn.Module) else None
+    real = [tuple(call.flat)] + [tuple(model_call(module, batch).flat) for batch in real_inputs]
+    labels = ["example"] + [f"calibration batch {i + 1}" for i in range(len(real_inputs))]
+    generator = torch.Generator().manual_seed(0)
+    random_sets = [tuple(random_like(t, generator) for t in call.flat) for _ in range(random_inputs)]
     if isinstance(onnx_model, (str, os.PathLike)):
         from fxcompress.export.onnx_export import load_onnx
 
@@ -136,32 +187,93 @@ def validate(
     if call.structured:
         reference_model = FlatCall(reference_model, call)
     names = [o.name for o in session.session.get_outputs()]
-    all_runs = []
-    for feed in input_sets(inputs, random_inputs):
+
+    def run(feed: tuple[torch.Tensor, ...]) -> tuple[list[np.ndarray], list[np.ndarray], list]:
+        nonlocal names
         raw = run_eager(reference_model, feed)
         expected = flatten_outputs(raw)
         got = [np.asarray(g) for g in session.run(feed)]
-        if len(names) != len(expected):  # compare_outputs names the count mismatch
+        if names is not None and len(names) != len(expected):  # compare_outputs names the count mismatch
             names = None
-        masks = output_masks(output_mask, call.names, feed, output_tensors(raw), names)
-        all_runs.append(compare_outputs(expected, got, masks, names))
-    whole = [c for run in all_runs for c in run]
+        return expected, got, output_masks(output_mask, call.names, feed, output_tensors(raw), names)
+
+    real_runs, scales, pooled = [], None, None
+    for feed in real:
+        expected, got, masks = run(feed)
+        real_runs.append(compare_outputs(expected, got, masks, names))
+        run_scales = [output_scale(e, m) if e.dtype.kind == "f" else (0.0, 0.0) for e, m in zip(expected, masks)]
+        scales = run_scales if scales is None else [(max(a[0], b[0]), max(a[1], b[1])) for a, b in zip(scales, run_scales)]
+        pooled = _pool(pooled, expected, got, masks)
+    random_runs, random_figures = [], []
+    for feed in random_sets:
+        expected, got, masks = run(feed)
+        random_runs.append(compare_outputs(expected, got, masks, names))
+        random_figures += [error_against_scale(e, g, scale, m) for e, g, m, scale in zip(expected, got, masks, scales)
+                           if e.dtype.kind == "f"]
+    whole = [c for run_ in real_runs for c in run_]
     flat = [c.judged for c in whole]
     top1 = [c.top1_agreement for c in flat if c.top1_agreement is not None]
-    report = ParityReport(
-        passed=False,
-        tolerance=tolerance,
+    # The verdict on real data is over all real sets pooled per output: one set whose output is near
+    # silent (a calibration image without text) must not turn rounding noise into a 100% error.
+    outputs = _pooled_fidelity(pooled, real_runs[0])
+    failures = gate.failures(outputs)
+    nonfinite = sum(c.judged.nonfinite for run_ in real_runs + random_runs for c in run_)
+    if nonfinite:
+        failures.append(f"{nonfinite} non-finite output values")
+    random_drift = max((d for d, _ in random_figures), default=0.0) if random_runs else None
+    random_rel_rms = max((r for _, r in random_figures), default=0.0) if random_runs else None
+    if random_runs and not random_drift <= gate.drift:
+        failures.append(f"drift {random_drift:.3g} on random inputs (against the real outputs' scale) is above the bound "
+                        f"{gate.drift:g}")
+    if random_runs and not random_rel_rms <= gate.rel_rms:
+        failures.append(f"relative RMS error {random_rel_rms:.3g} on random inputs (against the real outputs' scale) is "
+                        f"above the bound {gate.rel_rms:g}")
+    return ParityReport(
+        passed=not failures,
+        tolerance=gate.drift,
         max_abs=max(c.max_abs for c in flat),
         max_rel=max(c.max_rel for c in flat),
-        drift=max(c.drift for c in flat),
-        cosine=min(c.cosine for c in flat),
+        drift=max(o.judged_drift for o in outputs),
+        cosine=min(o.cosine for o in outputs),
         top1_agreement=min(top1) if top1 else None,
-        nonfinite=sum(c.nonfinite for c in flat),
-        runs=len(all_runs),
+        nonfinite=nonfinite,
+        runs=len(real_runs) + len(random_runs),
         provider=session.provider,
-        comparisons=all_runs,
-        unmasked_drift=max(c.drift for c in whole),
-        outputs=output_fidelity(all_runs),
+        comparisons=real_runs + random_runs,
+        unmasked_drift=max(o.drift for o in outputs),
+        outputs=outputs,
+        inputs=labels + [f"random {i + 1}" for i in range(len(random_runs))],
+        gate=gate,
+        rel_rms=max((o.rel_rms for o in outputs), default=0.0),
+        random_drift=random_drift,
+        random_rel_rms=random_rel_rms,
+        failures=failures,
     )
-    report.passed = report.nonfinite == 0 and report.drift <= tolerance
-    return report
+
+
+def _pool(pooled: list | None, expected: Sequence[np.ndarray], got: Sequence[np.ndarray],
+          masks: Sequence[np.ndarray | None]) -> list:
+    """Append one real run's outputs, flattened (all positions) and masked (kept positions), to ``pooled``."""
+    pooled = pooled if pooled is not None else [([], [], [], []) for _ in expected]
+    for (all_ref, all_got, kept_ref, kept_got), e, g, m in zip(pooled, expected, got, masks):
+        all_ref.append(np.asarray(e, dtype=np.float64).ravel())
+        all_got.append(np.asarray(g, dtype=np.float64).ravel())
+        if m is not None:
+            kept_ref.append(np.asarray(e, dtype=np.float64)[m].ravel())
+            kept_got.append(np.asarray(g, dtype=np.float64)[m].ravel())
+    return pooled
+
+
+def _pooled_fidelity(pooled: list, first: Sequence[OutputComparison]) -> list[OutputFidelity]:
+    """Per-output figures over every real input set at once (masked where a mask applied)."""
+    from fxcompress.numerics import compare_output
+
+    rows = []
+    for (all_ref, all_got, kept_ref, kept_got), c in zip(pooled, first):
+        whole = compare_output(c.index, np.concatenate(all_ref), np.concatenate(all_got))
+        kept = compare_output(c.index, np.concatenate(kept_ref), np.concatenate(kept_got)) if kept_ref else None
+        judged = kept if kept is not None else whole
+        rows.append(OutputFidelity(name=c.name or f"output_{c.index}", shape=c.shape, drift=whole.drift,
+                                   masked_drift=kept.drift if kept is not None else None, rel_rms=judged.rel_rms,
+                                   cosine=judged.cosine))
+    return rows

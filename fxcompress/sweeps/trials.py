@@ -114,7 +114,7 @@ def run_trial(spec: str, recipe: str, options: TrialOptions) -> dict[str, Any]:
         )
         proto = result.export_proto()  # raises ExportError on an ORT mismatch with the compiled module
         record["onnx_bytes"] = proto.ByteSize()
-        tolerance = max(result.tolerance, result._export_tolerance())  # noqa: SLF001 - the bound export parity uses
+        tolerance = result.gate.with_drift_floor(result._export_tolerance())  # noqa: SLF001 - the bounds export parity uses
         parity = validate(proto, loaded.model, result.model_inputs, tolerance=tolerance, random_inputs=1)
         record.update(parity_passed=parity.passed, parity_drift=parity.drift, parity_provider=parity.provider)
         if options.benchmark:
