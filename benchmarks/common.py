@@ -1,7 +1,7 @@
 """Shared benchmark harness: the model set, the peer toolchains, parity and MAC counting, and
 the machine description every result file carries.
 
-Not part of the library (DESIGN.md: ``benchmarks/`` is never an importable package); the scripts
+Not part of the library (docs/design.md: ``benchmarks/`` is never an importable package); the scripts
 beside this file put the repository root on ``sys.path`` and import it as ``common``.
 """
 
@@ -174,7 +174,7 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("efficientnet_b0", _torchvision("efficientnet_b0"), top1=True),
         ModelSpec("convnext_t", _torchvision("convnext_tiny"), top1=True),
         ModelSpec("vit_b_16", _torchvision("vit_b_16"), top1=True),
-        # BERT encoder as in DESIGN.md's peer figures: 4 layers, 384 wide, sequence 128.
+        # BERT encoder as in docs/design.md's peer figures: 4 layers, 384 wide, sequence 128.
         ModelSpec("bert_encoder", _bert(4, 384, 12, 30522, 128), top1=False, text=True),
         ModelSpec("gpt2", _gpt2(128), top1=True, text=True),
         ModelSpec("tiny_cnn", _tiny_cnn, top1=True, quick=True),
@@ -312,7 +312,7 @@ def _preprocessed(source: Path, work: Path) -> Path:
 
 
 def quantize_ort_static(source: Path, path: Path, calibration: Sequence[Sequence[torch.Tensor]]) -> Path:
-    """ORT quantize_static at its fastest x86 setting (DESIGN.md): QDQ, per-channel, U8S8, MinMax."""
+    """ORT quantize_static at its fastest x86 setting (docs/design.md): QDQ, per-channel, U8S8, MinMax."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 

@@ -8,7 +8,7 @@ Torch-Pruning (DepGraph MagnitudePruner, L1 importance, pruning_ratio=0.5, last 
 then the same plain export); fxcompress ``prune`` at ratio 0.5; fxcompress ``prune`` then
 ``int8``; ORT's ``quantize_static`` (U8S8, per-channel QDQ) on the dense model. MACs are counted
 by one counter (fxcompress.analysis.macs on the captured graph) for every variant; Torch-Pruning's
-own counter is shown beside it. Latency: ORT CPU provider, timed interleaved (DESIGN.md). Also:
+own counter is shown beside it. Latency: ORT CPU provider, timed interleaved (docs/design.md). Also:
 one training step (SGD, batch 8) of the pruned module vs the original, and unstructured 80%
 magnitude sparsity (file sizes dense / baked / compact encodings, ORT parity). And where the int8
 time goes: prune+int8 vs dense ORT int8 timed again at one thread, and ORT's profiler per op type

@@ -7,7 +7,7 @@ Per model: the plain fp32 export, fxcompress's int8 preset(s), and ORT's quantiz
 export (CNNs: ``quantize_static`` at its fastest x86 setting: QDQ, per-channel, MinMax, uint8
 activations + int8 weights, after ``quant_pre_process``; BERT: ``quantize_dynamic``). All sessions
 use the CPU provider with ORT's default thread spinning; latency is timed interleaved (blocks of
-runs of each variant in turn, DESIGN.md "How to time"). Accuracy is the cosine similarity between
+runs of each variant in turn, docs/design.md "How to time"). Accuracy is the cosine similarity between
 each variant's output and the fp32 ONNX output on held-out random inputs (minimum over them).
 "Kernels" counts the Conv/Gemm/MatMul nodes in ORT's optimized graph that still run in float.
 

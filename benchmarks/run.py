@@ -45,7 +45,7 @@ PEERS = {
     "ort-static": "ORT static int8",
     "ort-dynamic": "ORT dynamic int8",
 }
-#: Timing schedule per mode: rounds x (warm-up + block timed runs) per variant (DESIGN.md).
+#: Timing schedule per mode: rounds x (warm-up + block timed runs) per variant (docs/design.md).
 SCHEDULES = {"full": dict(rounds=10, block=8, warmup=2), "quick": dict(rounds=2, block=2, warmup=1)}
 
 

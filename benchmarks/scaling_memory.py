@@ -3,7 +3,7 @@
 Each (model, tool, preset) runs in a fresh process; its peak is the kernel's own count (VmHWM),
 given above the process's baseline (after importing torch, transformers, fxcompress and ONNX
 Runtime, before the model is built: so the model's own weights are counted) and as a multiple of
-the fp32 weight bytes (DESIGN.md decision 11; target <= 3x). Beside fxcompress: plain
+the fp32 weight bytes (docs/design.md decision 11; target <= 3x). Beside fxcompress: plain
 ``torch.onnx.export`` of the same module, and onnxruntime-genai's model builder (int4, reading a
 ``save_pretrained`` folder with a small tokenizer built here, no downloads).
 

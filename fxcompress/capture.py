@@ -1,6 +1,6 @@
 """Model capture: an ``nn.Module`` plus example inputs -> a GraphModule in fxcompress's one dialect.
 
-The dialect (DESIGN.md, decision 1) is what ``torch.export.export(model, args, strict=False)``
+The dialect (docs/design.md, decision 1) is what ``torch.export.export(model, args, strict=False)``
 produces after unlifting: ATen training-IR ops with ``node.meta["val"]`` and
 ``node.meta["nn_module_stack"]`` filled in. We then rebuild it as a plain ``torch.fx.GraphModule``
 because the unlifted module refuses ``.train()`` and users fine-tune ``result.module``.

@@ -1,4 +1,4 @@
-"""The layer contract (DESIGN.md, "Package layout and layers") holds and is enforced.
+"""The layer contract (docs/design.md, "Package layout and layers") holds and is enforced.
 
 `lint-imports` (import-linter) checks the `layers` contract in pyproject.toml; `make test` runs it
 before pytest, and these tests run it too, check it covers every module of the package, that it

@@ -1,4 +1,4 @@
-"""CI memory regression test: a compile + export holds the weights about once (DESIGN.md, decision 11).
+"""CI memory regression test: a compile + export holds the weights about once (docs/design.md, decision 11).
 
 A Llama-style decoder of a few MB (4 x 256, vocabulary 8192: 30 MB of fp32 weights) is compiled
 with its KV cache and exported in a fresh process, with the cyclic collector off; the peak

@@ -1,4 +1,4 @@
-"""GraphModule -> ONNX through ``torch.onnx.export(..., dynamo=True)`` (DESIGN.md, decision 2).
+"""GraphModule -> ONNX through ``torch.onnx.export(..., dynamo=True)`` (docs/design.md, decision 2).
 
 The exported model is checked (``onnx.checker`` full check, strict shape inference), optionally
 simplified with onnxsim (kept only when it still checks), stamped with metadata, and written

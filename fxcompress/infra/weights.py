@@ -1,6 +1,6 @@
 """Weights held once: copies of a graph module that share its tensors, and copy-on-write for them.
 
-A compile must hold the weights about once (DESIGN.md, decision 11). The pass manager's rollback
+A compile must hold the weights about once (docs/design.md, decision 11). The pass manager's rollback
 snapshot is therefore a copy of the graph *structure* only: :func:`sharing_copy` copies modules,
 graph and code but hands the new module the very same parameter and buffer tensors. That is
 safe as long as nothing writes into a shared tensor in place; passes that change a weight make a

@@ -31,7 +31,7 @@ still exact). A rerun starts from the gate scale it finds, so the pass stays ide
 clips at ``6 s``, not 6, so scaling across it would change the output wherever it clips;
 making it exact would need a per-channel clip, which ONNX Runtime does not fuse into its int8
 kernels. Hardswish, SiLU, GELU, sigmoid and other smooth activations are not homogeneous at all.
-Such pairs are rejected with that reason (``fxcompress why-not`` lists them); so are layers whose
+Such pairs are rejected with that reason (``fxcompress compile --why-not`` lists them); so are layers whose
 output has other readers (a residual connection sees the unscaled tensor) and shared or
 non-constant weights.
 

@@ -1,7 +1,7 @@
 """ORT session factory that asks for providers explicitly and reports what it actually got.
 
 ORT silently falls back to the CPU provider when the CUDA libraries cannot be loaded; a timing
-labelled "cuda" that ran on CPU is a lie (DESIGN.md, decision 6). Every session therefore records
+labelled "cuda" that ran on CPU is a lie (docs/design.md, decision 6). Every session therefore records
 the providers requested and those ``session.get_providers()`` reports, and a fallback is warned
 about loudly and shown in every report.
 """

@@ -2,7 +2,7 @@
 
 On 2-core machines back-to-back runs drift by 30%, so comparisons are timed interleaved in one
 process: blocks of runs of each variant in turn, a warm-up before each block and a short pause
-between blocks, the median over all timed runs (DESIGN.md, "How to time").
+between blocks, the median over all timed runs (docs/design.md, "How to time").
 """
 
 from __future__ import annotations

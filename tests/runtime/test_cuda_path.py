@@ -247,7 +247,7 @@ def test_cuda_presets_are_validated_on_the_cuda_provider(requires_cuda, preset, 
     assert parity.provider == "cuda"
     assert parity.passed, parity.summary()
     placement = node_placement(path, (x,), "cuda")
-    # int8 Q/DQ has no CUDA kernel for every op (DESIGN.md decision 6): it must be *reported*.
+    # int8 Q/DQ has no CUDA kernel for every op (docs/design.md decision 6): it must be *reported*.
     print(f"{preset}: {placement.summary()}")
     if preset == "fp16":
         assert not placement.fell_back, placement.summary()
