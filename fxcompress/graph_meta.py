@@ -122,3 +122,8 @@ def layer_override(overrides: Mapping[str, Any] | None, names: str | Iterable[st
     """The value of the first ``{pattern: value}`` entry whose pattern matches ``names``, or None."""
     names = (names,) if isinstance(names, str) else tuple(names)
     return next((value for pattern, value in (overrides or {}).items() if matches_layer(pattern, names)), None)
+
+
+def is_quantized(graph_module: "fx.GraphModule") -> bool:
+    """True if a quantization pass already ran on this graph (a node carries :data:`QUANT_META`)."""
+    return any(QUANT_META in n.meta for n in graph_module.graph.nodes)

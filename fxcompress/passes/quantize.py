@@ -55,7 +55,7 @@ from fxcompress.analysis.sensitivity import (
     MetricTrial, layer_sensitivities, report_trial, select_float_layers, select_float_layers_by_metric,
 )
 from fxcompress.errors import RecipeError
-from fxcompress.graph_meta import FUSED_ACTIVATION, MODULE_STACK, QUANT_META, layer_name, matches_layer
+from fxcompress.graph_meta import FUSED_ACTIVATION, MODULE_STACK, QUANT_META, is_quantized, layer_name, matches_layer
 from fxcompress.infra.context import CompileContext
 from fxcompress.infra.pass_base import DataDrivenPass, PassResult, option
 from fxcompress.infra.registry import register
@@ -462,11 +462,6 @@ def build_quantized(graph_module: fx.GraphModule, plan: QuantPlan, params: dict[
     graph.lint()
     result.recompile()
     return result
-
-
-def is_quantized(graph_module: fx.GraphModule) -> bool:
-    """True if a quantization pass already ran on this graph."""
-    return any(QUANT_META in n.meta for n in graph_module.graph.nodes)
 
 
 def _matches(layer: QuantLayer, patterns: Sequence[str]) -> bool:

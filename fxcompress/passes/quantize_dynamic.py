@@ -36,7 +36,7 @@ from fxcompress.infra.pass_base import DataDrivenPass, PassResult, option
 from fxcompress.infra.registry import register
 from fxcompress.passes.calibrators import symmetric_weight_scales
 from fxcompress.graph_meta import QUANT_META, inherit_meta, layer_name, matches_layer
-from fxcompress.passes.quantize import is_quantized
+from fxcompress.graph_meta import is_quantized
 
 aten = torch.ops.aten
 
