@@ -277,7 +277,7 @@ class CompileResult:
         # change with the recipe (relu_18 under default, _to_copy_10 under fp16).
         names = ((self.call.names, self.call.output_names) if self.call is not None and self.call.structured
                  else (None, [f"output_{i}" for i in range(_output_count(self.graph_module))]))
-        axes = getattr(self, "dynamic_axes", None)
+        axes = self.dynamic_axes
         if axes:  # the symbolic axes compile captured, under the names the user gave them
             _, flat, dim_names = _dynamic_axes_shapes(self.call, axes)
             return {"shapes": flat, "input_names": self.call.names, "output_names": names[1], "dim_names": dim_names}

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-import math
 import os
 import re
 import threading
@@ -245,15 +244,6 @@ def check_finite_outputs(model: nn.Module, outputs: Any) -> None:
                 "check the example inputs (ranges, masks that exclude every position) and the model's weights; compile "
                 "with inputs on which the model's outputs are finite.",
             )
-
-
-def check_tolerance(tolerance: Any, what: str = "tolerance") -> None:
-    """InputError unless ``tolerance`` is None or a number >= 0 (inf allowed: no bound)."""
-    if tolerance is None:
-        return
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or math.isnan(tolerance) or tolerance < 0:
-        raise InputError(f"{what} must be a number >= 0, got {tolerance!r}.",
-                         "use e.g. tolerance=0.05 (largest accepted max|error| / max|output|), or leave it out for the recipe's.")
 
 
 def describe_inputs(inputs: Sequence[torch.Tensor]) -> str:
