@@ -81,7 +81,7 @@ def _int8_breakdown(paths: dict[str, Path], inputs: tuple[torch.Tensor, ...], ro
     """
     one_thread = {label: create_session(str(paths[label]), "cpu", optimize=True, threads=1) for label in INT8_PAIR}
     latency_1 = time_interleaved({label: make_runner(rt, inputs) for label, rt in one_thread.items()}, rounds=rounds)
-    profiles = {key: {label: op_times(paths[label], inputs, runs=20, warmup=5, threads=threads).as_dict() for label in INT8_PAIR}
+    profiles = {key: {label: op_times(paths[label], inputs, runs=20, warmup=5, threads=threads).to_dict() for label in INT8_PAIR}
                 for key, threads in (("default", None), ("1", 1))}
     return {"p50_ms_1_thread": {label: v["p50_ms"] for label, v in latency_1.items()}, "op_times": profiles}
 

@@ -169,7 +169,7 @@ def prepare_runners(variants: list[Variant], inputs, check_sets, reference, spec
                 if placement:
                     with warnings.catch_warnings():  # the fallback is already recorded in the row
                         warnings.simplefilter("ignore", ProviderFallbackWarning)
-                        v.row["placement"] = node_placement(v.path, inputs, provider).as_dict()
+                        v.row["placement"] = node_placement(v.path, inputs, provider).to_dict()
                 run = make_runner(runtime, inputs)
             else:
                 if device == "cuda" and not torch.cuda.is_available():

@@ -16,7 +16,9 @@ export verified ONNX:
 
 from fxcompress.version import __version__  # noqa: E402,F401
 
-from fxcompress.api import CompileReport, CompileResult, benchmark, compile, diff, validate  # noqa: E402
+from fxcompress.api import CompileOptions, CompileReport, CompileResult, compile, diff  # noqa: E402
+from fxcompress.runtime.parity import validate  # noqa: E402
+from fxcompress.runtime.timing import benchmark  # noqa: E402
 from fxcompress.comparison import ComparisonReport, compare  # noqa: E402
 from fxcompress.decoder import DecoderCompileResult, compile_decoder, generate  # noqa: E402
 from fxcompress.sweeps import SweepResult, sweep  # noqa: E402
@@ -39,7 +41,8 @@ from fxcompress.infra.registry import register  # noqa: E402 - the decorator tha
 import fxcompress.passes  # noqa: E402,F401 - registers the built-in passes, presets and leaf functions
 
 __all__ = [
-    "CaptureError", "ComparisonReport", "CompileReport", "CompileResult", "DecoderCompileResult", "DriftError",
+    "CaptureError", "ComparisonReport", "CompileOptions", "CompileReport", "CompileResult", "DecoderCompileResult",
+    "DriftError",
     "ExportError", "FxCompressError",
     "InputError", "ModelFileError", "PassError", "Recipe", "RecipeError", "RuntimeProviderError",
     "SweepResult", "UntrustedFileError", "benchmark", "compare", "compile", "compile_decoder", "data", "diff", "generate",

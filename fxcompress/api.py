@@ -1,4 +1,4 @@
-"""The public Python API: compile(), CompileResult, validate(), benchmark().
+"""The public Python API: compile(), CompileOptions, CompileResult, CompileReport, diff().
 
     result = fxcompress.compile(model, example_inputs, recipe="default")
     result.module              # torch.fx.GraphModule, callable like the model, trainable
@@ -8,11 +8,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Callable, Sequence
+from typing import IO, TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 from torch import fx, nn
@@ -24,7 +25,7 @@ from fxcompress.capture import (
 from fxcompress.errors import CaptureError, DriftError, ExportError, InputError
 from fxcompress.export.onnx_export import export_model_proto, save_model, set_metadata
 from fxcompress.fidelity import (
-    Gate, MaskedFigures, OutputFidelity, OutputMask, check_gate, check_output_mask, fidelity_table, output_fidelity,
+    Gate, MaskedFigures, OutputMask, check_gate, check_output_mask, fidelity_table, output_fidelity,
     output_masks, output_tensors,
 )
 from fxcompress.export.sparse import bake_weight_masks, compress_initializers
@@ -37,11 +38,10 @@ from fxcompress.infra.recipe import Recipe, resolve_recipe
 from fxcompress.infra.weights import collect, own_tensors
 from fxcompress.analysis.graph_stats import count_compute_nodes, count_parameters
 from fxcompress.analysis.sensitivity import masked_by, trials_through
-from fxcompress.numerics import LOSSLESS_TOLERANCE, compare_outputs, flatten_outputs, worst_drift, worst_unmasked_drift
+from fxcompress.numerics import LOSSLESS_TOLERANCE, OutputComparison, compare_outputs, flatten_outputs, worst_drift, worst_unmasked_drift
 from fxcompress.inspect.pass_table import pass_rows, print_table, render_plain
-from fxcompress.runtime.parity import ParityReport, validate
+from fxcompress.runtime.parity import ParityReport, validate as validate_onnx
 from fxcompress.runtime.session import create_session
-from fxcompress.runtime.timing import benchmark
 
 if TYPE_CHECKING:
     import onnx
@@ -58,7 +58,8 @@ class CompileReport(MaskedFigures):
     ``drift`` is the figure checked against ``tolerance``: where an output mask applies (padded
     positions excluded by an ``attention_mask``, or compile's ``output_mask``) it is over the
     positions the mask keeps, and ``unmasked_drift`` gives the figure over every position beside
-    it. ``outputs`` has, per output, the drift, masked drift, relative RMS error and cosine.
+    it. ``outputs`` has one :class:`~fxcompress.numerics.OutputComparison` per output (drift, relative
+    RMS error, cosine, ...; the masked figures under ``masked``).
     """
 
     recipe: str
@@ -77,8 +78,9 @@ class CompileReport(MaskedFigures):
     extra: dict[str, Any] = field(default_factory=dict)
     #: drift over every output position, masked ones included (equal to ``drift`` without a mask)
     unmasked_drift: float | None = None
-    #: per output: drift, masked drift, relative RMS error and cosine against the original
-    outputs: list[OutputFidelity] = field(default_factory=list)
+    #: per output, against the original: the figures over the whole output, and over the positions
+    #: an output mask keeps under ``masked`` (``judged``: the ones the bounds check)
+    outputs: list[OutputComparison] = field(default_factory=list)
     #: set when the recipe's lossy passes changed nothing, with the reason ("no linear layers for int8-dynamic; try int8")
     note: str | None = None
     #: wall seconds by stage: capture, passes, verification, pipeline (snapshots, lint, diffs),
@@ -100,19 +102,22 @@ class CompileReport(MaskedFigures):
                 + fidelity_table(self.outputs))
 
     def to_text(self) -> str:
-        """The per-pass table followed by the per-output figures."""
+        """The per-pass table followed by the per-output figures and where the time went."""
         return self.table() + "\n" + self.fidelity_text() + ("\n" + self.stages_text() if self.stages else "")
+
+    def __str__(self) -> str:
+        return self.to_text()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (JSON-ready): whole-model figures, per-output figures, parity and passes."""
         return {
             "recipe": self.recipe, "drift": self.drift, "unmasked_drift": self.unmasked_drift, "masked": self.masked,
-            "tolerance": self.tolerance, "gate": self.gate.as_dict() if self.gate is not None else None,
+            "tolerance": self.tolerance, "gate": self.gate.to_dict() if self.gate is not None else None,
             "seconds": self.seconds, "nodes_before": self.nodes_before,
             "nodes_after": self.nodes_after, "params_before": self.params_before, "params_after": self.params_after,
             "converged": self.converged, "metric": self.metric, "note": self.note,
-            "outputs": [o.as_dict() for o in self.outputs],
-            "parity": self.parity.as_dict() if self.parity is not None else None,
+            "outputs": [o.to_dict() for o in self.outputs],
+            "parity": self.parity.to_dict() if self.parity is not None else None,
             "stages": dict(self.stages),
             "passes": [{"name": r.name, "iteration": r.iteration, "modified": r.modified, "seconds": r.seconds,
                         "drift": r.drift, "rolled_back": r.rolled_back} for r in self.records],
@@ -137,6 +142,42 @@ class CompileReport(MaskedFigures):
         print_table(pass_rows(self.records), self._total_row(), stream)
 
 
+@dataclass(frozen=True)
+class CompileOptions:
+    """The settings of :func:`compile` that most compiles leave at their defaults, in one object.
+
+    ``compile``'s own keywords are what a user changes from one compile to the next: the recipe,
+    calibration data, the acceptance bounds (``tolerance``, ``output_mask``) and an accuracy
+    metric. These options decide how the graph is captured (symbolic axes), what is recorded on
+    the way (instruments, IR dumps) and where the accuracy-aware search runs its trials::
+
+        fxcompress.compile(model, example, "int8", calibration=data,
+                           options=fxcompress.CompileOptions(dynamic_batch=True, dump_dir="out/ir"))
+
+    Attributes:
+        dynamic_batch: capture with a symbolic batch dimension so the ONNX batch axis is dynamic
+            (needs an example batch of at least 2).
+        dynamic_sequence: also make dim 1 of every ``[batch, sequence]`` input (token ids, masks)
+            symbolic: one graph and one ONNX file for every sequence length; export parity is
+            then also checked at a second, longer length.
+        dynamic_axes: any input axes to make symbolic, by input name: ``{"pixel_values": {2:
+            "height", 3: "width"}}``; captured symbolic and exported under those dimension
+            names (instead of ``dynamic_batch`` / ``dynamic_sequence``).
+        instruments: extra instruments run around every pass.
+        dump_dir: if set, the graph after every changed pass is written there (DumpIR).
+        executor: where the per-layer sensitivity and metric trials of the accuracy-aware search
+            (``evaluate=`` with ``max_metric_drop=``) run: an executor of :mod:`fxcompress.sweeps`
+            (e.g. ``RayExecutor``, one Ray task per trial); default: in this process, one after another.
+    """
+
+    dynamic_batch: bool = False
+    dynamic_sequence: bool = False
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None
+    instruments: Sequence[Instrument] = ()
+    dump_dir: str | os.PathLike | None = None
+    executor: Any = None
+
+
 class CompileResult:
     """The outcome of :func:`compile`.
 
@@ -149,11 +190,9 @@ class CompileResult:
         dynamic_axes: the symbolic input axes compile was given (``dynamic_axes=``), or None.
     """
 
-    dynamic_axes: dict[str, dict[int, str]] | None = None
-
     def __init__(self, module: fx.GraphModule, report: CompileReport, recipe: Recipe,
-                 example_inputs: tuple[torch.Tensor, ...], snapshots: RecordDiff, dynamic_batch: bool,
-                 call: ModelCall | None = None, tolerance: Any = None, dynamic_sequence: bool = False,
+                 example_inputs: tuple[torch.Tensor, ...], snapshots: RecordDiff, options: CompileOptions,
+                 call: ModelCall | None = None, tolerance: Any = None,
                  output_mask: OutputMask = None, calibration: Callable[[], Any] | None = None) -> None:
         # A model called with keyword or nested inputs gets a module called the same way, over
         # the compiled graph (shared parameters: fine-tune either, export sees the change).
@@ -162,8 +201,9 @@ class CompileResult:
         self.recipe = recipe
         self.example_inputs = example_inputs
         self.snapshots = snapshots
-        self.dynamic_batch = dynamic_batch
-        self.dynamic_sequence = dynamic_sequence
+        self.dynamic_batch = options.dynamic_batch
+        self.dynamic_sequence = options.dynamic_sequence
+        self.dynamic_axes = dict(options.dynamic_axes) if options.dynamic_axes else None
         self.call = call
         #: the acceptance bounds compile was given (argument merged over the recipe's); export parity honours them
         self.gate = recipe.gate.merged(tolerance)
@@ -241,12 +281,12 @@ class CompileResult:
             calibration = self._parity_calibration()
             for inputs in self._parity_inputs():  # one file for every shape: check each that differs
                 real = calibration if inputs is self.example_inputs else []
-                parity = _validate_proto(session, self.graph_module, inputs, allowed, output_mask=mask, real_inputs=real,
-                                         random_inputs=max(1, PARITY_SETS - 1 - len(real)))
+                parity = validate_onnx(session, self.graph_module, inputs, tolerance=allowed, output_mask=mask,
+                                       real_inputs=real, random_inputs=max(1, PARITY_SETS - 1 - len(real)))
                 self.report.parity = parity
                 if not parity.passed:
                     raise ExportError(
-                        f"The exported ONNX model does not match the compiled module in ONNX Runtime: {parity.summary()}.",
+                        f"The exported ONNX model does not match the compiled module in ONNX Runtime: {parity.to_text()}.",
                         "nothing was written; " + self._parity_advice(parity, simplify),
                     )
             del session
@@ -409,12 +449,6 @@ def unchanged_note(recipe: Recipe, records: Sequence[PassRecord]) -> str | None:
     return f"recipe '{recipe.name}' changed nothing lossy on this model: {reason}."
 
 
-def _validate_proto(model, module: fx.GraphModule, inputs, tolerance: Gate | float, output_mask: OutputMask = None,
-                    real_inputs: Sequence[Any] = (), random_inputs: int = 3) -> ParityReport:
-    return validate(model, module, inputs, tolerance=tolerance, output_mask=output_mask, real_inputs=real_inputs,
-                    random_inputs=random_inputs)
-
-
 def _final_comparisons(module: fx.GraphModule, inputs: Sequence[torch.Tensor], reference: Any,
                        masks: Sequence[Any], names: Sequence[str]) -> list:
     with torch.no_grad():
@@ -447,27 +481,48 @@ def _user_metric(evaluate: Any, max_metric_drop: float | None) -> UserMetric | N
     return UserMetric(evaluate, max_metric_drop)
 
 
-@holding_tracing_lock
+#: compile() keywords that now live in :class:`CompileOptions`: a call still passing one is told where it went.
+MOVED_TO_OPTIONS = ("dynamic_batch", "dynamic_sequence", "dynamic_axes", "instruments", "dump_dir", "executor")
+
+
+def refuse_moved_keywords(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator: a keyword of :data:`MOVED_TO_OPTIONS` raises InputError naming the fix (not a bare TypeError)."""
+
+    @functools.wraps(function)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        moved = [name for name in kwargs if name in MOVED_TO_OPTIONS]
+        if moved:
+            given = ", ".join(f"{name}={kwargs[name]!r}" for name in moved)
+            raise InputError(
+                f"{function.__name__}() takes {', '.join(moved)} in its options object now, not as a keyword.",
+                f"pass options=fxcompress.CompileOptions({given}).",
+            )
+        return function(*args, **kwargs)
+
+    return checked
+
+
+@refuse_moved_keywords
 def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torch.compile
     model: nn.Module,
     example_inputs: Any,
     recipe: str | os.PathLike | Recipe | Sequence[str | Pass] = "default",
     calibration: Any = None,
     *,
-    tolerance: float | None = None,
-    dynamic_batch: bool = False,
-    dynamic_sequence: bool = False,
-    instruments: Sequence[Instrument] = (),
-    dump_dir: str | os.PathLike | None = None,
-    progress: bool = False,
+    tolerance: float | Mapping[str, float] | None = None,
+    output_mask: OutputMask = None,
     evaluate: Callable[[Any], float] | None = None,
     max_metric_drop: float | None = None,
-    output_mask: OutputMask = None,
-    dynamic_shapes: Any = None,
-    executor: Any = None,
-    dynamic_axes: dict[str, dict[int, str]] | None = None,
+    progress: bool = False,
+    options: CompileOptions | None = None,
 ) -> CompileResult:
     """Capture ``model`` and run a recipe of passes over it.
+
+    The keywords are what a user changes from one compile to the next: the recipe and its data,
+    the acceptance bounds the result is judged by (``tolerance``, ``output_mask``; export parity
+    takes the same two), the user's own metric, progress bars. Settings most compiles leave at
+    their defaults (symbolic axes, instruments and IR dumps, the executor of the accuracy search)
+    are one :class:`CompileOptions` object, ``options``.
 
     Args:
         model: the PyTorch model; never modified (work happens on a deep copy in eval mode).
@@ -486,21 +541,6 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
             ``rel_rms`` (relative RMS error) and ``cosine`` replaces the bounds it names. Each
             output is checked (masked where a mask applies); a result beyond a bound raises
             DriftError naming the measure. ``export_onnx`` honours them too.
-        dynamic_batch: capture with a symbolic batch dimension so the ONNX batch axis is dynamic
-            (needs an example batch of at least 2).
-        dynamic_sequence: also make dim 1 of every ``[batch, sequence]`` input (token ids, masks)
-            symbolic: one graph and one ONNX file for every sequence length; export parity is
-            then also checked at a second, longer length.
-        instruments: extra instruments run around every pass.
-        dump_dir: if set, the graph after every changed pass is written there (DumpIR).
-        progress: show progress bars in long passes (calibration) and each metric trial.
-        evaluate: the user's own metric, ``evaluate(module) -> float``, higher is better (e.g.
-            accuracy on a held-out set, calling the module as the model is called). Scored on the
-            original model and on the result (``result.report.metric``).
-        max_metric_drop: with ``evaluate``, accuracy-aware compile: lossy passes that can keep
-            layers in float (quantize-int8, quantize-int8-dynamic) rank layers by sensitivity and
-            bisect on how many of the most sensitive stay in float until the metric drops at most
-            this much; each trial is listed in the pass's ``stats["metric_trials"]``.
         output_mask: which output positions drift counts (fxcompress.fidelity). Default: where
             the model takes an input named ``attention_mask``, the positions it excludes
             (padding) are ignored in every output whose leading dims are ``[batch, sequence]``;
@@ -510,20 +550,53 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
             a mask applies, the masked drift is the one checked against ``tolerance`` (and by
             ``export_onnx``); the drift over all positions is reported beside it
             (``report.unmasked_drift``, ``report.outputs``).
-        dynamic_shapes: an explicit torch.export dynamic-shapes spec for positional inputs, used
-            instead of ``dynamic_batch`` / ``dynamic_sequence`` at capture (what
-            :func:`fxcompress.decoder.compile_decoder` passes for the KV cache).
-        dynamic_axes: any input axes to make symbolic, by input name: ``{"pixel_values": {2:
-            "height", 3: "width"}}``; captured symbolic and exported under those dimension
-            names (instead of ``dynamic_batch`` / ``dynamic_sequence`` / ``dynamic_shapes``).
-        executor: where the per-layer sensitivity and metric trials of that search run: an
-            executor of :mod:`fxcompress.sweeps` (e.g. ``RayExecutor``, one Ray task per trial);
-            default: in this process, one after another.
+        evaluate: the user's own metric, ``evaluate(module) -> float``, higher is better (e.g.
+            accuracy on a held-out set, calling the module as the model is called). Scored on the
+            original model and on the result (``result.report.metric``).
+        max_metric_drop: with ``evaluate``, accuracy-aware compile: lossy passes that can keep
+            layers in float (quantize-int8, quantize-int8-dynamic) rank layers by sensitivity and
+            bisect on how many of the most sensitive stay in float until the metric drops at most
+            this much; each trial is listed in the pass's ``stats["metric_trials"]``.
+        progress: show progress bars in long passes (calibration) and each metric trial.
+        options: a :class:`CompileOptions` (symbolic batch, sequence or other axes; instruments;
+            ``dump_dir``; the executor of the accuracy-aware search); default ``CompileOptions()``.
 
     Raises:
         InputError, CaptureError, RecipeError, PassError, DriftError: each with a one-paragraph
         explanation and the fix.
     """
+    return run_compile(model, example_inputs, recipe, calibration, tolerance=tolerance, output_mask=output_mask,
+                       evaluate=evaluate, max_metric_drop=max_metric_drop, progress=progress, options=options)
+
+
+@holding_tracing_lock
+def run_compile(
+    model: nn.Module,
+    example_inputs: Any,
+    recipe: str | os.PathLike | Recipe | Sequence[str | Pass] = "default",
+    calibration: Any = None,
+    *,
+    tolerance: float | Mapping[str, float] | None = None,
+    output_mask: OutputMask = None,
+    evaluate: Callable[[Any], float] | None = None,
+    max_metric_drop: float | None = None,
+    progress: bool = False,
+    options: CompileOptions | None = None,
+    dynamic_shapes: Any = None,
+    make_result: Callable[..., CompileResult] = CompileResult,
+) -> CompileResult:
+    """:func:`compile`, plus what only the library's own front ends set (not part of the public API).
+
+    Args:
+        dynamic_shapes: an explicit torch.export dynamic-shapes spec for positional inputs, used
+            instead of the options' symbolic axes at capture (what
+            :func:`fxcompress.decoder.compile_decoder` passes for the KV cache).
+        make_result: builds the result from :class:`CompileResult`'s arguments (compile_decoder
+            builds a :class:`~fxcompress.decoder.DecoderCompileResult`).
+    """
+    options = _check_options(options)
+    dynamic_batch, dynamic_sequence = options.dynamic_batch, options.dynamic_sequence
+    dynamic_axes, instruments, dump_dir, executor = options.dynamic_axes, options.instruments, options.dump_dir, options.executor
     start = time.perf_counter()
     _refuse_cached_decoder(model)
     check_gate(tolerance)
@@ -620,10 +693,18 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
             "else use a less aggressive recipe (e.g. int8-dynamic instead of int8) or keep sensitive layers in float "
             "(evaluate= with max_metric_drop=).",
         )
-    result = CompileResult(compiled, report, resolved, inputs, recorder, dynamic_batch, call, tolerance, dynamic_sequence,
-                           output_mask, calibration_batches)
-    result.dynamic_axes = dynamic_axes or None
-    return result
+    return make_result(compiled, report, resolved, inputs, recorder, options, call, tolerance, output_mask,
+                       calibration_batches)
+
+
+def _check_options(options: Any) -> CompileOptions:
+    """``options`` (default ``CompileOptions()``), or an InputError naming the form it must have."""
+    if options is None:
+        return CompileOptions()
+    if not isinstance(options, CompileOptions):
+        raise InputError(f"options must be a fxcompress.CompileOptions, got a {type(options).__name__}.",
+                         "pass options=fxcompress.CompileOptions(dynamic_batch=True, ...) or leave it out.")
+    return options
 
 
 def diff(a: Any, b: Any) -> Any:
@@ -640,4 +721,4 @@ def diff(a: Any, b: Any) -> Any:
     return diff_any(a, b)
 
 
-__all__ = ["CompileReport", "CompileResult", "benchmark", "compile", "diff", "validate"]
+__all__ = ["CompileOptions", "CompileReport", "CompileResult", "compile", "diff"]

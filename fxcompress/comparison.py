@@ -19,7 +19,7 @@ from typing import Any
 import onnx
 from torch import nn
 
-from fxcompress.api import CompileResult, compile as compile_model
+from fxcompress.api import CompileOptions, CompileResult, compile as compile_model
 from fxcompress.errors import InputError
 from fxcompress.fidelity import OutputMask, check_output_mask
 from fxcompress.inspect.render_html import Variant
@@ -84,7 +84,7 @@ class ComparisonReport:
             "variants": [{**{k: v for k, v in asdict(f).items() if k != "parity"},
                           "parity": {"passed": f.parity.passed, "drift": f.parity.drift,
                                      "unmasked_drift": f.parity.unmasked_drift, "masked": f.parity.masked,
-                                     "cosine": f.parity.cosine, "outputs": [o.as_dict() for o in f.parity.outputs]}}
+                                     "cosine": f.parity.cosine, "outputs": [o.to_dict() for o in f.parity.outputs]}}
                          for f in self.variants],
         }
 
@@ -96,7 +96,7 @@ class ComparisonReport:
                  f"{self.runs} runs each, interleaved):",
                  f"{'variant':<30} {'p50 ms':>9} {'p90 ms':>9} {'size MB':>9}  parity vs original"]
         for v in self.variants:
-            lines.append(f"{v.label:<30} {v.p50_ms:>9.3f} {v.p90_ms:>9.3f} {v.size_bytes / 1e6:>9.2f}  {v.parity.summary()}")
+            lines.append(f"{v.label:<30} {v.p50_ms:>9.3f} {v.p90_ms:>9.3f} {v.size_bytes / 1e6:>9.2f}  {v.parity.to_text()}")
         if self.speedup is not None:
             lines.append(f"speedup over plain export: {self.speedup:.2f}x")
         if self.compiled.parity.outputs:
@@ -162,7 +162,8 @@ def compare(
     tolerance = result.gate.with_drift_floor(LOSSLESS_TOLERANCE)  # compile's bounds, at least the lossless one
     models: dict[str, tuple[onnx.ModelProto | str, int]] = {}
     if baseline:
-        plain = compile_model(original, inputs, [], dynamic_batch=result.dynamic_batch, dynamic_sequence=result.dynamic_sequence)
+        plain = compile_model(original, inputs, [], options=CompileOptions(dynamic_batch=result.dynamic_batch,
+                                                                          dynamic_sequence=result.dynamic_sequence))
         proto = plain.export_proto(validate=False)
         models[BASELINE_LABEL] = (proto, proto.ByteSize())
     compiled = result.export_proto() if onnx_model is None else onnx_model

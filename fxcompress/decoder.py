@@ -21,19 +21,19 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from fxcompress.api import CompileResult, compile
+from fxcompress.api import CompileOptions, CompileResult, refuse_moved_keywords, run_compile
 from fxcompress.capture_decoder import (
     DECODER_METADATA, DIM_NAMES, DecoderModule, DecoderSpec, decoder_spec, dynamic_shapes, example_inputs, step_inputs,
 )
 from fxcompress.errors import InputError
 from fxcompress.infra.context import calibration_source
-from fxcompress.infra.instrument import Instrument
 from fxcompress.infra.pass_base import Pass
 from fxcompress.infra.recipe import Recipe
 from fxcompress.runtime.generate import DecoderSession, generate as generate_onnx
@@ -57,9 +57,12 @@ class DecoderCompileResult(CompileResult):
     ``(logits, *present)`` (see :func:`fxcompress.capture_decoder.step_inputs` to build them).
     """
 
-    spec: DecoderSpec
-    #: the separately compiled graph for the prompt step (None: this graph serves prefill too)
-    prefill: "DecoderCompileResult | None" = None
+    def __init__(self, *args: Any, spec: DecoderSpec, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: the cache geometry (layers, heads, head size, vocabulary) the graph was captured with
+        self.spec = spec
+        #: the separately compiled graph for the prompt step (None: this graph serves prefill too)
+        self.prefill: DecoderCompileResult | None = None
 
     @property
     def graphs(self) -> dict[str, str]:
@@ -132,31 +135,35 @@ def _prefill_batches(spec: DecoderSpec, calibration: Any) -> Callable[[], Any] |
     return batches
 
 
+@refuse_moved_keywords
 def compile_decoder(
     model: nn.Module,
     recipe: str | os.PathLike | Recipe | Sequence[str | Pass] = "default",
     calibration: Any = None,
     *,
-    tolerance: float | None = None,
-    instruments: Sequence[Instrument] = (),
-    dump_dir: str | os.PathLike | None = None,
-    progress: bool = False,
+    tolerance: float | Mapping[str, float] | None = None,
     evaluate: Callable[[Any], float] | None = None,
     max_metric_drop: float | None = None,
+    progress: bool = False,
     prefill_recipe: str | os.PathLike | Recipe | Sequence[str | Pass] | None = "auto",
+    options: CompileOptions | None = None,
 ) -> DecoderCompileResult:
     """Capture a causal LM with its KV cache and run a recipe of passes over it.
 
     Args:
         model: a transformers causal LM (Llama, Qwen2, Mistral, GPT-2, Phi, ...) using the
             dynamic cache; never modified.
-        recipe, tolerance, instruments, dump_dir, progress, evaluate, max_metric_drop: as for
-            :func:`fxcompress.compile`; ``evaluate`` receives the compiled flat module.
+        recipe, tolerance, evaluate, max_metric_drop, progress: as for :func:`fxcompress.compile`;
+            ``evaluate`` receives the compiled flat module.
         calibration: prompts for data-driven passes: token-id tensors ``[batch, length]`` (or
             dicts with ``input_ids``), run as prefill steps.
         prefill_recipe: the recipe of a separate graph for the prompt step. "auto" (default):
             :data:`PREFILL_CHOICE` for the preset that ran (``int8-dynamic`` under the weight-only
             presets), else none; None: one graph for both. ``result.graphs`` says what was chosen.
+        options: a :class:`~fxcompress.api.CompileOptions` for ``instruments``, ``dump_dir``
+            (the prefill graph's passes go to ``<dump_dir>/prefill``) and ``executor``; the
+            symbolic axes are the decoder's own (batch, sequence and past lengths), so its
+            ``dynamic_*`` settings must stay unset.
 
     Returns:
         A :class:`DecoderCompileResult`; ``export_onnx`` writes one graph for prefill and decode,
@@ -167,23 +174,38 @@ def compile_decoder(
             the ONNX loop cannot serve (beam search, ...): each names what is supported.
         CaptureError, RecipeError, PassError, DriftError: as for :func:`fxcompress.compile`.
     """
+    options = _decoder_options(options)
     spec = decoder_spec(model)
     wrapper = DecoderModule(model, spec.layers)
 
-    def compile_graph(graph_recipe: Any, dump: Any) -> DecoderCompileResult:
-        result = compile(wrapper, example_inputs(spec), graph_recipe, _prefill_batches(spec, calibration),
-                         tolerance=tolerance, instruments=instruments, dump_dir=dump, progress=progress,
-                         evaluate=evaluate, max_metric_drop=max_metric_drop, dynamic_shapes=dynamic_shapes(spec))
-        result.__class__ = DecoderCompileResult  # same state, decoder-aware export
-        result.spec = spec
-        return result
+    def compile_graph(graph_recipe: Any, graph_options: CompileOptions) -> DecoderCompileResult:
+        return run_compile(wrapper, example_inputs(spec), graph_recipe, _prefill_batches(spec, calibration),
+                           tolerance=tolerance, evaluate=evaluate, max_metric_drop=max_metric_drop, progress=progress,
+                           options=graph_options, dynamic_shapes=dynamic_shapes(spec),
+                           make_result=partial(DecoderCompileResult, spec=spec))
 
-    result = compile_graph(recipe, dump_dir)
+    result = compile_graph(recipe, options)
     if isinstance(prefill_recipe, str) and prefill_recipe == "auto":
         prefill_recipe = PREFILL_CHOICE.get(result.recipe.name)
     if prefill_recipe is not None:
-        result.prefill = compile_graph(prefill_recipe, None if dump_dir is None else Path(dump_dir) / "prefill")
+        dump = None if options.dump_dir is None else Path(options.dump_dir) / "prefill"
+        result.prefill = compile_graph(prefill_recipe, replace(options, dump_dir=dump))
     return result
+
+
+def _decoder_options(options: Any) -> CompileOptions:
+    """compile_decoder's options (default ``CompileOptions()``); InputError for symbolic-axis settings,
+    which a decoder graph has already (batch, sequence and past lengths)."""
+    if options is None:
+        return CompileOptions()
+    if isinstance(options, CompileOptions):
+        axes = [name for name in ("dynamic_batch", "dynamic_sequence", "dynamic_axes") if getattr(options, name)]
+        if axes:
+            raise InputError(f"compile_decoder was given options with {', '.join(axes)} set, but a decoder graph's "
+                             "batch, sequence and past lengths are symbolic already and no other axis can be.",
+                             "leave those options unset for compile_decoder (its instruments, dump_dir and executor "
+                             "apply).")
+    return options  # run_compile says what form options must have
 
 
 def generate(model: Any, input_ids: Any, **options: Any) -> torch.Tensor:

@@ -200,66 +200,49 @@ def output_masks(output_mask: OutputMask, input_names: Sequence[str], inputs: Se
     return masks
 
 
-@dataclass
-class OutputFidelity:
-    """One output's figures, worst case over the input sets it was measured on.
-
-    ``drift`` is over the whole output; ``masked_drift`` over the positions the mask keeps (None
-    where no mask applies). ``rel_rms`` and ``cosine`` are masked where a mask applies.
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    drift: float
-    masked_drift: float | None
-    rel_rms: float
-    cosine: float
-
-    @property
-    def judged_drift(self) -> float:
-        """The drift a tolerance is checked against: masked where a mask applies."""
-        return self.drift if self.masked_drift is None else self.masked_drift
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "drift": self.drift, "masked_drift": self.masked_drift,
-                "rel_rms": self.rel_rms, "cosine": self.cosine}
-
-
 class MaskedFigures:
     """Mixin of the reports that carry per-output figures (compile report, parity report)."""
 
-    outputs: list[OutputFidelity]
+    outputs: list[OutputComparison]
 
     @property
     def masked(self) -> bool:
         """Whether an output mask applied to some output (then the headline figures are masked ones)."""
-        return any(o.masked_drift is not None for o in self.outputs)
+        return any(o.masked is not None for o in self.outputs)
 
 
-def output_fidelity(runs: Sequence[Sequence[OutputComparison]]) -> list[OutputFidelity]:
-    """Per-output figures, worst over ``runs`` (one list of comparisons per input set)."""
-    rows = []
-    for per_output in zip(*runs):
-        first = per_output[0]
-        masked = [c.masked.drift for c in per_output if c.masked is not None]
-        cosines = [c.judged.cosine for c in per_output]
-        rows.append(OutputFidelity(
-            name=first.name or f"output_{first.index}", shape=first.shape,
-            drift=max(c.drift for c in per_output), masked_drift=max(masked) if masked else None,
-            rel_rms=max(c.judged.rel_rms for c in per_output),
-            cosine=math.nan if any(math.isnan(c) for c in cosines) else min(cosines),
-        ))
-    return rows
+def output_fidelity(runs: Sequence[Sequence[OutputComparison]]) -> list[OutputComparison]:
+    """Per-output figures, worst over ``runs`` (one list of comparisons per input set): one
+    :class:`~fxcompress.numerics.OutputComparison` per output, named, its masked figures worst
+    over the runs as well."""
+    return [_worst(per_output) for per_output in zip(*runs)]
 
 
-def fidelity_table(rows: Sequence[OutputFidelity], indent: str = "  ") -> str:
-    """Per-output figures as aligned text: drift over all positions, masked drift, rel. RMS, cosine."""
+def _worst(comparisons: Sequence[OutputComparison]) -> OutputComparison:
+    """The worst of each figure over comparisons of one output (largest error, smallest cosine)."""
+    first = comparisons[0]
+    cosines = [c.cosine for c in comparisons]
+    top1 = [c.top1_agreement for c in comparisons if c.top1_agreement is not None]
+    masked = [c.masked for c in comparisons if c.masked is not None]
+    return OutputComparison(
+        index=first.index, shape=first.shape, name=first.name or f"output_{first.index}",
+        max_abs=max(c.max_abs for c in comparisons), max_rel=max(c.max_rel for c in comparisons),
+        drift=max(c.drift for c in comparisons), rel_rms=max(c.rel_rms for c in comparisons),
+        cosine=math.nan if any(math.isnan(c) for c in cosines) else min(cosines),
+        top1_agreement=min(top1) if top1 else None, nonfinite=max(c.nonfinite for c in comparisons),
+        masked=_worst(masked) if masked else None,
+    )
+
+
+def fidelity_table(rows: Sequence[OutputComparison], indent: str = "  ") -> str:
+    """Per-output figures as aligned text: drift over all positions, masked drift, then the rel.
+    RMS error and cosine that are judged (masked where a mask applies)."""
     width = max([len("output")] + [len(r.name) for r in rows])
     lines = [f"{indent}{'output':<{width}}  {'shape':<16} {'drift':>9} {'masked drift':>13} {'rel RMS':>9} {'cosine':>10}"]
     for r in rows:
         masked = f"{r.masked_drift:.2e}" if r.masked_drift is not None else "-"
         lines.append(f"{indent}{r.name:<{width}}  {str(list(r.shape)):<16} {r.drift:>9.2e} {masked:>13} "
-                     f"{r.rel_rms:>9.2e} {r.cosine:>10.6f}")
+                     f"{r.judged.rel_rms:>9.2e} {r.judged.cosine:>10.6f}")
     if any(r.masked_drift is not None for r in rows):
         lines.append(f"{indent}(masked: positions the output mask excludes, e.g. padding, are ignored; rel RMS and "
                      "cosine are masked too, and the masked drift is the one checked against the tolerance)")
@@ -293,20 +276,22 @@ class Gate:
     rel_rms: float = math.inf
     cosine: float = -1.0
 
-    def failures(self, rows: Sequence[OutputFidelity]) -> list[str]:
-        """One phrase per bound an output breaks, e.g. ``"rel. RMS error 0.31 of 'logits' > 0.25"``."""
+    def failures(self, rows: Sequence[OutputComparison]) -> list[str]:
+        """One phrase per bound an output breaks (masked figures where a mask applies), e.g.
+        ``"rel. RMS error 0.31 of 'logits' > 0.25"``."""
         found = []
         for r in rows:
-            if not r.rel_rms <= self.rel_rms:
-                found.append(f"relative RMS error {r.rel_rms:.3g} of output '{r.name}' is above the bound {self.rel_rms:g}")
-            if not r.cosine >= self.cosine:  # NaN (non-finite outputs) fails too
-                found.append(f"cosine {r.cosine:.4f} of output '{r.name}' is below the bound {self.cosine:g}")
+            judged = r.judged
+            if not judged.rel_rms <= self.rel_rms:
+                found.append(f"relative RMS error {judged.rel_rms:.3g} of output '{r.name}' is above the bound {self.rel_rms:g}")
+            if not judged.cosine >= self.cosine:  # NaN (non-finite outputs) fails too
+                found.append(f"cosine {judged.cosine:.4f} of output '{r.name}' is below the bound {self.cosine:g}")
             if not r.judged_drift <= self.drift:
                 found.append(f"drift (max error / max output) {r.judged_drift:.3g} of output '{r.name}' is above the "
                              f"bound {self.drift:g}")
         return found
 
-    def passes(self, rows: Sequence[OutputFidelity]) -> bool:
+    def passes(self, rows: Sequence[OutputComparison]) -> bool:
         return not self.failures(rows)
 
     def merged(self, override: "float | Mapping[str, float] | Gate | None") -> "Gate":
@@ -318,14 +303,15 @@ class Gate:
         if isinstance(override, Gate):
             return override
         if isinstance(override, Mapping):
-            return Gate(**{**self.as_dict(), **{k: float(v) for k, v in override.items()}})
+            return Gate(**{**self.to_dict(), **{k: float(v) for k, v in override.items()}})
         return Gate(float(override), math.inf, -1.0)
 
     def with_drift_floor(self, floor: float) -> "Gate":
         """This gate with a drift bound of at least ``floor`` (e.g. the lossless bound, for export parity)."""
         return Gate(max(self.drift, floor), self.rel_rms, self.cosine)
 
-    def as_dict(self) -> dict[str, float]:
+    def to_dict(self) -> dict[str, float]:
+        """The three bounds by measure name (the form ``tolerance`` takes as a dict)."""
         return {"drift": self.drift, "rel_rms": self.rel_rms, "cosine": self.cosine}
 
     def describe(self) -> str:

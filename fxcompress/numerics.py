@@ -35,7 +35,11 @@ def flatten_outputs(outputs: Any) -> list[np.ndarray]:
 
 @dataclass
 class OutputComparison:
-    """How one output of a candidate differs from the reference.
+    """How one output of a candidate differs from the reference: the one per-output record.
+
+    It is what one comparison on one input set gives (:func:`compare_output`), and, worst over
+    several input sets, what reports list per output (``CompileReport.outputs``,
+    ``ParityReport.outputs``, :func:`fxcompress.fidelity.output_fidelity`).
 
     The figures are over the whole output. Where a mask applies (the padded positions of a
     ``[batch, sequence, ...]`` output excluded by an attention mask, see
@@ -61,10 +65,33 @@ class OutputComparison:
         """The figures a tolerance is checked against: the masked ones where a mask applies."""
         return self.masked if self.masked is not None else self
 
-    def as_dict(self) -> dict[str, Any]:
+    @property
+    def masked_drift(self) -> float | None:
+        """The drift over the positions the mask keeps; None where no mask applies."""
+        return self.masked.drift if self.masked is not None else None
+
+    @property
+    def judged_drift(self) -> float:
+        """The drift a tolerance is checked against: masked where a mask applies."""
+        return self.judged.drift
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-ready): the figures over the whole output, ``masked_drift``, and the
+        masked figures under ``masked`` (None without a mask)."""
         data = {k: v for k, v in self.__dict__.items() if k != "masked"}
-        data["masked"] = self.masked.as_dict() if self.masked is not None else None
+        data["shape"] = list(self.shape)
+        data["masked_drift"] = self.masked_drift
+        data["masked"] = self.masked.to_dict() if self.masked is not None else None
         return data
+
+    def to_text(self) -> str:
+        """One line: name, shape, drift (and masked drift), then the judged rel. RMS error and cosine."""
+        masked = f", masked drift {self.masked_drift:.2e}" if self.masked is not None else ""
+        return (f"{self.name or f'output_{self.index}'} {list(self.shape)}: drift {self.drift:.2e}{masked}, "
+                f"rel. RMS {self.judged.rel_rms:.2e}, cosine {self.judged.cosine:.6f}")
+
+    def __str__(self) -> str:
+        return self.to_text()
 
 
 def _figures(ref: np.ndarray, got: np.ndarray, classifier: bool) -> dict[str, Any]:

@@ -38,11 +38,16 @@ class TaskMetric:
     def higher_is_better(self) -> bool:
         return self.name != "perplexity"
 
-    def text(self) -> str:
+    def to_text(self) -> str:
+        """The value as the metric is read: a percentage for top-1, four decimals otherwise."""
         return f"{self.value:.2%}" if self.name in ("top1",) else f"{self.value:.4f}"
 
-    def as_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-ready): metric name, value and the number of examples."""
         return {"metric": self.name, "value": self.value, "examples": self.count}
+
+    def __str__(self) -> str:
+        return self.to_text()
 
 
 def metric_kind(task: str | None) -> str:

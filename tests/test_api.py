@@ -110,10 +110,40 @@ def test_pass_failure_is_named():
 
 
 def test_dump_dir_writes_numbered_graphs(tmp_path):
-    fxcompress.compile(WithNoOps(), (torch.randn(2, 16),), dump_dir=tmp_path)
+    fxcompress.compile(WithNoOps(), (torch.randn(2, 16),), options=fxcompress.CompileOptions(dump_dir=tmp_path))
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names[0] == "000_captured.txt"
     assert any("remove-no-ops" in n for n in names)
+
+
+def test_options_carry_the_rarely_changed_settings_and_moved_keywords_say_where_they_went(tmp_path):
+    import inspect
+
+    assert list(inspect.signature(fxcompress.compile).parameters) == [
+        "model", "example_inputs", "recipe", "calibration", "tolerance", "output_mask", "evaluate", "max_metric_drop",
+        "progress", "options"]
+    x = torch.randn(2, 16)
+    result = fxcompress.compile(WithNoOps(), (x,), options=fxcompress.CompileOptions(dynamic_batch=True))
+    assert result.dynamic_batch and not result.dynamic_sequence and result.dynamic_axes is None
+    with pytest.raises(InputError, match=r"options object now.*Fix: pass options=fxcompress.CompileOptions\(dynamic_batch=True\)"):
+        fxcompress.compile(WithNoOps(), (x,), dynamic_batch=True)
+    with pytest.raises(InputError, match="options must be a fxcompress.CompileOptions, got a dict"):
+        fxcompress.compile(WithNoOps(), (x,), options={"dynamic_batch": True})
+    with pytest.raises(TypeError):  # internal settings are no keywords of compile at all
+        fxcompress.compile(WithNoOps(), (x,), dynamic_shapes=None)
+
+
+def test_reports_read_the_same_way(tmp_path):
+    x = torch.randn(2, 16)
+    result = fxcompress.compile(WithNoOps(), (x,))
+    path = result.export_onnx(tmp_path / "m.onnx")
+    reports = [result.report, result.report.parity, fxcompress.validate(path, WithNoOps(), (x,)),
+               fxcompress.benchmark(path, (x,), warmup=0, runs=2), result.report.outputs[0]]
+    for report in reports:
+        assert str(report) == report.to_text() and report.to_text().strip()
+        assert isinstance(report.to_dict(), dict)
+        assert not hasattr(report, "as_dict") and not hasattr(report, "summary")
+    assert reports[3].runs == 2 and reports[3].to_dict()["runs"] == 2
 
 
 @pytest.mark.parametrize("recipe, exact", [("sparse", True), ("int8-dynamic", False)])

@@ -95,11 +95,11 @@ def test_validate_rejects_inputs_that_do_not_fit(model, onnx_path, inputs, match
     ((X.double(),), r"Input 0 \('x'\) has dtype float64 but the model expects float32"),
 ])
 def test_benchmark_rejects_inputs_that_do_not_fit(onnx_path, inputs, match):
-    refused(InputError, match, lambda: fxcompress.benchmark(onnx_path, inputs, warmup=0, iters=1))
+    refused(InputError, match, lambda: fxcompress.benchmark(onnx_path, inputs, warmup=0, runs=1))
 
 
 def test_benchmark_rejects_zero_iterations(onnx_path):
-    refused(InputError, "iters >= 1", lambda: fxcompress.benchmark(onnx_path, (X,), iters=0))
+    refused(InputError, "runs >= 1", lambda: fxcompress.benchmark(onnx_path, (X,), runs=0))
 
 
 def test_compile_rejects_something_that_is_not_a_module(model):
@@ -280,7 +280,8 @@ def test_cli_checks_the_output_path_before_compiling(tmp_path, capsys):
 
 def test_dump_dir_that_cannot_be_created(model, tmp_path):
     (tmp_path / "file").write_text("x")
-    refused(InputError, r"dump folder .* cannot be used", lambda: fxcompress.compile(model, (X,), dump_dir=tmp_path / "file" / "dump"),
+    options = fxcompress.CompileOptions(dump_dir=tmp_path / "file" / "dump")
+    refused(InputError, r"dump folder .* cannot be used", lambda: fxcompress.compile(model, (X,), options=options),
             model, tmp_path)
 
 

@@ -11,7 +11,7 @@ from fxcompress.cli import main
 
 def test_compile_factory_spec(tmp_path, capsys):
     out = tmp_path / "m.onnx"
-    assert main(["compile", "tests.models:conv_bn_relu", "--out", str(out), "--iters", "8"]) == 0
+    assert main(["compile", "tests.models:conv_bn_relu", "--out", str(out), "--runs", "8"]) == 0
     text = capsys.readouterr().out
     assert "Compiling tests.models:conv_bn_relu" in text
     assert "Parity (ONNX in ORT vs original model):  PASS" in text
@@ -22,15 +22,25 @@ def test_compile_factory_spec(tmp_path, capsys):
 
 def test_bench_prints_provider(tmp_path, capsys):
     out = tmp_path / "m.onnx"
-    main(["compile", "tests.models:conv_bn_relu", "--out", str(out), "--no-baseline", "--iters", "8"])
+    main(["compile", "tests.models:conv_bn_relu", "--out", str(out), "--no-baseline", "--runs", "8"])
     capsys.readouterr()
-    assert main(["bench", str(out), "--iters", "5", "--warmup", "1"]) == 0
+    assert main(["bench", str(out), "--runs", "5", "--warmup", "1"]) == 0
     assert "on cpu" in capsys.readouterr().out
-    assert main(["bench", str(out), "--iters", "5", "--warmup", "1", "--ops", "--threads", "1"]) == 0
+    assert main(["bench", str(out), "--runs", "5", "--warmup", "1", "--ops", "--threads", "1"]) == 0
     text = capsys.readouterr().out
     assert "kernel time per op type" in text and "threads: 1" in text
     conv_line = next(line for line in text.splitlines() if line.split()[:1] in (["Conv"], ["FusedConv"]))
     assert float(conv_line.split()[2]) > 0  # ms of the conv kernels
+
+
+def test_iters_is_a_deprecated_spelling_of_runs(capsys):
+    from fxcompress.cli import build_parser
+
+    for command in (["bench", "m.onnx"], ["sweep", "torchvision:resnet18", "--log", "s.jsonl"], ["compile", "x:y", "--out", "m.onnx"]):
+        assert build_parser().parse_args([*command, "--iters", "7"]).runs == 7
+        assert "--iters is deprecated; use --runs" in capsys.readouterr().err
+        assert build_parser().parse_args([*command, "--runs", "7"]).runs == 7
+        assert capsys.readouterr().err == ""
 
 
 def test_passes_lists_registry(capsys):
@@ -48,7 +58,7 @@ def test_pickle_needs_trust_flag(tmp_path, capsys):
     assert "pickled file" in err and "--trust-pickle" in err
     assert not (tmp_path / "o.onnx").exists()
     assert main(["compile", str(path), "--out", str(tmp_path / "o.onnx"), "--input-shape", "1,2",
-                 "--trust-pickle", "--no-baseline", "--iters", "8"]) == 0
+                 "--trust-pickle", "--no-baseline", "--runs", "8"]) == 0
 
 
 def test_pt2_archive(tmp_path, capsys):
@@ -57,7 +67,7 @@ def test_pt2_archive(tmp_path, capsys):
     model, inputs = conv_bn_relu()
     archive = tmp_path / "m.pt2"
     torch.export.save(torch.export.export(model, inputs), str(archive))
-    assert main(["compile", str(archive), "--out", str(tmp_path / "a.onnx"), "--no-baseline", "--iters", "8"]) == 0
+    assert main(["compile", str(archive), "--out", str(tmp_path / "a.onnx"), "--no-baseline", "--runs", "8"]) == 0
 
 
 @pytest.mark.parametrize(
@@ -100,7 +110,7 @@ def test_import_registers_the_users_pass(tmp_path, capsys, monkeypatch):
     assert "count-nodes-cli" in capsys.readouterr().out
     out = tmp_path / "m.onnx"
     assert main(["compile", "tests.models:conv_bn_relu", "--import", "user_passes_cli", "--recipe", str(recipe),
-                 "--out", str(out), "--no-baseline", "--iters", "8"]) == 0
+                 "--out", str(out), "--no-baseline", "--runs", "8"]) == 0
     assert "nodes_seen" in capsys.readouterr().out
     code = main(["compile", "tests.models:conv_bn_relu", "--import", "no_such_module_xyz", "--out", str(tmp_path / "x.onnx")])
     err = capsys.readouterr().err
@@ -111,7 +121,7 @@ def test_import_registers_the_users_pass(tmp_path, capsys, monkeypatch):
 def test_compile_a_factory_returning_keyword_inputs(tmp_path, capsys):
     out = tmp_path / "kw.onnx"
     assert main(["compile", "tests.models:keyword_encoder", "--recipe", "int8-dynamic", "--calibration", "random:4",
-                 "--out", str(out), "--iters", "8"]) == 0
+                 "--out", str(out), "--runs", "8"]) == 0
     text = capsys.readouterr().out
     assert "(int64[2, 6], int64[2, 6])" in text and "Parity (ONNX in ORT vs original model):  PASS" in text
     assert [i.name for i in onnx.load(str(out)).graph.input] == ["input_ids", "attention_mask"]

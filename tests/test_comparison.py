@@ -24,7 +24,7 @@ def test_compare_in_memory_with_baseline(compiled):
     report = fxcompress.compare(result, model, runs=16)
     assert [v.label for v in report.variants] == [BASELINE_LABEL, "fxcompress default"]
     for variant in report.variants:
-        assert variant.parity.passed, variant.parity.summary()
+        assert variant.parity.passed, variant.parity.to_text()
         assert 0 < variant.p50_ms <= variant.p90_ms
         assert variant.size_bytes > 0
         assert variant.provider == "cpu"

@@ -102,6 +102,20 @@ def test_prefill_recipe_none_gives_one_graph_and_an_explicit_choice_is_honoured(
     assert chosen.graphs == {"prefill": "default", "decode": "int8-weights"}
 
 
+def test_decoder_result_is_built_as_one_and_options_apply_to_both_graphs(model, tmp_path):
+    from fxcompress.decoder import DecoderCompileResult
+
+    result = fxcompress.compile_decoder(model, recipe="int8-weights",
+                                        options=fxcompress.CompileOptions(dump_dir=tmp_path / "ir"))
+    assert type(result) is DecoderCompileResult and type(result.prefill) is DecoderCompileResult
+    assert result.spec == result.prefill.spec and result.prefill.prefill is None
+    assert any((tmp_path / "ir").glob("*.txt")) and any((tmp_path / "ir" / "prefill").glob("*.txt"))
+    with pytest.raises(fxcompress.InputError, match="symbolic already"):
+        fxcompress.compile_decoder(model, options=fxcompress.CompileOptions(dynamic_batch=True))
+    with pytest.raises(fxcompress.InputError, match="options object now"):
+        fxcompress.compile_decoder(model, dump_dir=tmp_path)
+
+
 def test_a_failed_decoder_export_leaves_no_prefill_file(paired, tmp_path, monkeypatch):
     result, _ = paired
     from fxcompress.api import CompileResult

@@ -82,7 +82,7 @@ def test_padded_positions_do_not_gate_and_both_figures_are_reported(garbage, tmp
     result.export_onnx(tmp_path / "m.onnx")
     parity = result.report.parity
     assert parity.passed and parity.masked and parity.unmasked_drift >= parity.drift
-    assert "over all positions" in parity.summary()
+    assert "over all positions" in parity.to_text()
 
 
 def test_without_the_mask_the_padded_garbage_is_refused(garbage):
@@ -162,7 +162,7 @@ def test_validate_takes_output_mask(garbage):
     whole = validate(proto, model, batch, tolerance=result.tolerance, output_mask=False)
     assert masked.passed and masked.masked and not whole.passed and not whole.masked
     assert whole.drift == pytest.approx(masked.unmasked_drift)
-    assert {"outputs", "unmasked_drift", "masked"} <= set(masked.as_dict())
+    assert {"outputs", "unmasked_drift", "masked"} <= set(masked.to_dict())
 
 
 def test_rel_rms_and_cosine_by_hand():
@@ -195,8 +195,9 @@ def test_compile_report_rel_rms_and_cosine_match_a_hand_computation(garbage):
         if mask is not None:
             a, b = a[mask], b[mask]
         a, b = a.ravel(), b.ravel()
-        assert rows[name].rel_rms == pytest.approx(float((b - a).norm() / a.norm()), rel=1e-6)
-        assert rows[name].cosine == pytest.approx(float(a @ b / (a.norm() * b.norm())), rel=1e-9)
+        # judged: the masked figures where a mask applies (the record keeps the whole-output ones beside them)
+        assert rows[name].judged.rel_rms == pytest.approx(float((b - a).norm() / a.norm()), rel=1e-6)
+        assert rows[name].judged.cosine == pytest.approx(float(a @ b / (a.norm() * b.norm())), rel=1e-9)
 
 
 def _bad_masks():

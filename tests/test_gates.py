@@ -12,14 +12,16 @@ from torch import nn
 
 import fxcompress
 from fxcompress.errors import DriftError, ExportError, InputError
-from fxcompress.fidelity import Gate, OutputFidelity, check_gate
+from fxcompress.fidelity import Gate, check_gate
+from fxcompress.numerics import OutputComparison
 from fxcompress.numerics import error_against_scale
 from fxcompress.passes.presets import PRESETS
 from fxcompress.runtime.parity import validate
 
 
-def _row(rel_rms=0.1, cosine=0.99, drift=0.05, name="out") -> OutputFidelity:
-    return OutputFidelity(name=name, shape=(2, 3), drift=drift, masked_drift=None, rel_rms=rel_rms, cosine=cosine)
+def _row(rel_rms=0.1, cosine=0.99, drift=0.05, name="out") -> OutputComparison:
+    return OutputComparison(index=0, shape=(2, 3), max_abs=drift, max_rel=drift, drift=drift, cosine=cosine,
+                            top1_agreement=None, nonfinite=0, rel_rms=rel_rms, name=name)
 
 
 def test_gate_names_each_measure_that_fails():
@@ -101,13 +103,13 @@ def test_random_inputs_are_judged_against_the_real_outputs_scale():
     old figure (error / that output's maximum) read 4.0."""
     example = _image()
     report = validate(_onnx(Shifted(0.01), example), TextDetectorLike(), example, tolerance=0.05, random_inputs=2)
-    assert report.passed, report.summary()
+    assert report.passed, report.to_text()
     assert report.inputs == ["example", "random 1", "random 2"]
     assert report.drift == pytest.approx(0.01, rel=0.01)
     assert report.random_drift == pytest.approx(0.01, rel=0.05)
     own_scale = max(c.drift for run in report.comparisons[1:] for c in run)
     assert own_scale > 1.0  # what dividing by the near-silent output gave
-    assert "on example; 2 random input set(s)" in report.summary()
+    assert "on example; 2 random input set(s)" in report.to_text()
 
 
 def test_an_error_only_on_random_inputs_is_still_caught():
@@ -124,7 +126,7 @@ def test_real_inputs_come_first_and_are_listed():
     report = validate(_onnx(TextDetectorLike(), example), TextDetectorLike(), example, real_inputs=[other],
                       random_inputs=1)
     assert report.passed and report.inputs == ["example", "calibration batch 1", "random 1"]
-    assert "on example and calibration batch 1" in report.summary()
+    assert "on example and calibration batch 1" in report.to_text()
     named = validate(_onnx(TextDetectorLike(), example), TextDetectorLike(), example, tolerance={"cosine": 0.9},
                      random_inputs=0)
     assert named.gate == Gate(math.inf, math.inf, 0.9) and named.passed and named.inputs == ["example"]
@@ -164,14 +166,14 @@ def test_export_error_names_the_measure_and_only_fixes_that_can_help(monkeypatch
     torch.manual_seed(0)
     model = SmallCNN().eval()
     result = fxcompress.compile(model, torch.randn(1, 3, 12, 12), "int8", calibration=[torch.randn(1, 3, 12, 12)])
-    checked = api._validate_proto
+    checked = api.validate_onnx
 
     def failing(*args, **kwargs):  # ORT's Q/DQ matches the fake quantization here: make the check fail
         report = checked(*args, **kwargs)
         report.passed, report.failures = False, ["relative RMS error 0.5 of output 'output' is above the bound 0.4"]
         return report
 
-    monkeypatch.setattr(api, "_validate_proto", failing)
+    monkeypatch.setattr(api, "validate_onnx", failing)
     with pytest.raises(ExportError) as caught:
         result.export_proto()
     text = str(caught.value)

@@ -44,7 +44,7 @@ def test_keyword_inputs_compile_export_and_call_like_the_model(tmp_path):
     assert [i.name for i in proto.graph.input] == ["input_ids", "attention_mask"]
     assert [o.name for o in proto.graph.output] == ["last_hidden_state", "pooled"]
     assert fxcompress.validate(path, model, batch).passed
-    assert fxcompress.benchmark(path, batch, iters=3, warmup=1).p50_ms > 0
+    assert fxcompress.benchmark(path, batch, runs=3, warmup=1).p50_ms > 0
 
 
 def test_args_kwargs_pair_and_batch_encoding():
@@ -127,7 +127,8 @@ def test_capture_error_names_the_models_own_line_with_keyword_inputs():
 
 def test_dynamic_sequence_one_onnx_file_for_every_length(tmp_path):
     model = KeywordModel().eval()
-    result = fxcompress.compile(model, _batch(), "default", dynamic_batch=True, dynamic_sequence=True)
+    result = fxcompress.compile(model, _batch(), "default",
+                                options=fxcompress.CompileOptions(dynamic_batch=True, dynamic_sequence=True))
     path = result.export_onnx(tmp_path / "m.onnx")  # parity also checked at a second, longer length
     dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in onnx.load(str(path)).graph.input]
     assert all(isinstance(d[0], str) and isinstance(d[1], str) for d in dims), dims
@@ -143,7 +144,8 @@ def test_bert_with_dynamic_sequence_exports_once_for_every_length(tmp_path):
     config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                                      vocab_size=50)
     model = transformers.BertModel(config).eval()
-    result = fxcompress.compile(model, _batch(length=8), "int8-dynamic", dynamic_batch=True, dynamic_sequence=True)
+    result = fxcompress.compile(model, _batch(length=8), "int8-dynamic",
+                                options=fxcompress.CompileOptions(dynamic_batch=True, dynamic_sequence=True))
     path = result.export_onnx(tmp_path / "bert.onnx")
     report = fxcompress.validate(path, model, _batch(seed=5, length=13), tolerance=result.tolerance)
-    assert report.passed, report.summary()
+    assert report.passed, report.to_text()

@@ -159,7 +159,7 @@ def test_every_public_call_leaves_model_inputs_and_files_unchanged(exported, tmp
         "compile int8": lambda: fxcompress.compile(model, (x,), "int8", [(X + 0.1,), (X - 0.1,)], tolerance=1.0),
         "export_onnx": lambda: result.export_onnx(tmp_path / "again.onnx"),
         "validate": lambda: fxcompress.validate(path, model, (x,)),
-        "benchmark": lambda: fxcompress.benchmark(path, (x,), warmup=0, iters=2),
+        "benchmark": lambda: fxcompress.benchmark(path, (x,), warmup=0, runs=2),
     }
     for label, call in calls.items():
         if label == "compile int8" and "int8" not in fxcompress.passes.presets.PRESETS:

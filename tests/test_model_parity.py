@@ -32,9 +32,9 @@ def _check(model, inputs, tmp_path):
     assert result.report.nodes_after <= result.report.nodes_before
     path = result.export_onnx(tmp_path / "m.onnx")
     report = fxcompress.validate(path, model, inputs)
-    assert report.passed, report.summary()
+    assert report.passed, report.to_text()
     assert report.cosine > 0.99999
-    latency = fxcompress.benchmark(path, inputs, warmup=2, iters=5)
+    latency = fxcompress.benchmark(path, inputs, warmup=2, runs=5)
     assert latency.provider == "cpu" and latency.p50_ms > 0
 
 

@@ -243,7 +243,7 @@ def _entry_points(path: Path) -> dict[str, callable]:
         "load_onnx": lambda: load_onnx(path),
         "create_session": lambda: create_session(path),
         "validate": lambda: fxcompress.validate(path, torch.nn.Identity(), feed),
-        "benchmark": lambda: fxcompress.benchmark(path, feed, warmup=0, iters=1),
+        "benchmark": lambda: fxcompress.benchmark(path, feed, warmup=0, runs=1),
     }
 
 
@@ -308,7 +308,7 @@ def test_empty_oversized_missing_and_non_onnx_files(onnx_bytes, tmp_path):
         load_onnx(tmp_path)
     path.write_bytes(b"this is not protobuf at all \xff\xfe" * 10)
     with pytest.raises(ModelFileError, match="corrupt or truncated"):
-        fxcompress.benchmark(path, (torch.randn(1, 3, 8, 8),), warmup=0, iters=1)
+        fxcompress.benchmark(path, (torch.randn(1, 3, 8, 8),), warmup=0, runs=1)
 
 
 def test_constant_output_model_without_nodes_loads(tmp_path):

@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         loaded = load_model(args.spec, [parse_shape(s) for s in args.input_shape] if args.input_shape else None)
-        result = fxcompress.compile(loaded.model, loaded.example_inputs, args.recipe, dump_dir=out)
+        result = fxcompress.compile(loaded.model, loaded.example_inputs, args.recipe,
+                                    options=fxcompress.CompileOptions(dump_dir=out))
         snaps = result.snapshots.snapshots
         for index in range(1, len(snaps)):
             before, after = snaps[index - 1], snaps[index]
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             svg = to_svg(dot)
             if svg is not None:
                 Path(f"{stem}.dot.svg").write_text(svg)
-            print(f"{stem.name}: {diff.summary()}")
+            print(f"{stem.name}: {diff.to_text()}")
         write_report(out / "report.html", result)
         print(f"Wrote {len(snaps) - 1} pass diffs and report.html to {out}")
     except FxCompressError as exc:

@@ -96,8 +96,9 @@ class GraphDiff:
             groups[new.layer]["renamed"].append(f"{old.name} -> {new.name}")
         return {layer: dict(kinds) for layer, kinds in sorted(groups.items())}
 
-    def summary(self) -> str:
-        """One line, e.g. ``-20 aten.batch_norm; nodes 69 -> 49; params 11,689,512 -> 11,679,912``."""
+    def to_text(self) -> str:
+        """One line, e.g. ``-20 aten.batch_norm; nodes 69 -> 49; params 11,689,512 -> 11,679,912``
+        (``fxcompress.inspect.render_text`` lists every change by layer)."""
         ops = ", ".join(f"{'+' if d > 0 else ''}{d} {op}" for op, d in sorted(self.op_delta.items()))
         macs = f"; MACs {self.macs_before:,} -> {self.macs_after:,}" if self.macs_before != self.macs_after else ""
         renamed = f"; {len(self.renamed)} renamed" if self.renamed else ""
@@ -105,6 +106,9 @@ class GraphDiff:
             f"{ops or 'no op changes'}; nodes {self.nodes_before} -> {self.nodes_after}; "
             f"params {self.params_before:,} -> {self.params_after:,}{macs}{renamed}"
         )
+
+    def __str__(self) -> str:
+        return self.to_text()
 
 
 def _by_operation(nodes: list[NodeInfo]) -> dict[str, list[str]]:

@@ -17,7 +17,7 @@ most sensitive ones stay in float: drift is cheap and ranks well, the metric is 
 
 Every per-layer sensitivity trial and every metric trial goes through one *trial map*,
 ``map(function, items) -> list``: in this process by default, or the ``map_calls`` of the
-executor a compile was given (``compile(..., executor=)``; fxcompress.sweeps: Ray ships each
+executor a compile was given (``CompileOptions(executor=)``; fxcompress.sweeps: Ray ships each
 trial to a worker), bound with :func:`trials_through` for that compile only (a context variable,
 so compiles in other threads keep their own).
 """

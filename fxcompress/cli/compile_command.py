@@ -16,6 +16,22 @@ from typing import Any, Sequence
 from fxcompress.errors import InputError
 
 
+class _RunsOption(argparse.Action):
+    """``--runs N``; the old spelling ``--iters N`` still works and says it is deprecated."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if option_string == "--iters":
+            print("fxcompress: --iters is deprecated; use --runs (the same count, as Python's runs=).", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_runs_option(parser: argparse.ArgumentParser, default: int, what: str) -> None:
+    """The count of timed runs, ``--runs`` (``--iters``: the deprecated spelling, kept for scripts)."""
+    parser.add_argument("--runs", "--iters", dest="runs", type=int, default=default, action=_RunsOption,
+                        help=f"{what} (default {default}; --iters is a deprecated spelling)")
+
+
 def add_compile_parser(sub: Any) -> None:
     p = sub.add_parser("compile", help="compile a model with a recipe and export ONNX (a file, or a deployable folder)")
     p.add_argument("spec", help="hf:ID_OR_FOLDER, timm:NAME, torchvision:NAME, package.module:function, file.pt2, "
@@ -49,7 +65,7 @@ def add_compile_parser(sub: Any) -> None:
                    help="keep inputs forward() never reads as (required) ONNX inputs; by default they are dropped")
     p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="ORT provider for the latency table")
     p.add_argument("--no-baseline", action="store_true", help="skip timing a plain torch.onnx.export beside the result")
-    p.add_argument("--iters", type=int, default=50, help="timed runs per variant (default 50)")
+    add_runs_option(p, 50, "timed runs per variant")
     p.add_argument("--dump-dir", default=None, help="write the graph after every changed pass into this folder")
     p.add_argument("--report", default=None, help="write a self-contained HTML report (passes, diffs, figures) here")
     p.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled module (runs code from the file)")
@@ -118,7 +134,7 @@ def _metric_table(metric_name: str, data: Any, rows: list[tuple[str, Any, Any]])
              f"{'model':<40} {metric_name:>11} {'p50 ms':>9} {'size MB':>9}"]
     for label, metric, figures in rows:
         timing = f"{figures.p50_ms:>9.3f} {figures.size_bytes / 1e6:>9.2f}" if figures is not None else f"{'':>9} {'':>9}"
-        lines.append(f"{label:<40} {metric.text():>11} {timing}")
+        lines.append(f"{label:<40} {metric.to_text():>11} {timing}")
     return "\n".join(lines)
 
 
@@ -160,16 +176,17 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def _compile_and_write(args, loaded, calibration, evaluation, original_metric, reference, evaluate, folder_out) -> int:
-    from fxcompress.api import compile as compile_model
+    from fxcompress.api import CompileOptions, compile as compile_model
     from fxcompress.capture import describe_inputs, model_call
     from fxcompress.comparison import compare
 
     print(f"Compiling {loaded.description} with recipe '{args.recipe}' "
           f"on inputs {describe_inputs(model_call(None, loaded.example_inputs).flat)}")
     result = compile_model(loaded.model, loaded.example_inputs, args.recipe, calibration,
-                           tolerance=args.tolerance, dynamic_batch=args.dynamic_batch, dump_dir=args.dump_dir,
-                           evaluate=evaluate, max_metric_drop=args.max_accuracy_drop, progress=_progress(),
-                           dynamic_axes=parse_dynamic_axes(args.dynamic_axes))
+                           tolerance=args.tolerance, evaluate=evaluate, max_metric_drop=args.max_accuracy_drop,
+                           progress=_progress(),
+                           options=CompileOptions(dynamic_batch=args.dynamic_batch, dump_dir=args.dump_dir,
+                                                  dynamic_axes=parse_dynamic_axes(args.dynamic_axes)))
     result.report.print_table()
     print(result.report.fidelity_text())
     note = getattr(result.report, "note", None)
@@ -183,10 +200,10 @@ def _compile_and_write(args, loaded, calibration, evaluation, original_metric, r
 
     def export_and_measure(path: Path) -> tuple[Any, Any]:
         written = result.export_onnx(path, simplify=args.simplify)
-        print(f"\nParity (ONNX in ORT vs compiled module): {result.report.parity.summary()}")
+        print(f"\nParity (ONNX in ORT vs compiled module): {result.report.parity.to_text()}")
         comparison = compare(result, loaded.model, written, provider=args.provider, baseline=not args.no_baseline,
-                             runs=args.iters)
-        print(f"Parity (ONNX in ORT vs original model):  {comparison.compiled.parity.summary()}")
+                             runs=args.runs)
+        print(f"Parity (ONNX in ORT vs original model):  {comparison.compiled.parity.to_text()}")
         print(f"\n{comparison.to_text()}")
         compiled_metric = None
         if evaluation is not None:
@@ -263,17 +280,18 @@ def _manifest(args, loaded, result, comparison, folder, evaluation, original_met
         "versions": versions(),
     }
     if comparison is not None:
-        data["parity"] = {"summary": comparison.compiled.parity.summary(), "passed": comparison.compiled.parity.passed,
+        data["parity"] = {"summary": comparison.compiled.parity.to_text(), "passed": comparison.compiled.parity.passed,
                           "drift": comparison.compiled.parity.drift, "cosine": comparison.compiled.parity.cosine}
         data["latency"] = comparison.to_dict()
     if compiled_metric is not None:
         data["metric"] = {"name": original_metric.name, "data": evaluation.source, "examples": compiled_metric.count,
-                          "values": {"original": original_metric.as_dict(), "compiled": compiled_metric.as_dict()}}
+                          "values": {"original": original_metric.to_dict(), "compiled": compiled_metric.to_dict()}}
     return data
 
 
 def _compile_decoder(args: argparse.Namespace, loaded: Any, folder_out: bool) -> int:
     from fxcompress import data
+    from fxcompress.api import CompileOptions
     from fxcompress.decoder import compile_decoder
     from fxcompress.output_folder import OutputFolder
 
@@ -295,8 +313,8 @@ def _compile_decoder(args: argparse.Namespace, loaded: Any, folder_out: bool) ->
 
         original_metric, _ = evaluate_original(loaded.model, loaded.task, evaluation, progress=_progress())
     print(f"Compiling {loaded.description} as a decoder (KV cache) with recipe '{args.recipe}'")
-    result = compile_decoder(loaded.model, args.recipe, calibration, tolerance=args.tolerance, dump_dir=args.dump_dir,
-                             progress=_progress())
+    result = compile_decoder(loaded.model, args.recipe, calibration, tolerance=args.tolerance, progress=_progress(),
+                             options=CompileOptions(dump_dir=args.dump_dir))
     result.report.print_table()
     print(result.report.fidelity_text())
     print(f"Graphs: {result.graphs}")
@@ -305,7 +323,7 @@ def _compile_decoder(args: argparse.Namespace, loaded: Any, folder_out: bool) ->
         graphs = {"decode": path}
         if result.prefill is not None:
             graphs["prefill"] = folder.path("model.prefill.onnx")
-        print(f"\nParity (ONNX in ORT vs compiled module): {result.report.parity.summary()}")
+        print(f"\nParity (ONNX in ORT vs compiled module): {result.report.parity.to_text()}")
         compiled_metric = None
         if evaluation is not None:
             from fxcompress.task_metrics import evaluate_onnx
@@ -316,7 +334,7 @@ def _compile_decoder(args: argparse.Namespace, loaded: Any, folder_out: bool) ->
                                                                    compiled_metric, None)]))
         folder.add(loaded.preprocess.save(folder.staging))
         manifest = _manifest(args, loaded, result, None, folder, evaluation, original_metric, compiled_metric, None, graphs)
-        manifest["parity"] = {"summary": result.report.parity.summary(), "passed": result.report.parity.passed,
+        manifest["parity"] = {"summary": result.report.parity.to_text(), "passed": result.report.parity.passed,
                               "drift": result.report.parity.drift, "against": "the compiled module"}
         manifest["decoder"] = result.graphs
         folder.write_json("manifest.json", manifest)

@@ -119,7 +119,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
         result = compile_model(loaded.model, loaded.example_inputs, args.recipe)
         print(f"Passes of recipe '{result.recipe.name}' on {loaded.description}:")
         for i, r in enumerate(result.report.records, 1):
-            what = f"ROLLED BACK: {r.rolled_back}" if r.rolled_back else r.extra["diff"].summary() if "diff" in r.extra else "no change"
+            what = f"ROLLED BACK: {r.rolled_back}" if r.rolled_back else r.extra["diff"].to_text() if "diff" in r.extra else "no change"
             print(f"  {i:>2}. {r.name:<32} {what}")
         if args.only:
             before, after = pass_snapshots(result, args.only)
@@ -165,7 +165,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         infos = {name: inspect_onnx(Path(args.model) / graph["file"], check_providers=not args.no_providers)
                  for name, graph in manifest.get("graphs", {}).items()}
         if args.json:
-            print(json.dumps({"manifest": manifest, "graphs": {k: v.as_dict() for k, v in infos.items()}}, indent=2, default=str))
+            print(json.dumps({"manifest": manifest, "graphs": {k: v.to_dict() for k, v in infos.items()}}, indent=2, default=str))
         else:
             print(render_manifest(manifest))
             for name, info in infos.items():
@@ -180,7 +180,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         loaded = load_model(args.model, _shapes(args.input_shape), trust_pickle=args.trust_pickle)
         info = inspect_graph_module(capture(loaded.model, loaded.example_inputs), loaded.description)
     if args.json:
-        print(json.dumps(info.as_dict(), indent=2, default=str))
+        print(json.dumps(info.to_dict(), indent=2, default=str))
     else:
         print(render_model_info(info, color=use_color(sys.stdout)))
     return 0

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Sequence
 
 from fxcompress.errors import FxCompressError
-from fxcompress.cli.compile_command import add_compile_parser, add_generate_parser, cmd_compile, cmd_generate
+from fxcompress.cli.compile_command import (
+    add_compile_parser, add_generate_parser, add_runs_option, cmd_compile, cmd_generate,
+)
 from fxcompress.cli.inspect_commands import add_diff_parser, add_inspect_parser, cmd_diff, cmd_inspect
 
 
@@ -22,7 +24,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--input-shape", action="append", default=None, help="override input shapes (default: from the file)")
     p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--iters", type=int, default=100)
+    add_runs_option(p, 100, "timed runs")
     p.add_argument("--ops", action="store_true", help="also print ORT's kernel time per op type (from its profiler)")
     p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads for --ops (default: one per core)")
 
@@ -42,7 +44,7 @@ def _add_sweep(sub) -> None:
     p.add_argument("--time-limit", type=float, default=None, help="seconds per trial (needs --workers or --ray)")
     p.add_argument("--benchmark", action="store_true", help="also time each result vs the plain export (trials run alone)")
     p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="ORT provider for --benchmark")
-    p.add_argument("--iters", type=int, default=48, help="timed runs per variant with --benchmark (default 48)")
+    add_runs_option(p, 48, "timed runs per variant with --benchmark")
     p.add_argument("--input-shape", action="append", default=None, help="input shape for every spec, like 1,3,224,224")
     p.add_argument("--calibration", default=None, help="an image folder, a .txt/.jsonl file, a datasets folder, .pt/.npz, "
                                                        "random:N, or package.module:function (every spec)")
@@ -89,12 +91,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     model = load_onnx(args.model)
     inputs = onnx_inputs(model, _shapes(args.input_shape))
-    report = benchmark(model, inputs, provider=args.provider, warmup=args.warmup, iters=args.iters)
-    print(f"{args.model}: {report.summary()}")
+    report = benchmark(model, inputs, provider=args.provider, warmup=args.warmup, runs=args.runs)
+    print(f"{args.model}: {report.to_text()}")
     if args.ops:
         from fxcompress.runtime.profiling import op_times
 
-        print(op_times(model, inputs, args.provider, runs=max(1, args.iters // 5), threads=args.threads).table())
+        print(op_times(model, inputs, args.provider, runs=max(1, args.runs // 5), threads=args.threads).to_text())
     return 0
 
 
@@ -109,7 +111,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise InputError("fxcompress sweep was given no model specs.", "list SPECs on the command line or give --specs-file FILE.")
     result = sweep(specs, args.recipes or ["default"], log=args.log, table=args.table, workers=args.workers, ray=args.ray,
                    ray_cpus=args.ray_cpus, memory_gb=args.memory_gb, time_limit=args.time_limit, benchmark=args.benchmark,
-                   provider=args.provider, runs=args.iters, input_shapes=_shapes(args.input_shape),
+                   provider=args.provider, runs=args.runs, input_shapes=_shapes(args.input_shape),
                    calibration=args.calibration, retry_failed=args.retry_failed)
     print(result.markdown())
     print(f"Ran {result.ran} trial(s) ({result.executor}), skipped {result.skipped} already in {result.log}.")

@@ -214,7 +214,7 @@ def run_demo(out_dir: Path, epochs: int = 8) -> int:
             continue
         result.report.print_table()
         path = result.export_onnx(out_dir / f"digits_{name.replace(':', '-')}.onnx")
-        print(f"parity vs compiled module: {result.report.parity.summary()}")
+        print(f"parity vs compiled module: {result.report.parity.to_text()}")
         label = "fxcompress prune+tune" if name == "prune" else f"fxcompress {name}"
         rows.append((label, path, result))
         if name == "prune" and "int8" in PRESETS:

@@ -147,7 +147,8 @@ def prune_and_fine_tune_trained(trained: TrainedModel, **prune_options: Any):
     from fxcompress.passes.presets import prune
 
     recipe = prune().set_options("prune-channels", {**trained.prune_options, **prune_options})
-    result = fxcompress.compile(trained.model, trained.example, recipe, dynamic_batch=trained.dynamic_batch)
+    result = fxcompress.compile(trained.model, trained.example, recipe,
+                                options=fxcompress.CompileOptions(dynamic_batch=trained.dynamic_batch))
     trained.fine_tune(result.module)
     result.module.eval()
     return result

@@ -206,6 +206,6 @@ class PrintAfterChange(Instrument):
     def after_pass(self, pass_: Pass, graph_module: fx.GraphModule, result: PassResult, record: PassRecord) -> None:
         if result.modified and self._before is not None:
             after = GraphSnapshot.of(graph_module, record.name)
-            print(f"[{record.name}] {diff_snapshots(self._before, after).summary()}", file=self.stream)
+            print(f"[{record.name}] {diff_snapshots(self._before, after).to_text()}", file=self.stream)
 
 

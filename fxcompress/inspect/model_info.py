@@ -45,7 +45,7 @@ class ModelInfo:
     providers: dict[str, str] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
 
-    def as_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict."""
         out = dict(self.__dict__)
         out["histogram"] = dict(self.histogram)

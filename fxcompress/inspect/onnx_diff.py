@@ -76,10 +76,14 @@ class OnnxDiff:
             groups[new.layer]["renamed"].append(f"{old.name} -> {new.name}")
         return {layer: dict(kinds) for layer, kinds in sorted(groups.items())}
 
-    def summary(self) -> str:
+    def to_text(self) -> str:
+        """One line: op-count changes, nodes, parameters, MACs (``fxcompress.inspect.render_text`` lists every change)."""
         ops = ", ".join(f"{'+' if d > 0 else ''}{d} {op}" for op, d in self.op_delta.items())
         return (f"{ops or 'no op changes'}; nodes {self.nodes_before} -> {self.nodes_after}; "
                 f"params {self.params_before:,} -> {self.params_after:,}; MACs {self.macs_before:,} -> {self.macs_after:,}")
+
+    def __str__(self) -> str:
+        return self.to_text()
 
 
 def _structure_hashes(graph: OnnxGraph, producers: dict[str, tuple[str, ...]]) -> dict[str, str]:

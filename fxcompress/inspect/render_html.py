@@ -234,7 +234,7 @@ def _summary_cards(result: Any, variants: Sequence[Variant]) -> str:
               + f" (allowed {report.tolerance:.0e})"),
              ("compile time", f"{report.seconds:.2f} s")]
     if report.parity is not None:
-        cards.append(("ONNX parity", report.parity.summary()))
+        cards.append(("ONNX parity", report.parity.to_text()))
     for v in variants:
         if v.p50_ms is not None:
             size = f", {v.size_bytes / 1e6:.2f} MB" if v.size_bytes is not None else ""

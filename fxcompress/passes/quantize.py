@@ -375,7 +375,7 @@ def _make_layer(node: fx.Node, kind: str) -> QuantLayer | None:
 class QuantizedBuilder:
     """``build(enabled)`` of the per-layer search: :func:`build_quantized` over one plan.
 
-    Picklable, so that an executor (``compile(..., executor=)``, e.g. Ray) can run the search's
+    Picklable, so that an executor (``CompileOptions(executor=)``, e.g. Ray) can run the search's
     trials in other processes or on other machines: nodes travel as
     :mod:`fxcompress.analysis.graph_keys` keys.
     """

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -27,7 +27,7 @@ from torch import nn
 
 from fxcompress.capture import FlatCall, model_call, private_copy, run_eager
 from fxcompress.fidelity import (
-    Gate, MaskedFigures, OutputFidelity, OutputMask, check_gate, check_output_mask, fidelity_table, output_fidelity,
+    Gate, MaskedFigures, OutputMask, check_gate, check_output_mask, fidelity_table, output_fidelity,
     output_masks, output_tensors,
 )
 from fxcompress.numerics import (
@@ -58,7 +58,7 @@ class ParityReport(MaskedFigures):
     comparisons: list[list[OutputComparison]] = field(default_factory=list)
     #: drift over every position, masked ones included (equal to ``drift`` without a mask)
     unmasked_drift: float | None = None
-    outputs: list[OutputFidelity] = field(default_factory=list)
+    outputs: list[OutputComparison] = field(default_factory=list)
     #: what each input set was, in order: "example", "calibration batch 1", ..., "random 1", ...
     inputs: list[str] = field(default_factory=list)
     #: the bounds the verdict applied (a number given as ``tolerance`` bounds the drift alone)
@@ -76,7 +76,9 @@ class ParityReport(MaskedFigures):
         """The input sets that came from the caller (example, calibration batches), not random."""
         return [name for name in self.inputs if not name.startswith("random")]
 
-    def summary(self) -> str:
+    def to_text(self) -> str:
+        """One line: the verdict, the figures against the bounds, the input sets and the provider
+        (:meth:`table` gives the per-output figures)."""
         top1 = f", top-1 agreement {self.top1_agreement:.1%}" if self.top1_agreement is not None else ""
         verdict = "PASS" if self.passed else "FAIL"
         masked = (f" masked, {self.unmasked_drift:.2e} over all positions"
@@ -94,12 +96,16 @@ class ParityReport(MaskedFigures):
         """Per-output figures (worst over the input sets) as aligned text."""
         return fidelity_table(self.outputs)
 
-    def as_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-ready): the figures, the bounds, the verdict and the per-output figures."""
         data = {k: v for k, v in self.__dict__.items() if k not in ("comparisons", "outputs", "gate")}
         data["masked"] = self.masked
-        data["gate"] = self.gate.as_dict()
-        data["outputs"] = [o.as_dict() for o in self.outputs]
+        data["gate"] = self.gate.to_dict()
+        data["outputs"] = [o.to_dict() for o in self.outputs]
         return data
+
+    def __str__(self) -> str:
+        return self.to_text()
 
 
 def _plural(names: Sequence[str]) -> str:
@@ -234,7 +240,7 @@ def validate(
         max_abs=max(c.max_abs for c in flat),
         max_rel=max(c.max_rel for c in flat),
         drift=max(o.judged_drift for o in outputs),
-        cosine=min(o.cosine for o in outputs),
+        cosine=min(o.judged.cosine for o in outputs),
         top1_agreement=min(top1) if top1 else None,
         nonfinite=nonfinite,
         runs=len(real_runs) + len(random_runs),
@@ -244,7 +250,7 @@ def validate(
         outputs=outputs,
         inputs=labels + [f"random {i + 1}" for i in range(len(random_runs))],
         gate=gate,
-        rel_rms=max((o.rel_rms for o in outputs), default=0.0),
+        rel_rms=max((o.judged.rel_rms for o in outputs), default=0.0),
         random_drift=random_drift,
         random_rel_rms=random_rel_rms,
         failures=failures,
@@ -264,16 +270,17 @@ def _pool(pooled: list | None, expected: Sequence[np.ndarray], got: Sequence[np.
     return pooled
 
 
-def _pooled_fidelity(pooled: list, first: Sequence[OutputComparison]) -> list[OutputFidelity]:
+def _pooled_fidelity(pooled: list, first: Sequence[OutputComparison]) -> list[OutputComparison]:
     """Per-output figures over every real input set at once (masked where a mask applied)."""
     from fxcompress.numerics import compare_output
 
     rows = []
     for (all_ref, all_got, kept_ref, kept_got), c in zip(pooled, first):
-        whole = compare_output(c.index, np.concatenate(all_ref), np.concatenate(all_got))
-        kept = compare_output(c.index, np.concatenate(kept_ref), np.concatenate(kept_got)) if kept_ref else None
-        judged = kept if kept is not None else whole
-        rows.append(OutputFidelity(name=c.name or f"output_{c.index}", shape=c.shape, drift=whole.drift,
-                                   masked_drift=kept.drift if kept is not None else None, rel_rms=judged.rel_rms,
-                                   cosine=judged.cosine))
+        name = c.name or f"output_{c.index}"
+        # The pooled arrays are flat: the record keeps the output's own shape.
+        whole = replace(compare_output(c.index, np.concatenate(all_ref), np.concatenate(all_got), name=name), shape=c.shape)
+        if kept_ref:
+            whole.masked = replace(compare_output(c.index, np.concatenate(kept_ref), np.concatenate(kept_got), name=name),
+                                   shape=c.shape)
+        rows.append(whole)
     return rows

@@ -75,7 +75,8 @@ class PlacementReport:
         """True if any compute op left the requested provider (a silent fallback)."""
         return bool(self.fallback_nodes)
 
-    def summary(self) -> str:
+    def to_text(self) -> str:
+        """One line: nodes per provider, host/device copies, and the compute ops that fell back."""
         counts = ", ".join(f"{count} on {provider}" for provider, count in sorted(self.by_provider.items()))
         line = f"{len(self.nodes)} nodes ran: {counts or 'none'}"
         if self.memcpy_nodes:
@@ -86,7 +87,8 @@ class PlacementReport:
             line += f"; FALLBACK: compute ops off {self.requested}: {listed}"
         return line
 
-    def as_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-ready): counts per provider, copies, and the fallback ops."""
         return {
             "requested": self.requested,
             "by_provider": self.by_provider,
@@ -94,6 +96,9 @@ class PlacementReport:
             "fell_back": self.fell_back,
             "fallback_ops": dict(Counter(n.op_type for n in self.fallback_nodes)),
         }
+
+    def __str__(self) -> str:
+        return self.to_text()
 
 
 def parse_profile(events: Iterable[dict[str, Any]], requested: str) -> PlacementReport:

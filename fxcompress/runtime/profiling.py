@@ -110,7 +110,7 @@ class OpTimes:
         """Kernel time of ``op_type`` (0 when the graph has none)."""
         return next((row.ms for row in self.rows if row.op_type == op_type), 0.0)
 
-    def table(self) -> str:
+    def to_text(self) -> str:
         """A text table: op type, nodes, ms per run, share of the kernel total."""
         total = self.total_ms or 1.0
         threads = "ORT's default" if self.threads is None else str(self.threads)
@@ -120,10 +120,13 @@ class OpTimes:
         lines.append(f"{'total':28s} {sum(r.nodes for r in self.rows):5d} {self.total_ms:8.3f}")
         return "\n".join(lines)
 
-    def as_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (benchmarks store it)."""
         return {"runs": self.runs, "threads": self.threads, "total_ms": self.total_ms,
                 "ops": {row.op_type: {"nodes": row.nodes, "ms": row.ms} for row in self.rows}}
+
+    def __str__(self) -> str:
+        return self.to_text()
 
 
 def summarize_op_times(events: Sequence[dict[str, Any]], runs: int, threads: int | None = None) -> OpTimes:

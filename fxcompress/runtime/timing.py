@@ -29,19 +29,24 @@ class LatencyReport:
     p99_ms: float
     mean_ms: float
     throughput: float
-    iters: int
+    runs: int
     batch_size: int
     provider: str
     requested_provider: str
     fell_back: bool
 
-    def summary(self) -> str:
+    def to_text(self) -> str:
+        """One line: percentiles, throughput and the provider that ran (saying so where it fell back)."""
         fallback = f" (requested {self.requested_provider}, FELL BACK)" if self.fell_back else ""
         return (f"p50 {self.p50_ms:.3f} ms, p90 {self.p90_ms:.3f} ms, p99 {self.p99_ms:.3f} ms, "
                 f"{self.throughput:.1f} samples/s on {self.provider}{fallback}")
 
-    def as_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-ready): every field."""
         return dict(self.__dict__)
+
+    def __str__(self) -> str:
+        return self.to_text()
 
 
 def latency_stats(samples_ms: Sequence[float], batch_size: int) -> dict[str, float]:
@@ -110,17 +115,17 @@ def benchmark(
     *,
     provider: str = "cpu",
     warmup: int = 10,
-    iters: int = 100,
+    runs: int = 100,
 ) -> LatencyReport:
-    """Time ``iters`` runs after ``warmup`` runs, with ORT graph optimizations on.
+    """Time ``runs`` runs after ``warmup`` runs, with ORT graph optimizations on.
 
     The report names the provider that actually ran; if CUDA was requested but unavailable,
     ``fell_back`` is True and a ProviderFallbackWarning was issued.
     """
     inputs = model_call(None, example_inputs).flat  # keyword / nested inputs: in the ONNX file's order
-    if not (isinstance(iters, int) and iters >= 1 and isinstance(warmup, int) and warmup >= 0):
-        raise InputError(f"benchmark needs iters >= 1 and warmup >= 0, got iters={iters!r}, warmup={warmup!r}.",
-                         "use e.g. iters=100, warmup=10 (--iters / --warmup on the command line).")
+    if not (isinstance(runs, int) and runs >= 1 and isinstance(warmup, int) and warmup >= 0):
+        raise InputError(f"benchmark needs runs >= 1 and warmup >= 0, got runs={runs!r}, warmup={warmup!r}.",
+                         "use e.g. runs=100, warmup=10 (--runs / --warmup on the command line).")
     if isinstance(onnx_model, (str, os.PathLike)):
         from fxcompress.export.onnx_export import load_onnx
 
@@ -130,14 +135,14 @@ def benchmark(
     for _ in range(warmup):
         run()
     samples = []
-    for _ in range(iters):
+    for _ in range(runs):
         start = time.perf_counter()
         run()
         samples.append((time.perf_counter() - start) * 1000.0)
     batch = int(to_numpy(inputs[0]).shape[0]) if to_numpy(inputs[0]).ndim else 1
     return LatencyReport(
         **latency_stats(samples, batch),
-        iters=iters,
+        runs=runs,
         batch_size=batch,
         provider=runtime.provider,
         requested_provider=provider,

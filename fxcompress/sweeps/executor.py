@@ -126,7 +126,7 @@ class Executor:
 
     def map_calls(self, function: Callable[[Any], Any], items: list) -> list:
         """``[function(item) for item in items]`` as trials of this executor: how a compile's
-        per-layer sensitivity and metric trials run (``compile(..., executor=)``). ``function``
+        per-layer sensitivity and metric trials run (``compile(..., options=CompileOptions(executor=...))``). ``function``
         is usually a closure over the graph, so only executors that can ship one support it."""
         raise NotImplementedError
 

@@ -6,7 +6,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from fxcompress.errors import InputError
 from fxcompress.sweeps.executor import Executor, Task, make_executor
@@ -30,6 +30,19 @@ class SweepResult:
     def failed(self) -> list[dict]:
         """Records whose status is not ``ok``."""
         return [r for r in self.records if r.get("status") != "ok"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-ready): every trial's record, what this run did, the log and the tables."""
+        return {"records": [dict(r) for r in self.records], "ran": self.ran, "skipped": self.skipped,
+                "executor": self.executor, "log": str(self.log) if self.log is not None else None,
+                "tables": [str(t) for t in self.tables]}
+
+    def to_text(self) -> str:
+        """The table of all trials as markdown (what ``fxcompress sweep`` prints)."""
+        return self.markdown()
+
+    def __str__(self) -> str:
+        return self.to_text()
 
     def markdown(self, title: str = "fxcompress sweep") -> str:
         """The table of all trials as markdown."""

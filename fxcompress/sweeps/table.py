@@ -45,7 +45,7 @@ def row(record: dict) -> list[str]:
     return [name, record.get("recipe", "-"), _status(record), parity, nodes, macs, size, latency, str(record.get("seconds", "-"))]
 
 
-def summary(records: Sequence[dict]) -> str:
+def status_line(records: Sequence[dict]) -> str:
     """One line: how many trials ended in which status."""
     counts: dict[str, int] = {}
     for record in records:
@@ -54,8 +54,8 @@ def summary(records: Sequence[dict]) -> str:
 
 
 def to_markdown(records: Sequence[dict], title: str = "Sweep") -> str:
-    """The trials as a markdown table under ``title``, with a summary line."""
-    lines = [f"# {title}", "", summary(records), "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    """The trials as a markdown table under ``title``, with a status line."""
+    lines = [f"# {title}", "", status_line(records), "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for record in records:
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row(record)) + " |")
     return "\n".join(lines) + "\n"
@@ -71,5 +71,5 @@ def to_html(records: Sequence[dict], title: str = "Sweep") -> str:
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
             "body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;"
             "font-size:13px;text-align:left}</style></head><body>"
-            f"<h1>{html.escape(title)}</h1><p>{html.escape(summary(records))}</p>"
+            f"<h1>{html.escape(title)}</h1><p>{html.escape(status_line(records))}</p>"
             f"<table><tr>{head}</tr>{''.join(body)}</table></body></html>\n")

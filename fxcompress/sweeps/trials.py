@@ -126,7 +126,7 @@ def run_trial(spec: str, recipe: str, options: TrialOptions) -> dict[str, Any]:
                           speedup=comparison.speedup, provider=comparison.provider, fell_back=comparison.fell_back)
         record["status"] = OK if parity.passed else FAILED
         if not parity.passed:
-            record["error"] = f"ONNX Runtime disagrees with the original model: {parity.summary()}"
+            record["error"] = f"ONNX Runtime disagrees with the original model: {parity.to_text()}"
     except FxCompressError as exc:
         record.update(error_type=type(exc).__name__, error=str(exc)[:2000])
     record["seconds"] = round(time.perf_counter() - start, 2)

@@ -56,12 +56,12 @@ def test_parity_failure_writes_nothing(compiled, tmp_path, monkeypatch):
     _, _, result = compiled
     import fxcompress.api as api
 
-    original = api._validate_proto
+    original = api.validate_onnx
 
     def strict(model, module, inputs, tolerance, **options):
         return dataclasses.replace(original(model, module, inputs, tolerance, **options), passed=False)  # a mismatch
 
-    monkeypatch.setattr(api, "_validate_proto", strict)
+    monkeypatch.setattr(api, "validate_onnx", strict)
     with pytest.raises(ExportError, match="does not match the compiled module"):
         result.export_onnx(tmp_path / "never.onnx")
     assert not (tmp_path / "never.onnx").exists()
@@ -87,7 +87,8 @@ def test_write_atomically_replaces_only_on_success(tmp_path):
 
 def test_dynamic_batch_export(tmp_path):
     model = randomize_bn(ConvBnRelu()).eval()
-    result = fxcompress.compile(model, (torch.randn(2, 3, 16, 16),), dynamic_batch=True)
+    result = fxcompress.compile(model, (torch.randn(2, 3, 16, 16),),
+                                options=fxcompress.CompileOptions(dynamic_batch=True))
     path = result.export_onnx(tmp_path / "dyn.onnx")
     dim0 = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[0]
     assert dim0.dim_param  # symbolic

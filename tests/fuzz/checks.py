@@ -182,4 +182,4 @@ def check_onnx(spec: ModelSpec, preset: str = "default") -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = result.export_onnx(Path(tmp) / "m.onnx")
         parity = fxcompress.validate(path, model, inputs, tolerance=max(LOSSLESS_TOLERANCE, result.recipe.tolerance))
-        assert parity.passed, f"ONNX of preset '{preset}' vs the original model: {parity.summary()}"
+        assert parity.passed, f"ONNX of preset '{preset}' vs the original model: {parity.to_text()}"

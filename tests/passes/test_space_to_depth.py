@@ -103,7 +103,8 @@ def test_option_max_in_channels_limits_the_rewrite():
 
 def test_export_is_one_space_to_depth_node_and_matches_in_ort(tmp_path):
     model, inputs = _stem()
-    result = fxcompress.compile(model, inputs, ["conv-space-to-depth"], dynamic_batch=True)
+    result = fxcompress.compile(model, inputs, ["conv-space-to-depth"],
+                                options=fxcompress.CompileOptions(dynamic_batch=True))
     path = result.export_onnx(tmp_path / "s2d.onnx", dynamic_batch=True)
     ops = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
     assert ops["SpaceToDepth"] == 1 and ops["Pad"] == 1 and "Transpose" not in ops

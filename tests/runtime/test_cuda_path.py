@@ -117,11 +117,11 @@ def test_cuda_runner_binds_device_memory_once_and_synchronizes_every_run(fake_cu
 
 
 def test_benchmark_on_cuda_times_through_io_binding(fake_cuda_ort):
-    report = benchmark(b"model", (torch.from_numpy(X),), provider="cuda", warmup=3, iters=7)
+    report = benchmark(b"model", (torch.from_numpy(X),), provider="cuda", warmup=3, runs=7)
     assert report.provider == "cuda" and report.requested_provider == "cuda" and not report.fell_back
     session = fake_cuda_ort.sessions[-1]
     assert session.log.count("run_with_iobinding") == 10
-    assert report.iters == 7 and report.p50_ms >= 0
+    assert report.runs == 7 and report.p50_ms >= 0
 
 
 def test_cuda_runner_checks_feeds_before_binding(fake_cuda_ort):
@@ -177,13 +177,13 @@ def test_parse_profile_flags_compute_ops_off_the_gpu():
     assert report.memcpy_nodes == 1
     assert [n.name for n in report.fallback_nodes] == ["qconv"]
     assert report.fell_back
-    assert "FALLBACK" in report.summary() and "QLinearConv x1" in report.summary()
-    assert report.as_dict()["fallback_ops"] == {"QLinearConv": 1}
+    assert "FALLBACK" in report.to_text() and "QLinearConv x1" in report.to_text()
+    assert report.to_dict()["fallback_ops"] == {"QLinearConv": 1}
 
 
 def test_parse_profile_shape_ops_on_cpu_are_not_a_fallback():
     report = parse_profile([_event("c", "Conv", "CUDAExecutionProvider"), _event("s", "Shape", "CPUExecutionProvider")], "cuda")
-    assert not report.fell_back and "FALLBACK" not in report.summary()
+    assert not report.fell_back and "FALLBACK" not in report.to_text()
     assert "Shape" not in COMPUTE_OPS
 
 
@@ -225,10 +225,10 @@ def requires_cuda():
 @pytest.mark.cuda
 def test_cuda_fp32_runs_every_compute_node_on_the_gpu(requires_cuda, onnx_file):
     _, x, path = onnx_file
-    report = benchmark(path, (x,), provider="cuda", warmup=3, iters=20)
+    report = benchmark(path, (x,), provider="cuda", warmup=3, runs=20)
     assert report.provider == "cuda" and not report.fell_back and np.isfinite(report.p50_ms)
     placement = node_placement(path, (x,), "cuda")
-    assert not placement.fell_back, placement.summary()
+    assert not placement.fell_back, placement.to_text()
 
 
 @pytest.mark.cuda
@@ -245,9 +245,9 @@ def test_cuda_presets_are_validated_on_the_cuda_provider(requires_cuda, preset, 
     path = result.export_onnx(tmp_path / f"{preset}.onnx")
     parity = fxcompress.validate(path, result.module, (x,), tolerance=max(result.recipe.tolerance, 1e-2), provider="cuda")
     assert parity.provider == "cuda"
-    assert parity.passed, parity.summary()
+    assert parity.passed, parity.to_text()
     placement = node_placement(path, (x,), "cuda")
     # int8 Q/DQ has no CUDA kernel for every op (docs/design.md decision 6): it must be *reported*.
-    print(f"{preset}: {placement.summary()}")
+    print(f"{preset}: {placement.to_text()}")
     if preset == "fp16":
-        assert not placement.fell_back, placement.summary()
+        assert not placement.fell_back, placement.to_text()

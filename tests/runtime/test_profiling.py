@@ -27,7 +27,7 @@ def test_summary_sums_node_medians_per_op_type():
     assert times.ms("QLinearAdd") == pytest.approx(0.02)
     assert times.ms("Gemm") == 0.0
     assert times.total_ms == pytest.approx(0.27)
-    assert times.as_dict()["ops"]["QLinearConv"] == {"nodes": 2, "ms": pytest.approx(0.25)}
+    assert times.to_dict()["ops"]["QLinearConv"] == {"nodes": 2, "ms": pytest.approx(0.25)}
 
 
 def test_warmup_kernel_events_are_dropped():

@@ -58,11 +58,11 @@ def test_fallback_from_cuda_is_reported_loudly(onnx_file, monkeypatch):
 
     monkeypatch.setattr(ort, "InferenceSession", CpuOnly)
     with pytest.warns(ProviderFallbackWarning, match="Requested CUDAExecutionProvider"):
-        report = fxcompress.benchmark(path, (x,), provider="cuda", warmup=1, iters=3)
+        report = fxcompress.benchmark(path, (x,), provider="cuda", warmup=1, runs=3)
     assert report.provider == "cpu"
     assert report.requested_provider == "cuda"
     assert report.fell_back
-    assert "FELL BACK" in report.summary()
+    assert "FELL BACK" in report.to_text()
 
 
 def test_unknown_provider():
@@ -72,8 +72,8 @@ def test_unknown_provider():
 
 def test_benchmark_report(onnx_file):
     _, x, path = onnx_file
-    report = fxcompress.benchmark(path, (x,), warmup=2, iters=20)
-    assert report.iters == 20 and report.provider == "cpu" and not report.fell_back
+    report = fxcompress.benchmark(path, (x,), warmup=2, runs=20)
+    assert report.runs == 20 and report.provider == "cpu" and not report.fell_back
     assert 0 < report.p50_ms <= report.p90_ms <= report.p99_ms
     assert report.throughput > 0
 
@@ -108,7 +108,7 @@ def test_validate_detects_a_different_model(onnx_file):
 def test_wrong_inputs_get_clear_errors(onnx_file, inputs, fragment):
     _, _, path = onnx_file
     with pytest.raises(InputError) as info:
-        fxcompress.benchmark(path, inputs, warmup=0, iters=1)
+        fxcompress.benchmark(path, inputs, warmup=0, runs=1)
     assert fragment in str(info.value)
 
 
@@ -125,6 +125,6 @@ def test_cuda_provider_really_runs(onnx_file):
     if not cuda_active():
         pytest.skip("the ONNX Runtime CUDA provider is not active on this machine")
     _, x, path = onnx_file
-    report = fxcompress.benchmark(path, (x,), provider="cuda", warmup=2, iters=10)
+    report = fxcompress.benchmark(path, (x,), provider="cuda", warmup=2, runs=10)
     assert report.provider == "cuda" and not report.fell_back
     assert np.isfinite(report.p50_ms)

@@ -119,7 +119,7 @@ def test_int8_search_trials_run_on_ray_workers_and_choose_the_same(recipe):
 
     here = _search(recipe)
     with RayExecutor("auto", num_cpus=2) as executor:
-        remote = _search(recipe, executor=executor)
+        remote = _search(recipe, options=fxcompress.CompileOptions(executor=executor))
     assert [(l["name"], l["precision"], l.get("reason")) for l in remote["layers"]] == \
         [(l["name"], l["precision"], l.get("reason")) for l in here["layers"]]
     for there, local in zip(remote["layers"], here["layers"]):  # int8-dynamic reports no per-layer sensitivity

@@ -1,6 +1,6 @@
 """The accuracy-aware search runs its per-layer trials through the executor a compile is given
-(compile(..., executor=)): every sensitivity and metric trial goes through it, and the choice of
-float layers is the same as in-process."""
+(compile(..., options=CompileOptions(executor=...))): every sensitivity and metric trial goes through
+it, and the choice of float layers is the same as in-process."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def _search(recipe: str = "int8", **kwargs):
 def test_search_trials_go_through_the_executor_and_choose_the_same():
     here = _search()
     counting = CountingExecutor()
-    through = _search(executor=counting)
+    through = _search(options=fxcompress.CompileOptions(executor=counting))
     layers = sum("sensitivity" in layer for layer in here["layers"])  # those the search ranked
     metric_trials = len(here["metric_trials"])
     assert metric_trials >= 2  # the tiny budget makes the search bisect
@@ -62,4 +62,4 @@ def test_trial_map_is_bound_only_inside_its_block():
 
 def test_process_executor_refuses_closure_trials_clearly():
     with pytest.raises(InputError, match="cannot ship"):
-        _search(executor=ProcessExecutor(workers=1))
+        _search(options=fxcompress.CompileOptions(executor=ProcessExecutor(workers=1)))
