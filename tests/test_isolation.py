@@ -191,7 +191,7 @@ def shared_model():
 def test_cli_compile_leaves_the_loaded_model_unchanged(tmp_path, capsys):
     digest = model_digest(SHARED)
     out = tmp_path / "cli.onnx"
-    assert main(["compile", "tests.test_isolation:shared_model", "--out", str(out), "--no-baseline", "--iters", "8"]) == 0
+    assert main(["compile", "tests.test_isolation:shared_model", "--out", str(out), "--no-baseline", "--runs", "8"]) == 0
     assert out.is_file()
     assert model_digest(SHARED) == digest
     assert "Wrote" in capsys.readouterr().out

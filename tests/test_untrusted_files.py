@@ -255,7 +255,7 @@ def test_external_data_outside_the_model_folder_is_refused_everywhere(layout, wh
             with pytest.raises(ModelFileError, match="outside the model's folder") as info:
                 call()
             assert SECRET.decode() not in str(info.value), (where, kind, entry)
-        assert main(["bench", str(path), "--iters", "1", "--warmup", "0"]) == 2, (where, kind)
+        assert main(["bench", str(path), "--runs", "1", "--warmup", "0"]) == 2, (where, kind)
         assert "outside the model's folder" in capsys.readouterr().err
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from fxcompress.analysis.graph_stats import COMPUTE_OPS
 from fxcompress.analysis.align import Item, align
@@ -106,6 +107,13 @@ class GraphDiff:
             f"{ops or 'no op changes'}; nodes {self.nodes_before} -> {self.nodes_after}; "
             f"params {self.params_before:,} -> {self.params_after:,}{macs}{renamed}"
         )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-ready): the counts before and after, op-count changes, and the changes by layer."""
+        return {"before": self.before, "after": self.after, "nodes_before": self.nodes_before,
+                "nodes_after": self.nodes_after, "params_before": self.params_before, "params_after": self.params_after,
+                "macs_before": self.macs_before, "macs_after": self.macs_after, "op_delta": dict(self.op_delta),
+                "by_layer": self.by_layer(), "layer_deltas": {k: dict(v) for k, v in self.layer_deltas.items()}}
 
     def __str__(self) -> str:
         return self.to_text()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 import networkx as nx
 import onnx
@@ -81,6 +82,14 @@ class OnnxDiff:
         ops = ", ".join(f"{'+' if d > 0 else ''}{d} {op}" for op, d in self.op_delta.items())
         return (f"{ops or 'no op changes'}; nodes {self.nodes_before} -> {self.nodes_after}; "
                 f"params {self.params_before:,} -> {self.params_after:,}; MACs {self.macs_before:,} -> {self.macs_after:,}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-ready): the counts and sizes before and after, op-count changes, and the changes by layer."""
+        return {"before": self.before, "after": self.after, "nodes_before": self.nodes_before,
+                "nodes_after": self.nodes_after, "params_before": self.params_before, "params_after": self.params_after,
+                "macs_before": self.macs_before, "macs_after": self.macs_after, "bytes_before": self.bytes_before,
+                "bytes_after": self.bytes_after, "op_delta": self.op_delta, "by_layer": self.by_layer(),
+                "layer_deltas": {k: dict(v) for k, v in self.layer_deltas.items()}}
 
     def __str__(self) -> str:
         return self.to_text()

@@ -42,7 +42,8 @@ class ParityReport(MaskedFigures):
 
     ``drift``, ``max_abs``, ``max_rel``, ``cosine`` and ``nonfinite`` (and so ``passed``) are over
     the positions the output mask keeps where one applies; ``unmasked_drift`` is the drift over
-    every position. ``outputs`` gives each output's figures (drift, masked drift, rel. RMS, cosine).
+    every position. ``outputs`` has one :class:`~fxcompress.numerics.OutputComparison` per output,
+    over the real input sets pooled (the masked figures under ``masked``).
     """
 
     passed: bool

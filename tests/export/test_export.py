@@ -59,7 +59,7 @@ def test_parity_failure_writes_nothing(compiled, tmp_path, monkeypatch):
     original = api.validate_onnx
 
     def strict(model, module, inputs, tolerance, **options):
-        return dataclasses.replace(original(model, module, inputs, tolerance, **options), passed=False)  # a mismatch
+        return dataclasses.replace(original(model, module, inputs, tolerance=tolerance, **options), passed=False)  # a mismatch
 
     monkeypatch.setattr(api, "validate_onnx", strict)
     with pytest.raises(ExportError, match="does not match the compiled module"):

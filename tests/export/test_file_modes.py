@@ -57,7 +57,7 @@ def test_cli_compile_writes_onnx_and_report_with_umask_modes(umask, tmp_path, ca
     umask(mask)
     out, report = tmp_path / "m.onnx", tmp_path / "r.html"
     assert main(["compile", "tests.models:conv_bn_relu", "--out", str(out), "--report", str(report),
-                 "--no-baseline", "--iters", "4"]) == 0
+                 "--no-baseline", "--runs", "4"]) == 0
     capsys.readouterr()
     onnx.checker.check_model(onnx.load(str(out)))
     assert mode_of(out) == 0o666 & ~mask

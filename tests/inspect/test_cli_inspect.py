@@ -84,7 +84,7 @@ def test_inspect_model_spec(capsys):
 
 def test_compile_writes_html_report(tmp_path, capsys):
     report = tmp_path / "report.html"
-    assert main(["compile", "tests.inspect.helpers:residual", "--out", str(tmp_path / "m.onnx"), "--iters", "8",
+    assert main(["compile", "tests.inspect.helpers:residual", "--out", str(tmp_path / "m.onnx"), "--runs", "8",
                  "--report", str(report)]) == 0
     assert f"Wrote {report}" in capsys.readouterr().out
     page = report.read_text()

@@ -42,7 +42,7 @@ def test_why_not_lists_a_rewrite_pass_rejection_with_rule_reason_and_pass():
 def test_compile_cli_prints_why_not(tmp_path, capsys):
     out = tmp_path / "m.onnx"
     argv = ["compile", "tests.inspect.test_why_not_rewrite:shared_conv", "--recipe", "default", "--out", str(out),
-            "--why-not", "--no-baseline", "--iters", "8"]
+            "--why-not", "--no-baseline", "--runs", "8"]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "Why not (rules that matched but declined)" in text
