@@ -21,7 +21,7 @@ from fxcompress.runtime.parity import validate  # noqa: E402
 from fxcompress.runtime.timing import benchmark  # noqa: E402
 from fxcompress.comparison import ComparisonReport, compare  # noqa: E402
 from fxcompress.decoder import DecoderCompileResult, compile_decoder, generate  # noqa: E402
-from fxcompress.sweeps import SweepResult, sweep  # noqa: E402
+from fxcompress.sweeps import SweepOptions, SweepResult, sweep  # noqa: E402
 from fxcompress.loading import load_model  # noqa: E402
 from fxcompress import data  # noqa: E402,F401 - fxcompress.data.images / .text / .load
 from fxcompress.errors import (  # noqa: E402
@@ -42,9 +42,7 @@ import fxcompress.passes  # noqa: E402,F401 - registers the built-in passes, pre
 
 __all__ = [
     "CaptureError", "ComparisonReport", "CompileOptions", "CompileReport", "CompileResult", "DecoderCompileResult",
-    "DriftError",
-    "ExportError", "FxCompressError",
-    "InputError", "ModelFileError", "PassError", "Recipe", "RecipeError", "RuntimeProviderError",
-    "SweepResult", "UntrustedFileError", "benchmark", "compare", "compile", "compile_decoder", "data", "diff", "generate",
-    "load_model", "register", "sweep", "validate",
+    "DriftError", "ExportError", "FxCompressError", "InputError", "ModelFileError", "PassError", "Recipe", "RecipeError",
+    "RuntimeProviderError", "SweepOptions", "SweepResult", "UntrustedFileError", "benchmark", "compare", "compile",
+    "compile_decoder", "data", "diff", "generate", "load_model", "register", "sweep", "validate",
 ]

@@ -485,24 +485,28 @@ def _user_metric(evaluate: Any, max_metric_drop: float | None) -> UserMetric | N
 MOVED_TO_OPTIONS = ("dynamic_batch", "dynamic_sequence", "dynamic_axes", "instruments", "dump_dir", "executor")
 
 
-def refuse_moved_keywords(function: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorator: a keyword of :data:`MOVED_TO_OPTIONS` raises InputError naming the fix (not a bare TypeError)."""
+def refuse_moved_keywords(moved_names: Sequence[str], options_class: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: a keyword of ``moved_names`` (now a field of ``fxcompress.<options_class>``) raises
+    InputError naming the fix, instead of Python's bare TypeError."""
 
-    @functools.wraps(function)
-    def checked(*args: Any, **kwargs: Any) -> Any:
-        moved = [name for name in kwargs if name in MOVED_TO_OPTIONS]
-        if moved:
-            given = ", ".join(f"{name}={kwargs[name]!r}" for name in moved)
-            raise InputError(
-                f"{function.__name__}() takes {', '.join(moved)} in its options object now, not as a keyword.",
-                f"pass options=fxcompress.CompileOptions({given}).",
-            )
-        return function(*args, **kwargs)
+    def decorator(function: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(function)
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            moved = [name for name in kwargs if name in moved_names]
+            if moved:
+                given = ", ".join(f"{name}={kwargs[name]!r}" for name in moved)
+                raise InputError(
+                    f"{function.__name__}() takes {', '.join(moved)} in its options object now, not as a keyword.",
+                    f"pass options=fxcompress.{options_class}({given}).",
+                )
+            return function(*args, **kwargs)
 
-    return checked
+        return checked
+
+    return decorator
 
 
-@refuse_moved_keywords
+@refuse_moved_keywords(MOVED_TO_OPTIONS, "CompileOptions")
 def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torch.compile
     model: nn.Module,
     example_inputs: Any,

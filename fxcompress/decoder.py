@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from fxcompress.api import CompileOptions, CompileResult, refuse_moved_keywords, run_compile
+from fxcompress.api import MOVED_TO_OPTIONS, CompileOptions, CompileResult, refuse_moved_keywords, run_compile
 from fxcompress.capture_decoder import (
     DECODER_METADATA, DIM_NAMES, DecoderModule, DecoderSpec, decoder_spec, dynamic_shapes, example_inputs, step_inputs,
 )
@@ -135,7 +135,7 @@ def _prefill_batches(spec: DecoderSpec, calibration: Any) -> Callable[[], Any] |
     return batches
 
 
-@refuse_moved_keywords
+@refuse_moved_keywords(MOVED_TO_OPTIONS, "CompileOptions")
 def compile_decoder(
     model: nn.Module,
     recipe: str | os.PathLike | Recipe | Sequence[str | Pass] = "default",

@@ -24,10 +24,12 @@ def path() -> str | None:
 
 def executor_options() -> dict:
     """``fxcompress.sweep`` keyword arguments for the executor the environment asks for."""
+    from fxcompress import SweepOptions
+
     if os.environ.get("FXCOMPRESS_SWEEP_RAY"):
-        return {"ray": os.environ["FXCOMPRESS_SWEEP_RAY"], "memory_gb": MEMORY_GB, "time_limit": TIME_LIMIT}
+        return {"options": SweepOptions(ray=os.environ["FXCOMPRESS_SWEEP_RAY"], memory_gb=MEMORY_GB, time_limit=TIME_LIMIT)}
     workers = int(os.environ.get("FXCOMPRESS_SWEEP_WORKERS") or 0)
-    return {"workers": workers, "memory_gb": MEMORY_GB, "time_limit": TIME_LIMIT} if workers else {}
+    return {"workers": workers, "options": SweepOptions(memory_gb=MEMORY_GB, time_limit=TIME_LIMIT)} if workers else {}
 
 
 def append(entry: dict) -> None:

@@ -102,17 +102,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from fxcompress.errors import InputError
-    from fxcompress.sweeps import sweep
+    from fxcompress.sweeps import SweepOptions, sweep
     from fxcompress.sweeps.trials import read_spec_file
 
     _import_user_modules(args)
     specs = list(args.specs) + (read_spec_file(args.specs_file) if args.specs_file else [])
     if not specs:
         raise InputError("fxcompress sweep was given no model specs.", "list SPECs on the command line or give --specs-file FILE.")
-    result = sweep(specs, args.recipes or ["default"], log=args.log, table=args.table, workers=args.workers, ray=args.ray,
-                   ray_cpus=args.ray_cpus, memory_gb=args.memory_gb, time_limit=args.time_limit, benchmark=args.benchmark,
-                   provider=args.provider, runs=args.runs, input_shapes=_shapes(args.input_shape),
-                   calibration=args.calibration, retry_failed=args.retry_failed)
+    options = SweepOptions(ray=args.ray, ray_cpus=args.ray_cpus, memory_gb=args.memory_gb, time_limit=args.time_limit,
+                           provider=args.provider, runs=args.runs, input_shapes=_shapes(args.input_shape))
+    result = sweep(specs, args.recipes or ["default"], log=args.log, table=args.table, workers=args.workers,
+                   calibration=args.calibration, benchmark=args.benchmark, retry_failed=args.retry_failed, options=options)
     print(result.markdown())
     print(f"Ran {result.ran} trial(s) ({result.executor}), skipped {result.skipped} already in {result.log}.")
     for path in result.tables:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from fxcompress.api import refuse_moved_keywords
 from fxcompress.errors import InputError
 from fxcompress.sweeps.executor import Executor, Task, make_executor
 from fxcompress.sweeps.log import TrialLog
@@ -53,6 +54,48 @@ class SweepResult:
         return to_html(self.records, title)
 
 
+@dataclass(frozen=True)
+class SweepOptions:
+    """The settings of :func:`sweep` that most sweeps leave at their defaults, in one object.
+
+    ``sweep``'s own keywords are what changes from one sweep to the next: the models and recipes,
+    the log and table, how many worker processes, the calibration data and bounds every trial is
+    compiled with, whether trials are timed. These options say where else trials may run (Ray, an
+    executor of your own) and under which caps, how models are loaded, and how timing runs::
+
+        fxcompress.sweep(specs, ["default", "int8"], log="sweep.jsonl", workers=2,
+                         options=fxcompress.SweepOptions(memory_gb=16, time_limit=1800))
+
+    Attributes:
+        ray: ``"auto"`` for a local Ray instance (``ray_cpus`` CPUs), or a running cluster's
+            ``HOST:PORT``; each trial is a Ray task that runs in its own capped process.
+        ray_cpus: CPUs of the local Ray instance (``ray="auto"``).
+        executor: an :class:`~fxcompress.sweeps.executor.Executor` to use instead of ``workers``
+            / ``ray`` (not closed by the sweep).
+        memory_gb, time_limit: per-trial address-space cap (GiB) and time limit (s); need
+            ``workers`` or ``ray``. A trial past them is recorded as out_of_memory / timeout.
+        provider: the ONNX Runtime provider benchmark trials are timed on ("cpu" or "cuda").
+        runs: timed runs per variant in benchmark trials.
+        input_shapes: input shapes for every spec, as for ``fxcompress compile --input-shape``.
+        trust_pickle: allow specs that are pickled modules (loading them runs code from the file).
+    """
+
+    ray: str | None = None
+    ray_cpus: int | None = None
+    executor: Executor | None = None
+    memory_gb: float | None = None
+    time_limit: float | None = None
+    provider: str = "cpu"
+    runs: int = 48
+    input_shapes: Sequence[tuple[int, ...]] | None = None
+    trust_pickle: bool = False
+
+
+#: sweep() keywords that now live in :class:`SweepOptions`: a call still passing one is told where it went.
+MOVED_TO_SWEEP_OPTIONS = ("ray", "ray_cpus", "executor", "memory_gb", "time_limit", "provider", "runs", "input_shapes",
+                          "trust_pickle")
+
+
 def _gpus_for(provider: str) -> int:
     if provider != "cuda":
         return 0
@@ -61,6 +104,7 @@ def _gpus_for(provider: str) -> int:
     return 1 if torch.cuda.is_available() else 0
 
 
+@refuse_moved_keywords(MOVED_TO_SWEEP_OPTIONS, "SweepOptions")
 def sweep(
     specs: Sequence[str] | str | os.PathLike,
     recipes: Sequence[str] | str = ("default",),
@@ -68,22 +112,18 @@ def sweep(
     log: str | os.PathLike | None = None,
     table: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     workers: int = 0,
-    ray: str | None = None,
-    ray_cpus: int | None = None,
-    executor: Executor | None = None,
-    memory_gb: float | None = None,
-    time_limit: float | None = None,
-    benchmark: bool = False,
-    provider: str = "cpu",
-    runs: int = 48,
-    input_shapes: Sequence[tuple[int, ...]] | None = None,
-    trust_pickle: bool = False,
-    tolerance: float | None = None,
     calibration: str | None = None,
+    tolerance: float | None = None,
+    benchmark: bool = False,
     retry_failed: bool = False,
     progress: bool = True,
+    options: SweepOptions | None = None,
 ) -> SweepResult:
     """Compile every model spec with every recipe, one isolated trial each.
+
+    The keywords are what changes from one sweep to the next; where else trials run (Ray, an
+    executor of your own) and under which caps, how models are loaded and how timing runs are
+    one :class:`SweepOptions` object, ``options``.
 
     Args:
         specs: model SPECs (``torchvision:NAME``, ``package.module:function``, ``file.pt2``, ...)
@@ -93,25 +133,29 @@ def sweep(
             appended as each trial finishes.
         table: where to write the table of all trials: ``.md`` (markdown) or ``.html``; a list for both.
         workers: 0 (default) runs trials in this process one by one; N >= 1 runs each in its own
-            process, N at a time, with the caps below. As with any Python multiprocessing, a script
-            that does this must call sweep under ``if __name__ == "__main__":``.
-        ray: ``"auto"`` for a local Ray instance (``ray_cpus`` CPUs), or a running cluster's
-            ``HOST:PORT``; each trial is a Ray task that runs in its own capped process.
-        executor: an :class:`~fxcompress.sweeps.executor.Executor` to use instead (not closed here).
-        memory_gb, time_limit: per-trial address-space cap (GiB) and time limit (s); need
-            ``workers`` or ``ray``. A trial past them is recorded as out_of_memory / timeout.
-        benchmark: also time each result against the plain export (``runs`` runs, ``provider``);
-            such trials are exclusive: they never share the machine with another trial.
-        input_shapes, trust_pickle, tolerance, calibration: as for ``fxcompress compile`` (calibration
-            as its ``--calibration`` spec, e.g. ``"random:8"``), for every spec.
+            process, N at a time, with the options' caps. As with any Python multiprocessing, a
+            script that does this must call sweep under ``if __name__ == "__main__":``.
+        calibration, tolerance: as for ``fxcompress compile`` (calibration as its
+            ``--calibration`` spec, e.g. ``"random:8"``), for every spec.
+        benchmark: also time each result against the plain export (the options' ``runs`` and
+            ``provider``); such trials are exclusive: they never share the machine with another trial.
         retry_failed: rerun logged trials whose status is not ``ok`` (others are still skipped).
         progress: a progress bar on stderr.
+        options: a :class:`SweepOptions` (Ray, an executor, per-trial caps, input shapes, trust
+            in pickled specs, the timing's provider and runs); default ``SweepOptions()``.
 
     Returns:
         a :class:`SweepResult`. Unknown spec forms and bad options raise InputError before any
         trial runs; a model that cannot be built, crashes or runs out of memory or time is its
         trial's record, and the sweep goes on.
     """
+    if options is None:
+        options = SweepOptions()
+    if not isinstance(options, SweepOptions):
+        raise InputError(f"options must be a fxcompress.SweepOptions, got a {type(options).__name__}.",
+                         "pass options=fxcompress.SweepOptions(memory_gb=16, ...) or leave it out.")
+    ray, ray_cpus, executor = options.ray, options.ray_cpus, options.executor
+    memory_gb, time_limit, provider = options.memory_gb, options.time_limit, options.provider
     if isinstance(specs, (str, os.PathLike)):
         specs = read_spec_file(specs)
     recipes = [recipes] if isinstance(recipes, (str, os.PathLike)) else list(recipes)
@@ -120,9 +164,9 @@ def sweep(
                          "give specs (or a spec file) and recipes, e.g. sweep(['torchvision:resnet18'], ['default']).")
     if provider not in ("cpu", "cuda"):
         raise InputError(f"Unknown provider {provider!r} for the sweep's benchmark.", "use provider='cpu' or 'cuda'.")
-    options = TrialOptions(benchmark, provider, runs, tuple(map(tuple, input_shapes)) if input_shapes else None,
-                           trust_pickle, tolerance, calibration)
-    tasks = make_tasks(specs, recipes, options, gpus=_gpus_for(provider) if benchmark else 0)
+    shapes = tuple(map(tuple, options.input_shapes)) if options.input_shapes else None
+    trial = TrialOptions(benchmark, provider, options.runs, shapes, options.trust_pickle, tolerance, calibration)
+    tasks = make_tasks(specs, recipes, trial, gpus=_gpus_for(provider) if benchmark else 0)
     tables = [Path(t) for t in ([table] if isinstance(table, (str, os.PathLike)) else table or [])]
     for path in tables:
         if path.suffix.lower() not in (".md", ".html", ".htm"):

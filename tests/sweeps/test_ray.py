@@ -36,8 +36,8 @@ def _ray_cli(*args: str) -> subprocess.CompletedProcess:
 def test_local_ray_sweep_matches_sequential(tmp_path):
     sequential = fxcompress.sweep(SPECS, ["default"], log=tmp_path / "a.jsonl", progress=False)
     try:
-        on_ray = fxcompress.sweep(SPECS, ["default"], log=tmp_path / "b.jsonl", ray="auto", ray_cpus=2, memory_gb=6,
-                                  time_limit=600, progress=False)
+        on_ray = fxcompress.sweep(SPECS, ["default"], log=tmp_path / "b.jsonl", progress=False,
+                                  options=fxcompress.SweepOptions(ray="auto", ray_cpus=2, memory_gb=6, time_limit=600))
     except Exception as exc:  # noqa: BLE001 - only a Ray that cannot start here is a skip
         if ray.is_initialized():
             raise
@@ -91,7 +91,8 @@ def test_two_node_cluster_runs_trials_on_both_nodes(two_node_cluster):
 
 
 def test_sweep_on_the_two_node_cluster(two_node_cluster, tmp_path):
-    result = fxcompress.sweep(SPECS, ["default"], log=tmp_path / "c.jsonl", ray=two_node_cluster, progress=False)
+    result = fxcompress.sweep(SPECS, ["default"], log=tmp_path / "c.jsonl", progress=False,
+                              options=fxcompress.SweepOptions(ray=two_node_cluster))
     assert [r["status"] for r in result.records] == ["ok", "ok"], result.records
 
 
@@ -99,7 +100,8 @@ def test_unreachable_ray_address_is_a_clear_error_and_quick(tmp_path):
     address = f"127.0.0.1:{_free_port()}"
     start = time.perf_counter()
     with pytest.raises(InputError, match=f"No Ray cluster answers at {address}"):
-        fxcompress.sweep(SPECS, ["default"], log=tmp_path / "s.jsonl", ray=address, progress=False)
+        fxcompress.sweep(SPECS, ["default"], log=tmp_path / "s.jsonl", progress=False,
+                         options=fxcompress.SweepOptions(ray=address))
     assert time.perf_counter() - start < 30 and not (tmp_path / "s.jsonl").exists()
     with pytest.raises(InputError, match="is not HOST:PORT"):
         RayExecutor("somewhere")

@@ -68,7 +68,8 @@ def test_a_torn_last_line_is_ignored_and_the_trial_runs_again(tmp_path):
 def test_crashing_and_memory_hungry_models_are_records_and_the_rest_finish(tmp_path):
     log = tmp_path / "sweep.jsonl"
     specs = [BAD + "crashing_model", BAD + "hungry_model", SPECS[0]]
-    result = fxcompress.sweep(specs, ["default"], log=log, workers=2, memory_gb=6, time_limit=300, progress=False)
+    result = fxcompress.sweep(specs, ["default"], log=log, workers=2, progress=False,
+                              options=fxcompress.SweepOptions(memory_gb=6, time_limit=300))
     statuses = {r["spec"]: r["status"] for r in result.records}
     assert statuses == {BAD + "crashing_model": "crashed", BAD + "hungry_model": "out_of_memory", SPECS[0]: "ok"}, result.records
     assert {r["key"] for r in _lines(log)} == {r["key"] for r in result.records}  # every finished trial is logged
@@ -94,6 +95,10 @@ def test_unknown_specs_are_clear_errors_before_any_trial(tmp_path, specs, words)
 
 
 def test_bad_table_name_and_missing_spec_file_are_clear_errors(tmp_path):
+    with pytest.raises(InputError, match=r"options object now.*Fix: pass options=fxcompress.SweepOptions\(memory_gb=6\)"):
+        fxcompress.sweep(SPECS, memory_gb=6, progress=False)
+    with pytest.raises(InputError, match="options must be a fxcompress.SweepOptions"):
+        fxcompress.sweep(SPECS, options={"memory_gb": 6}, progress=False)
     with pytest.raises(InputError, match="end the table's name in .md or .html"):
         fxcompress.sweep(SPECS, table=tmp_path / "t.txt", progress=False)
     with pytest.raises(InputError, match="does not exist"):
