@@ -15,7 +15,7 @@ import torch
 
 from fxcompress.cli import main
 
-FAST = ["--no-baseline", "--iters", "4"]
+FAST = ["--no-baseline", "--runs", "4"]
 
 
 def _umask() -> int:

@@ -32,7 +32,7 @@ def test_a_preset_that_changes_nothing_says_why(tmp_path, capsys):
     assert fxcompress.compile(model, inputs, "default").report.note is None  # nothing lossy was asked for
 
     assert main(["compile", "tests.models:conv_bn_relu", "--recipe", "int8-dynamic", "--out", str(tmp_path / "m.onnx"),
-                 "--no-baseline", "--iters", "4"]) == 0
+                 "--no-baseline", "--runs", "4"]) == 0
     assert "Note: recipe 'int8-dynamic' changed nothing lossy on this model: no linear layers" in capsys.readouterr().out
 
 
@@ -43,7 +43,7 @@ def test_dynamic_axes_make_image_height_and_width_dynamic(tmp_path, capsys):
 
     out = tmp_path / "m.onnx"
     assert main(["compile", "tests.models:conv_bn_relu", "--dynamic-axes", "x:2=height,3=width", "--out", str(out),
-                 "--no-baseline", "--iters", "4"]) == 0
+                 "--no-baseline", "--runs", "4"]) == 0
     capsys.readouterr()
     model = onnx.load(str(out))
     dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
@@ -67,10 +67,10 @@ def test_unused_inputs_are_dropped_unless_kept(tmp_path, capsys):
     import onnxruntime as ort
 
     dropped, kept = tmp_path / "dropped.onnx", tmp_path / "kept.onnx"
-    assert main(["compile", "tests.frontdoor_models:unused_input", "--out", str(dropped), "--no-baseline", "--iters", "4"]) == 0
+    assert main(["compile", "tests.frontdoor_models:unused_input", "--out", str(dropped), "--no-baseline", "--runs", "4"]) == 0
     assert "Dropped the unused input(s) unused" in capsys.readouterr().out
     assert main(["compile", "tests.frontdoor_models:unused_input", "--out", str(kept), "--keep-unused-inputs",
-                 "--no-baseline", "--iters", "4"]) == 0
+                 "--no-baseline", "--runs", "4"]) == 0
     capsys.readouterr()
     assert [i.name for i in onnx.load(str(dropped)).graph.input] == ["x"]
     assert [i.name for i in onnx.load(str(kept)).graph.input] == ["x", "unused"]
