@@ -183,6 +183,27 @@ def test_rel_rms_and_cosine_by_hand():
     assert worst_unmasked_drift(comparisons) == pytest.approx(c.drift)
 
 
+def test_one_record_per_output_worst_over_input_sets():
+    """Reports list the same record a single comparison gives (OutputComparison), each figure the
+    worst over the input sets, the masked figures worst over them as well."""
+    from fxcompress.fidelity import output_fidelity
+
+    rng = np.random.default_rng(1)
+    ref = rng.normal(size=(2, 4, 3))
+    mask = np.array([[True] * 4, [True, True, False, False]])
+    small, large = ref + rng.normal(scale=0.01, size=ref.shape), ref + rng.normal(scale=0.2, size=ref.shape)
+    runs = [[compare_output(0, ref, small, mask, "hidden")], [compare_output(0, ref, large, mask, "hidden")]]
+    (row,) = output_fidelity(runs)
+    assert type(row) is type(runs[0][0]) and row.name == "hidden" and row.shape == (2, 4, 3)
+    for figure in ("drift", "rel_rms", "max_abs"):
+        assert getattr(row, figure) == max(getattr(r[0], figure) for r in runs)
+        assert getattr(row.masked, figure) == max(getattr(r[0].masked, figure) for r in runs)
+    assert row.judged.cosine == min(r[0].masked.cosine for r in runs) and row.masked_drift == row.masked.drift
+    data = json.loads(json.dumps(row.to_dict()))
+    assert data["masked_drift"] == row.masked.drift and data["masked"]["rel_rms"] == row.masked.rel_rms
+    assert str(row) == row.to_text() and "masked drift" in row.to_text()
+
+
 def test_compile_report_rel_rms_and_cosine_match_a_hand_computation(garbage):
     model, batch, result = garbage
     reference = _reference(model, batch)
