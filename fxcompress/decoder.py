@@ -58,6 +58,8 @@ class DecoderCompileResult(CompileResult):
     """
 
     spec: DecoderSpec
+    # input_ids, attention_mask, position_ids and every past tensor, read or not: generation binds them by name
+    _keeps_unused_inputs = True
     #: the separately compiled graph for the prompt step (None: this graph serves prefill too)
     prefill: "DecoderCompileResult | None" = None
 
@@ -91,7 +93,7 @@ class DecoderCompileResult(CompileResult):
         return {"shapes": dynamic_shapes(self.spec, nested=False), "input_names": self.spec.input_names,
                 "output_names": self.spec.output_names, "dim_names": DIM_NAMES, "opset": DECODER_OPSET}
 
-    def _parity_inputs(self) -> list[tuple[torch.Tensor, ...]]:
+    def _parity_inputs(self, dynamic_batch: bool | None = None) -> list[tuple[torch.Tensor, ...]]:
         # The capture example (batch 2, 3 tokens after 4 cached), a prefill (empty past) and a
         # one-token decode step: the shapes generation runs at, which torch.export never saw.
         generator = torch.Generator().manual_seed(1)

@@ -39,7 +39,8 @@ def add_compile_parser(sub: Any) -> None:
     p.add_argument("--eval-size", type=int, default=None, help="use at most N evaluation examples")
     p.add_argument("--max-accuracy-drop", type=float, default=None,
                    help="with --eval: keep the most sensitive layers in float until the metric drops at most this much "
-                        "(e.g. 0.01 for one point of top-1)")
+                        "(e.g. 0.01 for one point of top-1; for a causal LM, the relative rise of the perplexity: 0.02 "
+                        "for 2%%)")
     p.add_argument("--tolerance", type=float, default=None, help="largest accepted drift vs the original (default: recipe's)")
     p.add_argument("--simplify", action="store_true", help="run onnxsim on the exported model (kept only if it checks)")
     p.add_argument("--dynamic-batch", action="store_true", help="export with a dynamic batch axis")
@@ -182,7 +183,10 @@ def _compile_and_write(args, loaded, calibration, evaluation, original_metric, r
         print("\nWhy not (rules that matched but declined):\n" + render_near_misses(why_not(result)))
 
     def export_and_measure(path: Path) -> tuple[Any, Any]:
-        written = result.export_onnx(path, simplify=args.simplify)
+        written = result.export_onnx(path, simplify=args.simplify, keep_unused_inputs=args.keep_unused_inputs)
+        dropped = result.report.extra.get("dropped_inputs")
+        if dropped:
+            print(f"Dropped the unused input(s) {', '.join(dropped)} (never read by the graph; --keep-unused-inputs keeps them).")
         print(f"\nParity (ONNX in ORT vs compiled module): {result.report.parity.summary()}")
         comparison = compare(result, loaded.model, written, provider=args.provider, baseline=not args.no_baseline,
                              runs=args.iters)
@@ -197,8 +201,6 @@ def _compile_and_write(args, loaded, calibration, evaluation, original_metric, r
             print("\n" + _metric_table(original_metric.name, evaluation, [
                 ("original (PyTorch; time: plain export)" if baseline else "original (PyTorch)", original_metric, baseline),
                 (f"fxcompress {result.recipe.name} (ONNX Runtime)", compiled_metric, comparison.compiled)]))
-        if not args.keep_unused_inputs:
-            _drop_unused_inputs(written)
         return written, (comparison, compiled_metric)
 
     if not folder_out:
@@ -219,20 +221,6 @@ def _compile_and_write(args, loaded, calibration, evaluation, original_metric, r
 
         print(f"Wrote {write_report(args.report, result, variants=comparison.report_variants())}")
     return 0
-
-
-def _drop_unused_inputs(path: Path) -> None:
-    """Rewrite the (measured) file without the inputs no node reads, saying which."""
-    from fxcompress.api import DROPPED_INPUTS_KEY
-    from fxcompress.export.onnx_export import check_model, drop_unused_inputs, load_onnx, save_model, set_metadata
-
-    model = load_onnx(path)
-    dropped = drop_unused_inputs(model)
-    if dropped:
-        set_metadata(model, {DROPPED_INPUTS_KEY: ",".join(dropped)})
-        check_model(model)
-        save_model(model, path)
-        print(f"Dropped the unused input(s) {', '.join(dropped)} (never read by the graph; --keep-unused-inputs keeps them).")
 
 
 def _graph_info(path: Path) -> dict[str, Any]:
@@ -280,7 +268,7 @@ def _compile_decoder(args: argparse.Namespace, loaded: Any, folder_out: bool) ->
     if not folder_out:
         raise InputError(f"{args.spec} is a causal LM: its export is several files (decoder, prefill graph, tokenizer).",
                          "give a folder: --out DIR/ (then run fxcompress generate DIR --prompt ...).")
-    for flag, value in (("--max-accuracy-drop", args.max_accuracy_drop), ("--dynamic-batch", args.dynamic_batch or None),
+    for flag, value in (("--dynamic-batch", args.dynamic_batch or None),
                         ("--input-shape", args.input_shape), ("--dynamic-axes", args.dynamic_axes)):
         if value is not None:
             raise InputError(f"{flag} does not apply to a causal LM from the command line.", "drop it.")
@@ -288,15 +276,17 @@ def _compile_decoder(args: argparse.Namespace, loaded: Any, folder_out: bool) ->
     if args.calibration:
         batches = data.load(args.calibration, loaded, limit=args.calibration_size)
         calibration = [b["input_ids"] if isinstance(b, dict) else b[0] for b in batches]
-    evaluation = data.load(args.eval, loaded, limit=args.eval_size) if args.eval else None
-    original_metric = None
+    evaluation = data.load(args.eval, loaded, limit=args.eval_size, progress=_progress()) if args.eval else None
+    original_metric = evaluate = None
     if evaluation is not None:
-        from fxcompress.task_metrics import evaluate_original
+        from fxcompress.task_metrics import decoder_metric, evaluate_original
 
         original_metric, _ = evaluate_original(loaded.model, loaded.task, evaluation, progress=_progress())
+        if args.max_accuracy_drop is not None:  # the budget is the relative rise of the perplexity
+            evaluate = decoder_metric(loaded.model, evaluation, original_metric)
     print(f"Compiling {loaded.description} as a decoder (KV cache) with recipe '{args.recipe}'")
     result = compile_decoder(loaded.model, args.recipe, calibration, tolerance=args.tolerance, dump_dir=args.dump_dir,
-                             progress=_progress())
+                             progress=_progress(), evaluate=evaluate, max_metric_drop=args.max_accuracy_drop)
     result.report.print_table()
     print(result.report.fidelity_text())
     print(f"Graphs: {result.graphs}")

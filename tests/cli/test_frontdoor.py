@@ -164,6 +164,25 @@ def test_causal_lm_int4_with_calibration_text_and_perplexity(frontdoor, tmp_path
     assert len(capsys.readouterr().out.strip().splitlines()) == 2
 
 
+def test_causal_lm_accuracy_budget_searches_on_the_perplexity(frontdoor, tmp_path, capsys):
+    """--max-accuracy-drop on a causal LM: compile_decoder's search scored by the relative rise of
+    the perplexity of --eval (lower is better), on the decode graph and on its prefill graph."""
+    out = tmp_path / "lm"
+    code = main(["compile", f"hf:{frontdoor.llama}", "--recipe", "int8-dynamic", "--calibration", str(frontdoor.text),
+                 "--calibration-size", "4", "--eval", str(frontdoor.text), "--eval-size", "8",
+                 "--max-accuracy-drop", "0", "--out", f"{out}/"])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "metric_trials" in text and "perplexity" in text
+    manifest = json.loads((out / "manifest.json").read_text())
+    searched = manifest["compile"]["metric"]
+    assert searched["max_drop"] == 0 and searched["drop"] <= 0  # the perplexity did not rise
+    values = manifest["metric"]["values"]
+    # the budget is kept by the compiled module; ORT's int8 kernels round a little differently (parity bounds that)
+    assert values["compiled"]["value"] == pytest.approx(values["original"]["value"], rel=0.02)
+    assert main(["generate", str(out), "--prompt", "The import statement", "--max-new-tokens", "3"]) == 0
+
+
 def test_causal_lm_needs_a_folder_and_generate_needs_a_decoder(frontdoor, tmp_path, capsys):
     assert main(["compile", f"hf:{frontdoor.llama}", "--out", str(tmp_path / "lm.onnx")]) == 2
     assert "--out DIR/" in _one_paragraph(capsys.readouterr().err)
