@@ -263,7 +263,7 @@ def _manifest(args, loaded, result, comparison, folder, evaluation, original_met
 def _compile_decoder(args: argparse.Namespace, loaded: Any, folder_out: bool) -> int:
     from fxcompress import data
     from fxcompress.decoder import compile_decoder
-    from fxcompress.output_folder import OutputFolder
+    from fxcompress.output_folder import GENAI_CONFIG, OutputFolder, genai_config
 
     if not folder_out:
         raise InputError(f"{args.spec} is a causal LM: its export is several files (decoder, prefill graph, tokenizer).",
@@ -309,6 +309,8 @@ def _compile_decoder(args: argparse.Namespace, loaded: Any, folder_out: bool) ->
         manifest["parity"] = {"summary": result.report.parity.summary(), "passed": result.report.parity.passed,
                               "drift": result.report.parity.drift, "against": "the compiled module"}
         manifest["decoder"] = result.graphs
+        folder.write_json(GENAI_CONFIG, genai_config(loaded.model, result.spec, path.name))
+        manifest["files"] = sorted(folder.files)
         folder.write_json("manifest.json", manifest)
     print(f"\nWrote {folder.target}/ ({', '.join(folder.files)})")
     return 0

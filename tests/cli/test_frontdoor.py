@@ -142,6 +142,33 @@ def test_causal_lm_folder_and_generate(frontdoor, tmp_path, capsys):
     assert printed[0] == tokenizer.decode(expected[0], skip_special_tokens=True)
 
 
+def test_decoder_folder_loads_in_onnxruntime_genai(frontdoor, tmp_path, capsys):
+    """The folder's genai_config.json: onnxruntime-genai's og.Model(DIR) loads the graph and its
+    greedy continuation is fxcompress generate's (token for token)."""
+    og = pytest.importorskip("onnxruntime_genai")
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "lm"
+    assert main(["compile", f"hf:{frontdoor.llama}", "--out", f"{out}/"]) == 0
+    capsys.readouterr()
+    assert "genai_config.json" in json.loads((out / "manifest.json").read_text())["files"]
+    assert main(["generate", str(out), "--prompt", "The import statement", "--max-new-tokens", "6"]) == 0
+    ours = capsys.readouterr().out.strip()
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = tokenizer("The import statement")["input_ids"]
+    model = og.Model(str(out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 6, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids)
+    while not generator.is_done():
+        generator.generate_next_token()
+    sequence = [int(t) for t in generator.get_sequence(0)]
+    assert len(sequence) == len(ids) + 6 and sequence[:len(ids)] == ids
+    assert tokenizer.decode(sequence, skip_special_tokens=True) == ours
+
+
 @pytest.mark.slow
 def test_causal_lm_int4_with_calibration_text_and_perplexity(frontdoor, tmp_path, capsys):
     out = tmp_path / "lm"
