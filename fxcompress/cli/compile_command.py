@@ -9,9 +9,11 @@ causal LM goes through compile_decoder; ``generate DIR`` runs such a folder.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from fxcompress.errors import InputError
 
@@ -73,8 +75,42 @@ def add_generate_parser(sub: Any) -> None:
 
 
 def _progress() -> bool:
-    """Progress bars on long steps (calibration, preprocessing, evaluation) when a person watches stderr."""
+    """Progress bars on long steps (preprocessing, passes, calibration, export and parity, timing,
+    evaluation) when a person watches stderr."""
     return sys.stderr.isatty()
+
+
+def _pass_progress() -> list[Any]:
+    """compile's instruments: a bar over the passes when progress is shown."""
+    from fxcompress.infra.instruments import PassProgress
+
+    return [PassProgress("compiling")] if _progress() else []
+
+
+@contextlib.contextmanager
+def _stage(description: str) -> Iterator[None]:
+    """A running clock on stderr for a step that cannot be counted in parts (ONNX export and
+    parity, timing): a person sees it is working and for how long; nothing when not shown."""
+    if not _progress():
+        yield
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc=description, bar_format="{desc}: {elapsed}", leave=False)
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.wait(0.5):
+            bar.refresh()
+
+    clock = threading.Thread(target=tick, daemon=True)
+    clock.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        clock.join()
+        bar.close()
 
 
 def _shapes(values: Sequence[str] | None):
@@ -170,7 +206,7 @@ def _compile_and_write(args, loaded, calibration, evaluation, original_metric, r
     result = compile_model(loaded.model, loaded.example_inputs, args.recipe, calibration,
                            tolerance=args.tolerance, dynamic_batch=args.dynamic_batch, dump_dir=args.dump_dir,
                            evaluate=evaluate, max_metric_drop=args.max_accuracy_drop, progress=_progress(),
-                           dynamic_axes=parse_dynamic_axes(args.dynamic_axes))
+                           dynamic_axes=parse_dynamic_axes(args.dynamic_axes), instruments=_pass_progress())
     result.report.print_table()
     print(result.report.fidelity_text())
     note = getattr(result.report, "note", None)
@@ -183,13 +219,15 @@ def _compile_and_write(args, loaded, calibration, evaluation, original_metric, r
         print("\nWhy not (rules that matched but declined):\n" + render_near_misses(why_not(result)))
 
     def export_and_measure(path: Path) -> tuple[Any, Any]:
-        written = result.export_onnx(path, simplify=args.simplify, keep_unused_inputs=args.keep_unused_inputs)
+        with _stage("exporting ONNX and checking parity"):
+            written = result.export_onnx(path, simplify=args.simplify, keep_unused_inputs=args.keep_unused_inputs)
         dropped = result.report.extra.get("dropped_inputs")
         if dropped:
             print(f"Dropped the unused input(s) {', '.join(dropped)} (never read by the graph; --keep-unused-inputs keeps them).")
         print(f"\nParity (ONNX in ORT vs compiled module): {result.report.parity.summary()}")
-        comparison = compare(result, loaded.model, written, provider=args.provider, baseline=not args.no_baseline,
-                             runs=args.iters)
+        with _stage("timing and checking the file against the original in ONNX Runtime"):
+            comparison = compare(result, loaded.model, written, provider=args.provider, baseline=not args.no_baseline,
+                                 runs=args.iters)
         print(f"Parity (ONNX in ORT vs original model):  {comparison.compiled.parity.summary()}")
         print(f"\n{comparison.to_text()}")
         compiled_metric = None
@@ -274,7 +312,7 @@ def _compile_decoder(args: argparse.Namespace, loaded: Any, folder_out: bool) ->
             raise InputError(f"{flag} does not apply to a causal LM from the command line.", "drop it.")
     calibration = None
     if args.calibration:
-        batches = data.load(args.calibration, loaded, limit=args.calibration_size)
+        batches = data.load(args.calibration, loaded, limit=args.calibration_size, progress=_progress())
         calibration = [b["input_ids"] if isinstance(b, dict) else b[0] for b in batches]
     evaluation = data.load(args.eval, loaded, limit=args.eval_size, progress=_progress()) if args.eval else None
     original_metric = evaluate = None
@@ -286,12 +324,14 @@ def _compile_decoder(args: argparse.Namespace, loaded: Any, folder_out: bool) ->
             evaluate = decoder_metric(loaded.model, evaluation, original_metric)
     print(f"Compiling {loaded.description} as a decoder (KV cache) with recipe '{args.recipe}'")
     result = compile_decoder(loaded.model, args.recipe, calibration, tolerance=args.tolerance, dump_dir=args.dump_dir,
-                             progress=_progress(), evaluate=evaluate, max_metric_drop=args.max_accuracy_drop)
+                             progress=_progress(), evaluate=evaluate, max_metric_drop=args.max_accuracy_drop,
+                             instruments=_pass_progress())
     result.report.print_table()
     print(result.report.fidelity_text())
     print(f"Graphs: {result.graphs}")
     with OutputFolder(args.out) as folder:
-        path = result.export_onnx(folder.path("model.onnx"), simplify=args.simplify)
+        with _stage("exporting ONNX and checking parity"):
+            path = result.export_onnx(folder.path("model.onnx"), simplify=args.simplify)
         graphs = {"decode": path}
         if result.prefill is not None:
             graphs["prefill"] = folder.path("model.prefill.onnx")

@@ -73,6 +73,24 @@ def test_hf_image_classifier_int8_on_an_image_folder_writes_a_deployable_folder(
     assert "QuantizeLinear" in shown or "DequantizeLinear" in shown  # then the file's own op table
 
 
+def test_long_steps_show_progress_when_a_person_watches(frontdoor, tmp_path, capsys, monkeypatch):
+    """On a terminal: bars for preprocessing, the passes, calibration, export and parity, timing
+    and evaluation (stderr); none when stderr is not a terminal (the other tests)."""
+    import fxcompress.cli.compile_command as command
+
+    from tests.frontdoor_models import image_folder
+
+    images = image_folder(tmp_path / "images", per_class=5)  # 10: short lists (under 8) get no bar
+    monkeypatch.setattr(command, "_progress", lambda: True)
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
+    assert main(["compile", f"hf:{frontdoor.vit}", "--recipe", "int8", "--calibration", str(images),
+                 "--eval", str(images), "--out", str(tmp_path / "m.onnx"), *FAST]) == 0
+    err = capsys.readouterr().err
+    for step in ("preprocessing", "compiling", "calibrating", "exporting ONNX and checking parity", "timing and checking",
+                 "evaluating the original", "evaluating m.onnx"):
+        assert step in err, step
+
+
 def test_hf_text_classifier_calibrates_on_text_and_measures_labelled_jsonl(frontdoor, tmp_path, capsys):
     out = tmp_path / "bert"
     code = main(["compile", f"hf:{frontdoor.bert}", "--recipe", "int8-dynamic", "--calibration", str(frontdoor.text),
