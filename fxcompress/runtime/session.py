@@ -74,7 +74,8 @@ def to_numpy(value: Any) -> np.ndarray:
 def recorded_input_names(session: ort.InferenceSession) -> list[str] | None:
     """Every input name of the compiled graph in order, unused ones included, as the export recorded
     it (:data:`fxcompress.graph_meta.INPUT_NAMES_PROP`); None for a file without that record."""
-    value = session.get_modelmeta().custom_metadata_map.get(INPUT_NAMES_PROP)
+    meta = getattr(session, "get_modelmeta", None)  # a stand-in session may not have one
+    value = meta().custom_metadata_map.get(INPUT_NAMES_PROP) if meta is not None else None
     return value.split(",") if value else None
 
 
