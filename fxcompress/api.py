@@ -20,10 +20,11 @@ from torch import fx, nn
 
 from fxcompress.capture import (
     FlatCall, ModelCall, StructuredModule, capture, check_finite_outputs, holding_tracing_lock,
-    longer_sequences, model_call, private_copy, run_eager,
+    longer_sequences, model_call, other_size, private_copy, run_eager,
 )
 from fxcompress.errors import CaptureError, DriftError, ExportError, InputError
-from fxcompress.export.onnx_export import export_model_proto, save_model, set_metadata
+from fxcompress.export.onnx_export import drop_unused_inputs, export_model_proto, save_model, set_metadata
+from fxcompress.graph_meta import INPUT_NAMES_PROP
 from fxcompress.fidelity import (
     Gate, MaskedFigures, OutputMask, check_gate, check_output_mask, fidelity_table, output_fidelity,
     output_masks, output_tensors,
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
     import onnx
 
 
-#: ONNX metadata key naming the inputs the CLI dropped from a file because no node reads them.
+#: ONNX metadata key naming the inputs export dropped from a file because no node reads them.
 DROPPED_INPUTS_KEY = "fxcompress_dropped_inputs"
 
 
@@ -239,6 +240,7 @@ class CompileResult:
         metadata: dict[str, Any] | None = None,
         sparse: bool = False,
         output_mask: OutputMask = None,
+        keep_unused_inputs: bool | None = None,
     ) -> "onnx.ModelProto":
         """Export ``module`` to a checked ONNX ``ModelProto`` in memory (what :meth:`export_onnx` writes).
 
@@ -254,12 +256,19 @@ class CompileResult:
         are stored as metadata props.
         ``output_mask`` (default: compile's) says which output positions parity counts, as in
         :func:`fxcompress.compile`; where one applies the masked drift is the one checked.
+
+        Inputs no node reads (an argument forward() never uses) are dropped from the file, named
+        in its metadata and in ``report.extra["dropped_inputs"]``; ``keep_unused_inputs=True``
+        keeps them as required inputs (a decoder's inputs are always kept: its feed layout is
+        fixed). Every input name is recorded in the file, so fxcompress's runtime helpers
+        (``validate``, ``benchmark``) take the same positional inputs either way.
         """
         started = time.perf_counter()
         model, notes = export_model_proto(bake_weight_masks(self.graph_module), self.example_inputs, simplify=simplify,
                                           **self._export_options(dynamic_batch))
         if sparse:  # lossless: ORT rebuilds the dense weights when the session is created
             model = compress_initializers(model)[0]
+        dropped = self._drop_unused_inputs(model, keep_unused_inputs)
         collect()  # the exporter's intermediate programs go before the parity sessions open
         self._add_time("export", started)
         stamp: dict[str, Any] = {
@@ -268,6 +277,7 @@ class CompileResult:
             "fxcompress_drift_vs_original": f"{self.report.drift:.3e}",
             "simplified": notes.get("simplified", False),
             **self._export_metadata(),
+            **({DROPPED_INPUTS_KEY: ",".join(dropped)} if dropped else {}),
         }
         if self.report.masked:  # the drift above is over the positions the output mask keeps
             stamp["fxcompress_unmasked_drift_vs_original"] = f"{self.report.unmasked_drift:.3e}"
@@ -279,14 +289,17 @@ class CompileResult:
             started = time.perf_counter()
             session = create_session(model, optimize=False)  # one session for every input set, closed after
             calibration = self._parity_calibration()
-            for inputs in self._parity_inputs():  # one file for every shape: check each that differs
+            sets = self._parity_inputs(dynamic_batch)  # one file for every shape: check each that differs
+            labels = self.report.extra.get("parity_shapes") or [""] * len(sets)
+            for inputs, label in zip(sets, labels):
                 real = calibration if inputs is self.example_inputs else []
                 parity = validate_onnx(session, self.graph_module, inputs, tolerance=allowed, output_mask=mask,
                                        real_inputs=real, random_inputs=max(1, PARITY_SETS - 1 - len(real)))
                 self.report.parity = parity
                 if not parity.passed:
                     raise ExportError(
-                        f"The exported ONNX model does not match the compiled module in ONNX Runtime: {parity.to_text()}.",
+                        "The exported ONNX model does not match the compiled module in ONNX Runtime"
+                        f"{f' at {label}' if label not in ('', 'example') else ''}: {parity.to_text()}.",
                         "nothing was written; " + self._parity_advice(parity, simplify),
                     )
             del session
@@ -302,11 +315,24 @@ class CompileResult:
         """Export ``module`` to a checked ONNX file at ``path`` and return the path.
 
         ``options`` are :meth:`export_proto`'s (``simplify``, ``dynamic_batch``, ``validate``,
-        ``tolerance``, ``metadata``, ``sparse``, ``output_mask``). The model is built and checked there before
+        ``tolerance``, ``metadata``, ``sparse``, ``output_mask``, ``keep_unused_inputs``). The model is built and checked there before
         anything is written: a mismatch in ONNX Runtime raises ExportError and writes nothing.
         The write is atomic.
         """
         return save_model(self.export_proto(**options), path)
+
+    #: whether export keeps inputs no node reads by default (a decoder's fixed feed layout keeps them)
+    _keeps_unused_inputs = False
+
+    def _drop_unused_inputs(self, model: "onnx.ModelProto", keep: bool | None) -> list[str]:
+        """Drop the graph inputs no node reads (unless kept) after recording every input name in
+        ``model`` (so positional feeds still match by name); returns the dropped names."""
+        initializers = {t.name for t in model.graph.initializer}
+        set_metadata(model, {INPUT_NAMES_PROP: ",".join(v.name for v in model.graph.input if v.name not in initializers)})
+        keep = self._keeps_unused_inputs if keep is None else keep
+        dropped = [] if keep else drop_unused_inputs(model)
+        self.report.extra["dropped_inputs"] = dropped
+        return dropped
 
     def _add_time(self, stage: str, started: float) -> None:
         self.report.stages[stage] = self.report.stages.get(stage, 0.0) + time.perf_counter() - started
@@ -324,10 +350,28 @@ class CompileResult:
         return {"dynamic_batch": self.dynamic_batch if dynamic_batch is None else dynamic_batch,
                 "dynamic_sequence": self.dynamic_sequence, "input_names": names[0], "output_names": names[1]}
 
-    def _parity_inputs(self) -> list[tuple[torch.Tensor, ...]]:
-        """The input sets export parity is checked on: the example, and a second sequence length
-        when the file serves every length."""
-        return [self.example_inputs] + ([longer_sequences(self.example_inputs)] if self.dynamic_sequence else [])
+    def _parity_inputs(self, dynamic_batch: bool | None = None) -> list[tuple[torch.Tensor, ...]]:
+        """The input sets export parity is checked on: the example, then one more per symbolic
+        dimension the file has (batch, each named axis of ``dynamic_axes``) at a second size the
+        compiled module runs at, and a second sequence length when the file serves every length.
+        What was checked is listed in ``report.extra["parity_shapes"]``."""
+        sets, checked = [self.example_inputs], ["example"]
+        groups: dict[str, list[tuple[int, int]]] = {}
+        if self.dynamic_axes:  # one dimension per name: inputs sharing it change together
+            for (name, axis), dim in _dynamic_axes_shapes(self.call, self.dynamic_axes)[2].items():
+                groups.setdefault(dim, []).append((self.call.names.index(name), axis))
+        elif self.dynamic_batch if dynamic_batch is None else dynamic_batch:
+            groups["batch"] = [(i, 0) for i in range(len(self.example_inputs))]
+        for dim, places in groups.items():
+            other = other_size(self.graph_module, self.example_inputs, places)
+            if other is not None:
+                sets.append(other[1])
+                checked.append(f"{dim}={other[0]}")
+        if self.dynamic_sequence:
+            sets.append(longer_sequences(self.example_inputs))
+            checked.append("sequence+3")
+        self.report.extra["parity_shapes"] = checked
+        return sets
 
     def _parity_calibration(self) -> list[Any]:
         """The first calibration batches (at most PARITY_CALIBRATION_BATCHES) the exported file can run:

@@ -20,7 +20,7 @@ import threading
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.utils._pytree as pytree
@@ -405,6 +405,40 @@ def longer_sequences(inputs: Sequence[torch.Tensor], extra: int = 3) -> tuple[to
     stay masks: a second sequence length that parity checks a ``dynamic_sequence`` graph at.
     """
     return tuple(torch.cat([t, t[:, -1:].expand(-1, extra)], dim=1) if t.dim() == 2 else t for t in inputs)
+
+
+def other_size(module: Callable[..., Any], inputs: Sequence[torch.Tensor],
+               places: Sequence[tuple[int, int]]) -> tuple[int, tuple[torch.Tensor, ...]] | None:
+    """A second size for one symbolic axis: ``inputs`` with each ``(input index, axis)`` of
+    ``places`` (one dimension, shared by those inputs) grown or cut to a size ``module`` runs at.
+
+    Sizes are tried in order (one and a half times, twice, one more, half the example's size),
+    and the first one the module runs at is returned with the resized inputs: models that need a
+    multiple of their stride, or whose position tables bound a length, take one of them. Grown
+    positions repeat the last one along the axis, so token ids stay in the vocabulary and masks
+    stay masks. None when the module runs at none of them.
+    """
+    size = inputs[places[0][0]].shape[places[0][1]]
+    tried = []
+    for candidate in (size + max(1, size // 2), 2 * size, size + 1, size // 2):
+        if candidate < 2 or candidate == size or candidate in tried:
+            continue
+        tried.append(candidate)
+        resized = list(inputs)
+        for index, axis in places:
+            t = resized[index]
+            if candidate > size:
+                last = t.narrow(axis, size - 1, 1)
+                resized[index] = torch.cat([t, last.expand(*[candidate - size if d == axis else -1 for d in range(t.dim())])], axis)
+            else:
+                resized[index] = t.narrow(axis, 0, candidate).contiguous()
+        try:
+            with torch.no_grad():
+                module(*(t.clone() for t in resized))
+        except Exception:  # noqa: BLE001 - a size the model does not take: try the next one
+            continue
+        return candidate, tuple(resized)
+    return None
 
 
 @holding_tracing_lock

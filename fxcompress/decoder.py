@@ -57,6 +57,9 @@ class DecoderCompileResult(CompileResult):
     ``(logits, *present)`` (see :func:`fxcompress.capture_decoder.step_inputs` to build them).
     """
 
+    # input_ids, attention_mask, position_ids and every past tensor, read or not: generation binds them by name
+    _keeps_unused_inputs = True
+
     def __init__(self, *args: Any, spec: DecoderSpec, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         #: the cache geometry (layers, heads, head size, vocabulary) the graph was captured with
@@ -94,7 +97,7 @@ class DecoderCompileResult(CompileResult):
         return {"shapes": dynamic_shapes(self.spec, nested=False), "input_names": self.spec.input_names,
                 "output_names": self.spec.output_names, "dim_names": DIM_NAMES, "opset": DECODER_OPSET}
 
-    def _parity_inputs(self) -> list[tuple[torch.Tensor, ...]]:
+    def _parity_inputs(self, dynamic_batch: bool | None = None) -> list[tuple[torch.Tensor, ...]]:
         # The capture example (batch 2, 3 tokens after 4 cached), a prefill (empty past) and a
         # one-token decode step: the shapes generation runs at, which torch.export never saw.
         generator = torch.Generator().manual_seed(1)

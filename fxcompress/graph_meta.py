@@ -49,6 +49,12 @@ GATE_SCALE = KEY_PREFIX + "gate_scale"
 #: True on a conv/linear whose bias correct-bias has corrected (a rerun leaves it alone)
 BIAS_CORRECTED = KEY_PREFIX + "bias_corrected"
 
+# --- ONNX metadata_props read below the api layer ------------------------------------------------
+
+#: On an exported file: the comma-separated names of every input of the compiled graph, in order,
+#: unused ones included; the runtime matches positional inputs to the file's inputs by these names.
+INPUT_NAMES_PROP = KEY_PREFIX + "input_names"
+
 #: torch.export's per-node record of the modules a node was traced in: ``{key: (path, type)}``, outermost first.
 MODULE_STACK = "nn_module_stack"
 

@@ -112,6 +112,60 @@ class OutputFolder:
             self.discard()
 
 
+#: onnxruntime-genai's file beside a decoder's graph: what ``og.Model(folder)`` loads
+GENAI_CONFIG = "genai_config.json"
+
+
+def genai_config(model: Any, spec: Any, filename: str = "model.onnx") -> dict[str, Any]:
+    """``genai_config.json`` for a decoder folder, so that onnxruntime-genai's ``og.Model(folder)``
+    runs ``filename`` (the decode graph; it serves the prompt step too).
+
+    The graph's names and layout are those onnxruntime-genai's own builder writes (``input_ids``,
+    ``attention_mask``, ``position_ids``, ``past_key_values.N.key|value`` in, ``logits`` and
+    ``present.N.key|value`` out, caches ``[batch, kv_heads, length, head_size]``); the cache grows
+    by concatenation, so past and present share no buffer. ``model`` is the transformers causal LM
+    (its config gives the sizes and the type), ``spec`` the
+    :class:`~fxcompress.capture_decoder.DecoderSpec` (special tokens, sampling defaults). The
+    type is taken as onnxruntime-genai's builder takes it (the architecture's name before
+    ``For``, lower case); onnxruntime-genai refuses types it does not know ("Unsupported model_type").
+    """
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    architecture = (getattr(config, "architectures", None) or [type(model).__name__])[0]
+    context = int(getattr(text, "max_position_embeddings", 0) or getattr(text, "n_positions", 0) or spec.max_length)
+    eos = list(spec.eos_token_ids)
+    return {
+        "model": {
+            "bos_token_id": getattr(config, "bos_token_id", None),
+            "context_length": context,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": filename,
+                "head_size": spec.kv_shapes[0][1],
+                "hidden_size": text.hidden_size,
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
+                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+                "num_attention_heads": heads,
+                "num_hidden_layers": spec.layers,
+                "num_key_value_heads": spec.kv_shapes[0][0],
+            },
+            "eos_token_id": eos[0] if len(eos) == 1 else eos,
+            "pad_token_id": spec.pad_token_id if spec.pad_token_id is not None else (eos[0] if eos else 0),
+            "type": architecture[:architecture.find("For")].lower() if "For" in architecture else architecture.lower(),
+            "vocab_size": spec.vocab_size,
+        },
+        "search": {
+            "diversity_penalty": 0.0, "do_sample": spec.do_sample, "early_stopping": True, "length_penalty": 1.0,
+            "max_length": context, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
+            "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+            "temperature": spec.temperature, "top_k": spec.top_k or 50, "top_p": spec.top_p,
+        },
+    }
+
+
 def versions() -> dict[str, str]:
     """Versions of the libraries that made the files (for the manifest)."""
     import importlib.metadata as metadata

@@ -7,8 +7,8 @@ in ONNX Runtime.
   mean-pooled over the positions the attention mask keeps) with the original's.
 
 ``evaluate_original`` and ``evaluate_onnx`` give one :class:`TaskMetric`; ``module_metric``
-makes the ``evaluate(module) -> float`` callable (higher is better) that compile's
-accuracy-aware search takes.
+(``decoder_metric`` for causal LMs: minus the relative perplexity rise) makes the
+``evaluate(module) -> float`` callable (higher is better) that the accuracy-aware search takes.
 """
 
 from __future__ import annotations
@@ -148,10 +148,11 @@ def evaluate_original(model: Any, task: str | None, data: Any, progress: bool = 
 
 def onnx_runner(path: str | os.PathLike, provider: str = "cpu") -> Callable[[Any], torch.Tensor]:
     """Run an exported (non-decoder) ONNX file on one batch in the model's form; feeds by input
-    name (keyword batches) or position; returns the ``logits`` output, else the first."""
+    name (keyword batches, or positional ones by the input names the export recorded); returns the ``logits`` output, else the first."""
     from fxcompress.runtime.session import create_session, to_numpy
 
-    session = create_session(path, provider).session
+    runtime = create_session(path, provider)
+    session = runtime.session
     names = [i.name for i in session.get_inputs()]
     outputs = [o.name for o in session.get_outputs()]
     wanted = ["logits"] if "logits" in outputs else [outputs[0]]
@@ -164,8 +165,8 @@ def onnx_runner(path: str | os.PathLike, provider: str = "cpu") -> Callable[[Any
                                  "evaluate with data preprocessed for this model.")
             feeds = {n: to_numpy(batch[n]) for n in names}
         else:
-            values = batch if isinstance(batch, (tuple, list)) else (batch,)
-            feeds = {n: to_numpy(v) for n, v in zip(names, values)}
+            # by the names the export recorded: a dropped unused input is left out, not shifted onto the next
+            feeds = runtime.feeds(batch if isinstance(batch, (tuple, list)) else (batch,))
         return torch.from_numpy(np.asarray(session.run(wanted, feeds)[0]))
 
     return run
@@ -186,14 +187,38 @@ def evaluate_onnx(path: str | os.PathLike, task: str | None, data: Any, referenc
 
 def module_metric(task: str | None, data: Any, reference: list[torch.Tensor] | None = None) -> Callable[[Any], float]:
     """``evaluate(module) -> float`` for compile's accuracy-aware search: top-1, or embedding
-    cosine (higher is better) on ``data``, calling the module as the model is called."""
+    cosine (higher is better) on ``data``, calling the module as the model is called. A causal
+    LM's search goes through :func:`decoder_metric` (the module compile_decoder searches over
+    takes the KV cache as inputs)."""
     kind = metric_kind(task)
     if kind == "perplexity":
-        raise InputError("--max-accuracy-drop is not supported for causal LMs from the command line.",
-                         "compile with fxcompress.compile_decoder(evaluate=...) from Python.")
+        raise InputError("A causal LM's accuracy-aware search is scored on the decoder graph, not the model's own call.",
+                         "use decoder_metric(model, data, original) with fxcompress.compile_decoder(evaluate=...).")
     if kind == "top1":
         data.require_labels()
     return lambda module: _score(kind, lambda b: call_model(module, b), data, reference, None).value
 
 
-__all__ = ["NAMES", "TaskMetric", "evaluate_onnx", "evaluate_original", "metric_kind", "module_metric", "onnx_runner"]
+def decoder_metric(model: Any, data: Any, original: TaskMetric) -> Callable[[Any], float]:
+    """``evaluate(module) -> float`` for :func:`fxcompress.compile_decoder`'s accuracy-aware search
+    on a causal LM: minus the relative rise of the perplexity of ``data`` over ``original``'s.
+
+    The search keeps the score within ``max_metric_drop`` of the original's (about 0), so a budget
+    of 0.02 lets the perplexity rise by at most 2% (perplexity is lower-is-better and its scale
+    depends on the model and text, hence relative). The module is the flat decoder graph
+    (``input_ids, attention_mask, position_ids, *past``; fxcompress.capture_decoder), run as a
+    prefill step with an empty cache, as the exported prefill graph runs.
+    """
+    from fxcompress.capture_decoder import decoder_spec, step_inputs
+
+    spec = decoder_spec(model)
+
+    def evaluate(module: Any) -> float:
+        with torch.no_grad():
+            perplexity = _perplexity(lambda ids: _first(module(*step_inputs(spec, ids))).float().numpy(), data, None)
+        return -(perplexity.value / original.value - 1.0)
+
+    return evaluate
+
+
+__all__ = ["NAMES", "TaskMetric", "evaluate_onnx", "decoder_metric", "evaluate_original", "metric_kind", "module_metric", "onnx_runner"]

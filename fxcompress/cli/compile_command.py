@@ -9,9 +9,11 @@ causal LM goes through compile_decoder; ``generate DIR`` runs such a folder.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from fxcompress.errors import InputError
 
@@ -55,7 +57,8 @@ def add_compile_parser(sub: Any) -> None:
     p.add_argument("--eval-size", type=int, default=None, help="use at most N evaluation examples")
     p.add_argument("--max-accuracy-drop", type=float, default=None,
                    help="with --eval: keep the most sensitive layers in float until the metric drops at most this much "
-                        "(e.g. 0.01 for one point of top-1)")
+                        "(e.g. 0.01 for one point of top-1; for a causal LM, the relative rise of the perplexity: 0.02 "
+                        "for 2%%)")
     p.add_argument("--tolerance", type=float, default=None, help="largest accepted drift vs the original (default: recipe's)")
     p.add_argument("--simplify", action="store_true", help="run onnxsim on the exported model (kept only if it checks)")
     p.add_argument("--dynamic-batch", action="store_true", help="export with a dynamic batch axis")
@@ -88,8 +91,42 @@ def add_generate_parser(sub: Any) -> None:
 
 
 def _progress() -> bool:
-    """Progress bars on long steps (calibration, preprocessing, evaluation) when a person watches stderr."""
+    """Progress bars on long steps (preprocessing, passes, calibration, export and parity, timing,
+    evaluation) when a person watches stderr."""
     return sys.stderr.isatty()
+
+
+def _pass_progress() -> list[Any]:
+    """compile's instruments: a bar over the passes when progress is shown."""
+    from fxcompress.infra.instruments import PassProgress
+
+    return [PassProgress("compiling")] if _progress() else []
+
+
+@contextlib.contextmanager
+def _stage(description: str) -> Iterator[None]:
+    """A running clock on stderr for a step that cannot be counted in parts (ONNX export and
+    parity, timing): a person sees it is working and for how long; nothing when not shown."""
+    if not _progress():
+        yield
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc=description, bar_format="{desc}: {elapsed}", leave=False)
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.wait(0.5):
+            bar.refresh()
+
+    clock = threading.Thread(target=tick, daemon=True)
+    clock.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        clock.join()
+        bar.close()
 
 
 def _shapes(values: Sequence[str] | None):
@@ -186,7 +223,8 @@ def _compile_and_write(args, loaded, calibration, evaluation, original_metric, r
                            tolerance=args.tolerance, evaluate=evaluate, max_metric_drop=args.max_accuracy_drop,
                            progress=_progress(),
                            options=CompileOptions(dynamic_batch=args.dynamic_batch, dump_dir=args.dump_dir,
-                                                  dynamic_axes=parse_dynamic_axes(args.dynamic_axes)))
+                                                  dynamic_axes=parse_dynamic_axes(args.dynamic_axes),
+                                                  instruments=_pass_progress()))
     result.report.print_table()
     print(result.report.fidelity_text())
     note = getattr(result.report, "note", None)
@@ -199,10 +237,15 @@ def _compile_and_write(args, loaded, calibration, evaluation, original_metric, r
         print("\nWhy not (rules that matched but declined):\n" + render_near_misses(why_not(result)))
 
     def export_and_measure(path: Path) -> tuple[Any, Any]:
-        written = result.export_onnx(path, simplify=args.simplify)
+        with _stage("exporting ONNX and checking parity"):
+            written = result.export_onnx(path, simplify=args.simplify, keep_unused_inputs=args.keep_unused_inputs)
+        dropped = result.report.extra.get("dropped_inputs")
+        if dropped:
+            print(f"Dropped the unused input(s) {', '.join(dropped)} (never read by the graph; --keep-unused-inputs keeps them).")
         print(f"\nParity (ONNX in ORT vs compiled module): {result.report.parity.to_text()}")
-        comparison = compare(result, loaded.model, written, provider=args.provider, baseline=not args.no_baseline,
-                             runs=args.runs)
+        with _stage("timing and checking the file against the original in ONNX Runtime"):
+            comparison = compare(result, loaded.model, written, provider=args.provider, baseline=not args.no_baseline,
+                                 runs=args.runs)
         print(f"Parity (ONNX in ORT vs original model):  {comparison.compiled.parity.to_text()}")
         print(f"\n{comparison.to_text()}")
         compiled_metric = None
@@ -214,8 +257,6 @@ def _compile_and_write(args, loaded, calibration, evaluation, original_metric, r
             print("\n" + _metric_table(original_metric.name, evaluation, [
                 ("original (PyTorch; time: plain export)" if baseline else "original (PyTorch)", original_metric, baseline),
                 (f"fxcompress {result.recipe.name} (ONNX Runtime)", compiled_metric, comparison.compiled)]))
-        if not args.keep_unused_inputs:
-            _drop_unused_inputs(written)
         return written, (comparison, compiled_metric)
 
     if not folder_out:
@@ -236,20 +277,6 @@ def _compile_and_write(args, loaded, calibration, evaluation, original_metric, r
 
         print(f"Wrote {write_report(args.report, result, variants=comparison.report_variants())}")
     return 0
-
-
-def _drop_unused_inputs(path: Path) -> None:
-    """Rewrite the (measured) file without the inputs no node reads, saying which."""
-    from fxcompress.api import DROPPED_INPUTS_KEY
-    from fxcompress.export.onnx_export import check_model, drop_unused_inputs, load_onnx, save_model, set_metadata
-
-    model = load_onnx(path)
-    dropped = drop_unused_inputs(model)
-    if dropped:
-        set_metadata(model, {DROPPED_INPUTS_KEY: ",".join(dropped)})
-        check_model(model)
-        save_model(model, path)
-        print(f"Dropped the unused input(s) {', '.join(dropped)} (never read by the graph; --keep-unused-inputs keeps them).")
 
 
 def _graph_info(path: Path) -> dict[str, Any]:
@@ -293,33 +320,37 @@ def _compile_decoder(args: argparse.Namespace, loaded: Any, folder_out: bool) ->
     from fxcompress import data
     from fxcompress.api import CompileOptions
     from fxcompress.decoder import compile_decoder
-    from fxcompress.output_folder import OutputFolder
+    from fxcompress.output_folder import GENAI_CONFIG, OutputFolder, genai_config
 
     if not folder_out:
         raise InputError(f"{args.spec} is a causal LM: its export is several files (decoder, prefill graph, tokenizer).",
                          "give a folder: --out DIR/ (then run fxcompress generate DIR --prompt ...).")
-    for flag, value in (("--max-accuracy-drop", args.max_accuracy_drop), ("--dynamic-batch", args.dynamic_batch or None),
+    for flag, value in (("--dynamic-batch", args.dynamic_batch or None),
                         ("--input-shape", args.input_shape), ("--dynamic-axes", args.dynamic_axes)):
         if value is not None:
             raise InputError(f"{flag} does not apply to a causal LM from the command line.", "drop it.")
     calibration = None
     if args.calibration:
-        batches = data.load(args.calibration, loaded, limit=args.calibration_size)
+        batches = data.load(args.calibration, loaded, limit=args.calibration_size, progress=_progress())
         calibration = [b["input_ids"] if isinstance(b, dict) else b[0] for b in batches]
-    evaluation = data.load(args.eval, loaded, limit=args.eval_size) if args.eval else None
-    original_metric = None
+    evaluation = data.load(args.eval, loaded, limit=args.eval_size, progress=_progress()) if args.eval else None
+    original_metric = evaluate = None
     if evaluation is not None:
-        from fxcompress.task_metrics import evaluate_original
+        from fxcompress.task_metrics import decoder_metric, evaluate_original
 
         original_metric, _ = evaluate_original(loaded.model, loaded.task, evaluation, progress=_progress())
+        if args.max_accuracy_drop is not None:  # the budget is the relative rise of the perplexity
+            evaluate = decoder_metric(loaded.model, evaluation, original_metric)
     print(f"Compiling {loaded.description} as a decoder (KV cache) with recipe '{args.recipe}'")
     result = compile_decoder(loaded.model, args.recipe, calibration, tolerance=args.tolerance, progress=_progress(),
-                             options=CompileOptions(dump_dir=args.dump_dir))
+                             evaluate=evaluate, max_metric_drop=args.max_accuracy_drop,
+                             options=CompileOptions(dump_dir=args.dump_dir, instruments=_pass_progress()))
     result.report.print_table()
     print(result.report.fidelity_text())
     print(f"Graphs: {result.graphs}")
     with OutputFolder(args.out) as folder:
-        path = result.export_onnx(folder.path("model.onnx"), simplify=args.simplify)
+        with _stage("exporting ONNX and checking parity"):
+            path = result.export_onnx(folder.path("model.onnx"), simplify=args.simplify)
         graphs = {"decode": path}
         if result.prefill is not None:
             graphs["prefill"] = folder.path("model.prefill.onnx")
@@ -337,6 +368,8 @@ def _compile_decoder(args: argparse.Namespace, loaded: Any, folder_out: bool) ->
         manifest["parity"] = {"summary": result.report.parity.to_text(), "passed": result.report.parity.passed,
                               "drift": result.report.parity.drift, "against": "the compiled module"}
         manifest["decoder"] = result.graphs
+        folder.write_json(GENAI_CONFIG, genai_config(loaded.model, result.spec, path.name))
+        manifest["files"] = sorted(folder.files)
         folder.write_json("manifest.json", manifest)
     print(f"\nWrote {folder.target}/ ({', '.join(folder.files)})")
     return 0

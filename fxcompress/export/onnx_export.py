@@ -90,7 +90,7 @@ def export_model_proto(
     if dynamic_batch and model.graph.input and not model.graph.input[0].type.tensor_type.shape.dim[0].dim_param:
         raise ExportError(
             "The graph has its batch size baked in, so the ONNX batch axis cannot be dynamic.",
-            "compile with dynamic_batch=True (the graph is then captured with a symbolic batch) and an example batch of at least 2.",
+            "compile with options=fxcompress.CompileOptions(dynamic_batch=True) (the graph is then captured with a symbolic batch) and an example batch of at least 2.",
         )
     # Quantized weights go into the file as int8 (a quarter of the bytes), not as fp32 + QuantizeLinear.
     model, notes["int8_weights"] = store_int8_weights(model)

@@ -209,3 +209,40 @@ class PrintAfterChange(Instrument):
             print(f"[{record.name}] {diff_snapshots(self._before, after).to_text()}", file=self.stream)
 
 
+
+
+class PassProgress(Instrument):
+    """A progress bar on stderr over the passes of a compile (tqdm): the pass running now, how
+    many ran, and for how long. What the CLI shows while compiling when a person watches."""
+
+    def __init__(self, description: str = "passes") -> None:
+        self.description = description
+        self._bar: Any = None
+
+    def before_pipeline(self, graph_module: fx.GraphModule) -> None:
+        from tqdm.auto import tqdm
+
+        self._close()
+        self._bar = tqdm(desc=self.description, unit="pass", leave=False)
+
+    def before_pass(self, pass_: Pass, graph_module: fx.GraphModule, record: PassRecord) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix_str(record.name, refresh=True)
+
+    def after_pass(self, pass_: Pass, graph_module: fx.GraphModule, result: PassResult, record: PassRecord) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def after_rollback(self, pass_: Pass, graph_module: fx.GraphModule, record: PassRecord) -> None:
+        self.after_pass(pass_, graph_module, None, record)  # type: ignore[arg-type]
+
+    def after_pass_failed(self, pass_: Pass, graph_module: fx.GraphModule, record: PassRecord) -> None:
+        self._close()
+
+    def after_pipeline(self, graph_module: fx.GraphModule, records: Sequence[PassRecord]) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -22,6 +22,7 @@ import onnxruntime as ort
 import torch
 
 from fxcompress.errors import InputError, RuntimeProviderError
+from fxcompress.graph_meta import INPUT_NAMES_PROP
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _SHORT = {v: k for k, v in PROVIDERS.items()}
@@ -70,16 +71,40 @@ def to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def make_feeds(session: ort.InferenceSession, inputs: Sequence[Any]) -> dict[str, np.ndarray]:
-    """Map positional inputs to the session's input names; InputError on count/shape/dtype mismatch."""
+def recorded_input_names(session: ort.InferenceSession) -> list[str] | None:
+    """Every input name of the compiled graph in order, unused ones included, as the export recorded
+    it (:data:`fxcompress.graph_meta.INPUT_NAMES_PROP`); None for a file without that record."""
+    meta = getattr(session, "get_modelmeta", None)  # a stand-in session may not have one
+    value = meta().custom_metadata_map.get(INPUT_NAMES_PROP) if meta is not None else None
+    return value.split(",") if value else None
+
+
+def make_feeds(session: ort.InferenceSession, inputs: Sequence[Any], names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Map inputs to the session's inputs; InputError on count/shape/dtype mismatch.
+
+    ``inputs`` are matched by name: ``names`` gives the name of each (default: the input names the
+    export recorded, unused ones included), so a file whose unused inputs were dropped takes the
+    same positional inputs as the model; a value whose name the file does not take is left out.
+    Without names (a file from elsewhere) they are matched by position.
+    """
     declared = session.get_inputs()
-    if len(inputs) != len(declared):
+    names = list(names) if names is not None else recorded_input_names(session)
+    if names is not None and len(names) == len(inputs):
+        by_name = dict(zip(names, inputs))
+        missing = [d.name for d in declared if d.name not in by_name]
+        if missing:
+            raise InputError(f"The ONNX model takes the input(s) {', '.join(missing)}, which none of the {len(inputs)} "
+                             f"given ({', '.join(names)}) is.", "pass one tensor per model input, as the model takes them.")
+        pairs = [(names.index(d.name), d, by_name[d.name]) for d in declared]
+    elif len(inputs) != len(declared):
         raise InputError(
             f"The ONNX model takes {len(declared)} input(s) ({', '.join(d.name for d in declared)}) but {len(inputs)} were given.",
             "pass one tensor per model input, in order.",
         )
+    else:
+        pairs = [(i, d, value) for i, (d, value) in enumerate(zip(declared, inputs))]
     feeds = {}
-    for i, (spec, value) in enumerate(zip(declared, inputs)):
+    for i, spec, value in pairs:
         array = to_numpy(value)
         want = _ORT_TO_NUMPY.get(spec.type)
         if want is not None and array.dtype != want:

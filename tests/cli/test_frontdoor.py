@@ -65,12 +65,33 @@ def test_hf_image_classifier_int8_on_an_image_folder_writes_a_deployable_folder(
     logits = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"pixel_values": pixels})[0]
     with torch.no_grad():
         expected = ViTForImageClassification.from_pretrained(frontdoor.vit)(pixel_values=torch.from_numpy(pixels)).logits
-    assert np.allclose(logits, expected.numpy(), atol=0.05 * float(expected.abs().max()))
+    # within the int8 preset's own bound (relative RMS error 0.4; the logits of this random ViT are
+    # about 0.1, so int8's rounding is some percent of them), with the same class
+    assert np.linalg.norm(logits - expected.numpy()) <= 0.4 * np.linalg.norm(expected.numpy())
+    assert logits.argmax(-1).tolist() == expected.argmax(-1).tolist()
 
     assert main(["inspect", str(out), "--no-providers"]) == 0
     shown = capsys.readouterr().out
     assert "fxcompress output folder" in shown and "recipe: int8" in shown and "top1" in shown
     assert "QuantizeLinear" in shown or "DequantizeLinear" in shown  # then the file's own op table
+
+
+def test_long_steps_show_progress_when_a_person_watches(frontdoor, tmp_path, capsys, monkeypatch):
+    """On a terminal: bars for preprocessing, the passes, calibration, export and parity, timing
+    and evaluation (stderr); none when stderr is not a terminal (the other tests)."""
+    import fxcompress.cli.compile_command as command
+
+    from tests.frontdoor_models import image_folder
+
+    images = image_folder(tmp_path / "images", per_class=5)  # 10: short lists (under 8) get no bar
+    monkeypatch.setattr(command, "_progress", lambda: True)
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
+    assert main(["compile", f"hf:{frontdoor.vit}", "--recipe", "int8", "--calibration", str(images),
+                 "--eval", str(images), "--out", str(tmp_path / "m.onnx"), *FAST]) == 0
+    err = capsys.readouterr().err
+    for step in ("preprocessing", "compiling", "calibrating", "exporting ONNX and checking parity", "timing and checking",
+                 "evaluating the original", "evaluating m.onnx"):
+        assert step in err, step
 
 
 def test_hf_text_classifier_calibrates_on_text_and_measures_labelled_jsonl(frontdoor, tmp_path, capsys):
@@ -142,6 +163,33 @@ def test_causal_lm_folder_and_generate(frontdoor, tmp_path, capsys):
     assert printed[0] == tokenizer.decode(expected[0], skip_special_tokens=True)
 
 
+def test_decoder_folder_loads_in_onnxruntime_genai(frontdoor, tmp_path, capsys):
+    """The folder's genai_config.json: onnxruntime-genai's og.Model(DIR) loads the graph and its
+    greedy continuation is fxcompress generate's (token for token)."""
+    og = pytest.importorskip("onnxruntime_genai")
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "lm"
+    assert main(["compile", f"hf:{frontdoor.llama}", "--out", f"{out}/"]) == 0
+    capsys.readouterr()
+    assert "genai_config.json" in json.loads((out / "manifest.json").read_text())["files"]
+    assert main(["generate", str(out), "--prompt", "The import statement", "--max-new-tokens", "6"]) == 0
+    ours = capsys.readouterr().out.strip()
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = tokenizer("The import statement")["input_ids"]
+    model = og.Model(str(out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 6, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids)
+    while not generator.is_done():
+        generator.generate_next_token()
+    sequence = [int(t) for t in generator.get_sequence(0)]
+    assert len(sequence) == len(ids) + 6 and sequence[:len(ids)] == ids
+    assert tokenizer.decode(sequence, skip_special_tokens=True) == ours
+
+
 @pytest.mark.slow
 def test_causal_lm_int4_with_calibration_text_and_perplexity(frontdoor, tmp_path, capsys):
     out = tmp_path / "lm"
@@ -162,6 +210,25 @@ def test_causal_lm_int4_with_calibration_text_and_perplexity(frontdoor, tmp_path
     assert main(["generate", str(out), "--prompt", "a", "--prompt", "class", "--do-sample", "--seed", "3",
                  "--max-new-tokens", "4"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 2
+
+
+def test_causal_lm_accuracy_budget_searches_on_the_perplexity(frontdoor, tmp_path, capsys):
+    """--max-accuracy-drop on a causal LM: compile_decoder's search scored by the relative rise of
+    the perplexity of --eval (lower is better), on the decode graph and on its prefill graph."""
+    out = tmp_path / "lm"
+    code = main(["compile", f"hf:{frontdoor.llama}", "--recipe", "int8-dynamic", "--calibration", str(frontdoor.text),
+                 "--calibration-size", "4", "--eval", str(frontdoor.text), "--eval-size", "8",
+                 "--max-accuracy-drop", "0", "--out", f"{out}/"])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "metric_trials" in text and "perplexity" in text
+    manifest = json.loads((out / "manifest.json").read_text())
+    searched = manifest["compile"]["metric"]
+    assert searched["max_drop"] == 0 and searched["drop"] <= 0  # the perplexity did not rise
+    values = manifest["metric"]["values"]
+    # the budget is kept by the compiled module; ORT's int8 kernels round a little differently (parity bounds that)
+    assert values["compiled"]["value"] == pytest.approx(values["original"]["value"], rel=0.02)
+    assert main(["generate", str(out), "--prompt", "The import statement", "--max-new-tokens", "3"]) == 0
 
 
 def test_causal_lm_needs_a_folder_and_generate_needs_a_decoder(frontdoor, tmp_path, capsys):

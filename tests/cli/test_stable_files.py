@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+import torch
 
 import fxcompress
 from fxcompress.cli import main
@@ -79,3 +80,93 @@ def test_unused_inputs_are_dropped_unless_kept(tmp_path, capsys):
     want = ort.InferenceSession(str(kept), providers=["CPUExecutionProvider"]).run(
         None, {"x": x, "unused": np.zeros((1, 2), np.float32)})[0]
     assert np.array_equal(got, want)
+
+
+class _ReadsItsFirstAndThirdInputs(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, unused: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) - y[:, :3]
+
+
+def test_api_export_drops_unused_inputs_and_feeds_by_name(tmp_path):
+    """The unused input sits between two used ones of the same shape: a feed by position would
+    silently give ``unused`` to ``y``; by the recorded names each value reaches its input."""
+    torch.manual_seed(0)
+    model = _ReadsItsFirstAndThirdInputs().eval()
+    inputs = (torch.randn(1, 4), torch.randn(1, 4), torch.randn(1, 4))
+    result = fxcompress.compile(model, inputs)
+    dropped = result.export_onnx(tmp_path / "dropped.onnx")
+    assert result.report.extra["dropped_inputs"] == ["unused"]
+    proto = onnx.load(str(dropped))
+    assert [i.name for i in proto.graph.input] == ["x", "y"]
+    assert {p.key: p.value for p in proto.metadata_props}["fxcompress_dropped_inputs"] == "unused"
+    kept = result.export_onnx(tmp_path / "kept.onnx", keep_unused_inputs=True)
+    assert [i.name for i in onnx.load(str(kept)).graph.input] == ["x", "unused", "y"]
+    assert result.report.extra["dropped_inputs"] == []
+
+    want = model(*inputs).detach().numpy()
+    for path in (dropped, kept):  # the same positional inputs serve both files
+        assert fxcompress.validate(path, model, inputs).passed
+        assert fxcompress.benchmark(path, inputs, warmup=1, iters=2).p50_ms > 0
+    from fxcompress.runtime.session import create_session
+
+    runtime = create_session(dropped)
+    assert sorted(runtime.feeds(inputs)) == ["x", "y"]
+    assert np.allclose(runtime.run(inputs)[0], want, atol=1e-6)
+    assert sorted(runtime.feeds(inputs[::2])) == ["x", "y"]  # the file's own two inputs, in its order
+    with pytest.raises(fxcompress.InputError, match="takes 2 input"):
+        runtime.feeds(inputs[:1])  # neither the recorded three nor the file's two
+
+
+def test_export_parity_checks_each_dynamic_axis_at_a_second_size(tmp_path, monkeypatch):
+    """Parity runs at the example size and again at another size per named dimension; a file
+    that fits only the example size is refused at the size it fails, nothing written."""
+    import dataclasses
+
+    import onnxruntime as ort
+
+    import fxcompress.api as api
+
+    model, (x,) = conv_bn_relu()
+    result = fxcompress.compile(model, (x,), options=fxcompress.CompileOptions(dynamic_axes={"x": {2: "height", 3: "width"}}))
+    path = result.export_onnx(tmp_path / "m.onnx")
+    height, width = x.shape[2], x.shape[3]
+    assert result.report.extra["parity_shapes"] == ["example", f"height={height + height // 2}", f"width={width + width // 2}"]
+    other = torch.randn(1, 3, height * 2 + 1, width - 3)  # a size parity did not use
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": other.numpy()})[0]
+    assert np.allclose(got, model(other).detach().numpy(), atol=1e-5)
+
+    batched = fxcompress.compile(model, torch.cat([x, x]), options=fxcompress.CompileOptions(dynamic_batch=True))
+    batched.export_proto()
+    assert batched.report.extra["parity_shapes"] == ["example", "batch=3"]
+    batched.export_proto(dynamic_batch=False)  # a file with a fixed batch is checked at that batch alone
+    assert batched.report.extra["parity_shapes"] == ["example"]
+
+    checked = api._validate_proto
+
+    def only_at_the_example_size(model_, module, inputs, tolerance, **options):
+        report = checked(model_, module, inputs, tolerance, **options)
+        return report if inputs[0].shape[2] == height else dataclasses.replace(report, passed=False)
+
+    monkeypatch.setattr(api, "_validate_proto", only_at_the_example_size)
+    with pytest.raises(fxcompress.ExportError, match=f"at height={height + height // 2}"):
+        result.export_onnx(tmp_path / "never.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+class _NeedsAMultipleOfFour(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(1, (-1, 4)).sum(-1)
+
+
+def test_second_size_is_one_the_model_takes():
+    from fxcompress.capture import other_size
+
+    x = torch.randn(1, 8)
+    size, (resized,) = other_size(_NeedsAMultipleOfFour(), (x,), [(0, 1)])
+    assert size == 12 and torch.equal(resized[:, :8], x) and torch.equal(resized[:, 8:], x[:, -1:].expand(1, 4))
+    assert other_size(_NeedsAMultipleOfFour(), (torch.randn(1, 4),), [(0, 1)])[0] == 8  # 6 does not divide: twice
+    assert other_size(lambda t: t.view(1, 2, 2), (torch.randn(1, 4),), [(0, 1)]) is None
