@@ -355,10 +355,53 @@ def affine_params(lo: float, hi: float, dtype: str = "uint8") -> AffineParams:
     return AffineParams(scale, zero_point, qmin, qmax, lo, hi)
 
 
-def symmetric_weight_scales(weight: torch.Tensor, axis: int) -> torch.Tensor:
-    """Per-channel symmetric int8 scales (``max|w| / 127`` along every dim but ``axis``), float32."""
+def symmetric_weight_scales(weight: torch.Tensor, axis: int, levels: int = 127) -> torch.Tensor:
+    """Per-channel symmetric int8 scales (``max|w| / levels`` along every dim but ``axis``), float32.
+
+    ``levels=63`` keeps the integers within -63..63 (:func:`u8s8_saturates`).
+    """
     dims = [d for d in range(weight.dim()) if d != axis % weight.dim()]
     amax = weight.detach().abs().amax(dim=dims) if dims else weight.detach().abs()
-    scale = amax.float() / 127.0
+    scale = amax.float() / float(levels)
     # All-zero channels still need a positive scale; 1.0 maps their zeros to zero exactly.
     return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def u8s8_saturates() -> bool:
+    """Whether this CPU computes ONNX Runtime's uint8 x int8 products with a saturating instruction.
+
+    On x86 without VNNI (AVX2 only: AMD before Zen 4, Intel before Cascade Lake) ORT's MLAS kernels
+    multiply uint8 activations by int8 weights with ``vpmaddubsw``, which adds two products into a
+    saturating int16: ``255 * 127 * 2`` overflows it, and the file computes something else than the
+    module (measured on an AVX2 EPYC: MatMulInteger columns off by up to 40%). Weights within
+    -63..63 cannot overflow it (``255 * 63 * 2 < 32767``); ORT's quantizers call that ``reduce_range``.
+    VNNI (``vpdpbusd``) and ARM accumulate in int32 and never saturate.
+    """
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()
+    except OSError:  # not Linux: assume a current CPU
+        return False
+    return bool(flags) and not ({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
+
+
+#: Choices of the quantizers' ``weight_range`` option (see :func:`weight_levels`).
+WEIGHT_RANGES: tuple[str, ...] = ("auto", "full", "reduced")
+WEIGHT_RANGE_HELP = ("int8 weight integers: 'full' (-127..127), 'reduced' (-63..63, exact on x86 CPUs without VNNI, "
+                     "whose uint8 x int8 instruction saturates), 'auto' (reduced where the compiling CPU saturates)")
+
+
+def weight_levels(weight_range: str, unsigned_activations: bool = True) -> int:
+    """The largest weight integer of ``weight_range`` (one of :data:`WEIGHT_RANGES`): 63 if reduced, else 127.
+
+    ``auto`` reduces where the compiling CPU saturates uint8 x int8 products (:func:`u8s8_saturates`)
+    and the activations are uint8.
+    """
+    if weight_range not in WEIGHT_RANGES:
+        raise ValueError(weight_range)
+    reduced = weight_range == "reduced" or (weight_range == "auto" and unsigned_activations and u8s8_saturates())
+    return 63 if reduced else 127
