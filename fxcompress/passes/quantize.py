@@ -49,13 +49,16 @@ import torch
 from torch import fx
 
 from fxcompress.analysis.aliasing import alias_set
+from fxcompress.rewrite import weighted_layer
 from fxcompress.rewrite.matchers import attribute
 from fxcompress.analysis.graph_keys import node_keys, nodes_by_key
 from fxcompress.analysis.sensitivity import (
     MetricTrial, layer_sensitivities, report_trial, select_float_layers, select_float_layers_by_metric,
 )
 from fxcompress.errors import RecipeError
-from fxcompress.graph_meta import FUSED_ACTIVATION, MODULE_STACK, QUANT_META, is_quantized, layer_name, matches_layer
+from fxcompress.graph_meta import (
+    FLOAT_CHANNEL_STATS, FUSED_ACTIVATION, MODULE_STACK, QUANT_META, is_quantized, layer_name, matches_layer,
+)
 from fxcompress.infra.context import CompileContext
 from fxcompress.infra.pass_base import DataDrivenPass, PassResult, option
 from fxcompress.infra.registry import register
@@ -69,6 +72,8 @@ from fxcompress.passes.calibrators import (
     pass_calibration,
     WEIGHT_RANGE_HELP,
     WEIGHT_RANGES,
+    float_stats_key,
+    sample_channel_means,
     symmetric_weight_scales,
     weight_levels,
 )
@@ -539,7 +544,19 @@ class QuantizeInt8Pass(DataDrivenPass):
         if rewritten:
             graph_module.recompile()
         plan = plan_static(graph_module.graph, opts.ops)  # node identities may have changed targets
-        stats = observe(graph_module, plan.calibrated_points, batches, opts.calibrator, progress=context.progress)
+        # correct-bias needs each conv/linear's float channel means over the same data: recorded in
+        # this pass over it (the nodes carry them into the quantized graph), not in a float pass of its own.
+        channel_dims = {layer.node: found.channel_dim for layer in plan.layers
+                        if (found := weighted_layer(layer.node)) is not None and found.kind != "conv_transpose"
+                        and found.channel_dim is not None}
+        recorded: dict[fx.Node, list[torch.Tensor]] = {n: [] for n in channel_dims}
+        also = {n: (lambda v, n=n: recorded[n].append(sample_channel_means(v, channel_dims[n], squares=True)))
+                for n in channel_dims}
+        stats_key = float_stats_key(graph_module)
+        stats = observe(graph_module, plan.calibrated_points, batches, opts.calibrator, progress=context.progress, also=also)
+        for node, per_batch in recorded.items():
+            if len(per_batch) == len(batches):
+                node.meta[FLOAT_CHANNEL_STATS] = (stats_key, per_batch)
         params = {node: affine_params(*choose_range(s, opts.calibrator, opts.percentile), opts.activation_dtype)
                   for node, s in stats.items()}
         reasons = self._float_reasons(plan)
