@@ -16,6 +16,10 @@ interleaved in one process, ``runtime/timing.py``). Targets (issue 16): int8 / i
     python benchmarks/trained_models.py                         # full: writes results/trained_models.{json,md}
     python benchmarks/trained_models.py --quick --out /tmp/tm   # CI dry run: tiny models, 1 epoch
 
+A full run then also runs ``shipped_models.py`` (``--shipped``, default every shipped model that is
+installed): networks trained for weeks whose weights packages ship, the sentence encoder
+all-MiniLM-L6-v2 and the CRAFT text detector, beside ORT's quantizers (results/shipped_models.{json,md}).
+
 A full run holds ``--timing-lock`` (default /tmp/fxcompress-timing.lock, the lock ``flock`` takes)
 while it measures latency, and only then: training and compiling run beside other jobs, timings never.
 """
@@ -204,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="ORT intra-op threads for the latency column")
     parser.add_argument("--timing-lock", default=None,
                         help="file locked while timing (default /tmp/fxcompress-timing.lock; --quick: none; '' for none)")
+    parser.add_argument("--shipped", default=None,
+                        help="shipped trained models run after the digits models by shipped_models.py (comma-separated; "
+                             "default: every installed one; --quick: none; '' for none)")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in TRAINED_MODELS]
@@ -247,7 +254,23 @@ def main(argv: list[str] | None = None) -> int:
     table = render(record)
     (args.out / "trained_models.md").write_text(table)
     print(table)
-    return 0
+    return _run_shipped(args, rounds, lock)
+
+
+def _run_shipped(args: argparse.Namespace, rounds: int, lock: str | None) -> int:
+    """The real trained networks of ``shipped_models.py`` (its runners, its table) after the digits models."""
+    import shipped_models
+
+    from fxcompress.examples import shipped
+
+    if args.shipped is None:
+        names = [] if args.quick else [n for n in shipped.SHIPPED_MODELS if shipped.available(n)]
+    else:
+        names = [n.strip() for n in args.shipped.split(",") if n.strip()]
+    if not names:
+        return 0
+    return shipped_models.main(["--models", ",".join(names), "--out", str(args.out), "--rounds", str(min(rounds, 6)),
+                                "--threads", str(args.threads), "--timing-lock", lock or ""])
 
 
 if __name__ == "__main__":

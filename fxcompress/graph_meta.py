@@ -48,6 +48,11 @@ PRUNED_META = KEY_PREFIX + "pruned"
 GATE_SCALE = KEY_PREFIX + "gate_scale"
 #: True on a conv/linear whose bias correct-bias has corrected (a rerun leaves it alone)
 BIAS_CORRECTED = KEY_PREFIX + "bias_corrected"
+#: ``(key, [[2, samples, channels] float64 per calibration batch])`` on a conv/linear quantize-int8 quantized:
+#: its float output's per-sample channel means and mean squares, recorded in quantize-int8's own pass
+#: over the calibration data, so correct-bias needs no float pass of its own. ``key`` says which graph
+#: and weights they were measured on (``bias_correction.float_stats_key``); stale ones are not used.
+FLOAT_CHANNEL_STATS = KEY_PREFIX + "float_channel_stats"
 
 # --- ONNX metadata_props read below the api layer ------------------------------------------------
 

@@ -85,6 +85,7 @@ def test_minilm_int8_dynamic_never_below_ort_quantize_dynamic(tmp_path):
     ours = fxcompress.compile(model.model, model.example, "int8-dynamic", calibration=model.calibration)
     ours_task = model.task(model.onnx_outputs(ours.export_onnx(tmp_path / "int8_dynamic.onnx")))
     peer_task = model.task(model.onnx_outputs(_ort("quantize_ort_dynamic")(fp32, tmp_path / "ort_dynamic.onnx")))
+    # 2026-12-07, AVX2-only AMD EPYC, before weight_range: cosine min 0.9798 / NN 0.906 (ORT 0.938 / 0.766): FAILED.
     assert ours_task["cosine_min"] >= max(0.98, peer_task["cosine_min"]), (ours_task, peer_task)
     assert ours_task["nn_agreement"] >= max(0.9, peer_task["nn_agreement"]), (ours_task, peer_task)
 
@@ -110,6 +111,7 @@ def test_craft_int8_compiles_exports_and_matches_ort_quantize_static(tmp_path):
     assert result.report.parity.inputs[:3] == ["example", "calibration batch 1", "calibration batch 2"]
     peer = model.task(model.onnx_outputs(_ort("quantize_ort_static")(fp32, tmp_path / "ort.onnx", _flat(model.calibration))))
     reference = model.task(model.reference)
-    # 2026-12-07: fxcompress 0.989 = fp32 0.989, ORT 0.993 (two words of 453 more than fp32 itself finds):
-    # within half a point of both; strictly "never below the peer" is not met on this data.
+    # 2026-12-07, AVX-512 VNNI Xeon: fxcompress 0.989 = fp32 0.989, ORT 0.993 (two words of 453 more than fp32
+    # itself finds): within half a point of both. Same day, AVX2-only AMD EPYC, before weight_range: fxcompress
+    # 0.990, fp32 0.993, ORT 0.995: FAILED (int8 weights saturating ORT's uint8 x int8 kernel, docs/fidelity.md).
     assert ours["f1"] >= reference["f1"] - 0.005 and ours["f1"] >= peer["f1"] - 0.005, (ours, peer, reference)

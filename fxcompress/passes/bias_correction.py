@@ -10,8 +10,12 @@ Subtracting ``E[e]`` from the layer's bias, channel by channel, removes it::
     b'_c = b_c - f_c * E[y_q - y]_c          (expectation over calibration data, batch and spatial positions)
 
 The expectation is *empirical*. Since the mean of the error is the difference of the means, the
-float model (every fake-quant an identity: quantize-int8 only inserts fake-quant nodes) is run
-once per batch as a compiled graph that returns only each layer's per-sample channel means. The
+float model's per-sample channel means are needed: quantize-int8 records them in its own pass over
+the calibration data (node meta ``FLOAT_CHANNEL_STATS``, with a key naming the graph and weights
+they were measured on), so the data goes through the float model once per compile. Where they are
+missing or stale (another pass ran in between, fewer batches), the float model (every fake-quant
+an identity: quantize-int8 only inserts fake-quant nodes) is run once per batch as a compiled
+graph that returns only each layer's per-sample channel means. The
 quantized graph is then evaluated op by op with all batches in lockstep, and layers are corrected
 in graph order: a correction adds a constant per channel, so the quantized values already computed
 are shifted rather than recomputed, and each layer's correction sees the errors that remain after
@@ -54,11 +58,11 @@ import torch
 from torch import fx
 
 from fxcompress.errors import RecipeError
-from fxcompress.graph_meta import BIAS_CORRECTED
+from fxcompress.graph_meta import BIAS_CORRECTED, FLOAT_CHANNEL_STATS
 from fxcompress.infra.context import CompileContext
 from fxcompress.infra.pass_base import DataDrivenPass, PassResult, Rejection, option
 from fxcompress.infra.registry import register
-from fxcompress.passes.calibrators import pass_calibration
+from fxcompress.passes.calibrators import float_stats_hold, pass_calibration, sample_channel_means
 from fxcompress.passes.quantize import QUANT_META, is_quantized, layer_name
 from fxcompress.rewrite import RewriteContext, WeightedLayer, set_argument, weighted_layer
 
@@ -81,20 +85,6 @@ def _quantized_layer(node: fx.Node) -> WeightedLayer | None:
     return layer if isinstance(weight, fx.Node) and _is_fake_quant(weight) else None
 
 
-def _sample_channel_means(value: torch.Tensor, dim: int, squares: bool = False) -> torch.Tensor:
-    """``[samples, channels]`` means of ``value`` over everything but the batch items and ``dim``, float64.
-
-    The leading dimension holds the batch items (one sample each) unless it is the channel
-    dimension itself, in which case the whole tensor is one sample. With ``squares``:
-    ``[2, samples, channels]``, the means and the means of the squares.
-    """
-    moved = value.detach().movedim(dim, -1)
-    samples = moved.shape[0] if dim != 0 and moved.dim() > 1 else 1
-    flat = moved.reshape(samples, -1, moved.shape[-1]).float()
-    means = flat.mean(1).double()
-    return torch.stack([means, flat.square().mean(1).double()]) if squares else means
-
-
 def float_channel_means(graph_module: fx.GraphModule, layers: dict[fx.Node, int],
                         batches: list[tuple[torch.Tensor, ...]]) -> dict[fx.Node, torch.Tensor]:
     """Per-sample channel means and mean squares (``[2, samples, channels]``, float64) of each layer's float output.
@@ -115,7 +105,7 @@ def float_channel_means(graph_module: fx.GraphModule, layers: dict[fx.Node, int]
     for n in nodes:
         # Right after the layer: a later in-place op (hardswish_, relu_) may overwrite its output.
         with graph.inserting_after(remap[n]):
-            means.append(graph.call_function(_sample_channel_means, (remap[n], layers[n], True)))
+            means.append(graph.call_function(sample_channel_means, (remap[n], layers[n], True)))
     graph.output(tuple(means))
     probe = fx.GraphModule(graph_module, graph)
     # (no dead-code elimination: an in-place op whose result nobody reads still writes its input)
@@ -126,6 +116,24 @@ def float_channel_means(graph_module: fx.GraphModule, layers: dict[fx.Node, int]
             for node, value in zip(nodes, probe(*batch)):
                 collected[node].append(value)
     return {n: torch.cat(values, dim=1) for n, values in collected.items()}
+
+
+def recorded_channel_means(graph_module: fx.GraphModule, nodes: list[fx.Node], batches: int) -> dict[fx.Node, torch.Tensor] | None:
+    """The float channel means quantize-int8 recorded on ``nodes`` over the first ``batches`` calibration
+    batches (as :func:`float_channel_means` returns them), or None when any is missing or stale."""
+    out: dict[fx.Node, torch.Tensor] = {}
+    holds: dict[int, bool] = {}  # one key per quantize-int8 run: checked once
+    for node in nodes:
+        recorded = node.meta.get(FLOAT_CHANNEL_STATS)
+        if recorded is None or len(recorded[1]) < batches:
+            return None
+        key = recorded[0]
+        if id(key) not in holds:
+            holds[id(key)] = float_stats_hold(key, graph_module)
+        if not holds[id(key)]:
+            return None
+        out[node] = torch.cat(recorded[1][:batches], dim=1)
+    return out
 
 
 class _Lockstep:
@@ -259,10 +267,14 @@ class CorrectBiasPass(DataDrivenPass):
                 targets[layer.node] = layer
         shifts: dict[str, float] = {}
         kept: list[float] = []
+        float_pass = False
         if targets:
             with torch.no_grad():
-                reference = float_channel_means(graph_module, {n: layer.channel_dim for n, layer in targets.items()},
-                                                batches)
+                reference = recorded_channel_means(graph_module, list(targets), len(batches))
+                float_pass = reference is None
+                if reference is None:
+                    reference = float_channel_means(graph_module, {n: layer.channel_dim for n, layer in targets.items()},
+                                                    batches)
                 run = _Lockstep(graph_module, batches)
                 for node in list(graph_module.graph.nodes):
                     if node.op == "output":
@@ -287,6 +299,8 @@ class CorrectBiasPass(DataDrivenPass):
         if shifts:
             graph_module.recompile()
         stats = {"corrected": len(shifts), "skipped": len(rejections), "calibration_batches": len(batches),
+                 "float_means": ("none needed" if not targets else "own float pass" if float_pass
+                                 else "recorded by quantize-int8"),
                  "largest_shift": max(shifts.values(), default=0.0),
                  "mean_kept_fraction": sum(kept) / len(kept) if kept else 0.0}
         return PassResult(graph_module, bool(shifts), stats, rejections)
@@ -319,7 +333,7 @@ class CorrectBiasPass(DataDrivenPass):
                     reference: torch.Tensor) -> tuple[torch.Tensor | None, float]:
         """The per-channel amount to subtract from the bias (None if nothing is significant), and the kept share."""
         means, squares = reference
-        errors = torch.cat([_sample_channel_means(q, layer.channel_dim) for q in quant]) - means
+        errors = torch.cat([sample_channel_means(q, layer.channel_dim) for q in quant]) - means
         correction = errors.mean(0)
         factors = shrinkage_factors(errors, self.options.significance)
         if self.options.max_relative_shift is not None:

@@ -186,16 +186,25 @@ class _Observer(fx.Interpreter):
 
 
 def observe(module: fx.GraphModule, nodes: Sequence[fx.Node], batches: Sequence[tuple[torch.Tensor, ...]],
-            calibrator: str, progress: bool = False) -> dict[fx.Node, TensorStats]:
-    """Run ``batches`` through ``module`` and collect the statistics ``calibrator`` needs per node."""
+            calibrator: str, progress: bool = False,
+            also: dict[fx.Node, Callable[[torch.Tensor], None]] | None = None) -> dict[fx.Node, TensorStats]:
+    """Run ``batches`` through ``module`` and collect the statistics ``calibrator`` needs per node.
+
+    ``also``: more callbacks (node -> callback of its value) run in the first pass over the data,
+    for statistics another pass would otherwise collect in a pass of its own (correct-bias's float means).
+    """
     stats = {n: TensorStats() for n in nodes}
     passes = [("range", TensorStats.observe_range)]
     if calibrator != "minmax":
         passes.append(("histogram", TensorStats.observe_histogram))
     bar = _progress(len(batches) * len(passes), progress)
     with torch.no_grad():
-        for _, method in passes:
-            watched = {n: (lambda v, s=stats[n], m=method: m(s, v)) for n in nodes}
+        for index, (_, method) in enumerate(passes):
+            watched: dict[fx.Node, Callable[[torch.Tensor], None]] = {
+                n: (lambda v, s=stats[n], m=method: m(s, v)) for n in nodes}
+            for n, callback in (also or {}).items() if index == 0 else ():
+                own = watched.get(n)
+                watched[n] = callback if own is None else (lambda v, a=own, b=callback: (a(v), b(v)))
             interpreter = _Observer(module, watched)
             for batch in batches:
                 interpreter.run(*batch)
@@ -355,10 +364,110 @@ def affine_params(lo: float, hi: float, dtype: str = "uint8") -> AffineParams:
     return AffineParams(scale, zero_point, qmin, qmax, lo, hi)
 
 
-def symmetric_weight_scales(weight: torch.Tensor, axis: int) -> torch.Tensor:
-    """Per-channel symmetric int8 scales (``max|w| / 127`` along every dim but ``axis``), float32."""
+def symmetric_weight_scales(weight: torch.Tensor, axis: int, levels: int = 127) -> torch.Tensor:
+    """Per-channel symmetric int8 scales (``max|w| / levels`` along every dim but ``axis``), float32.
+
+    ``levels=63`` keeps the integers within -63..63 (:func:`u8s8_saturates`).
+    """
     dims = [d for d in range(weight.dim()) if d != axis % weight.dim()]
     amax = weight.detach().abs().amax(dim=dims) if dims else weight.detach().abs()
-    scale = amax.float() / 127.0
+    scale = amax.float() / float(levels)
     # All-zero channels still need a positive scale; 1.0 maps their zeros to zero exactly.
     return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def u8s8_saturates() -> bool:
+    """Whether this CPU computes ONNX Runtime's uint8 x int8 products with a saturating instruction.
+
+    On x86 without VNNI (AVX2 only: AMD before Zen 4, Intel before Cascade Lake) ORT's MLAS kernels
+    multiply uint8 activations by int8 weights with ``vpmaddubsw``, which adds two products into a
+    saturating int16: ``255 * 127 * 2`` overflows it, and the file computes something else than the
+    module (measured on an AVX2 EPYC: MatMulInteger columns off by up to 40%). Weights within
+    -63..63 cannot overflow it (``255 * 63 * 2 < 32767``); ORT's quantizers call that ``reduce_range``.
+    VNNI (``vpdpbusd``) and ARM accumulate in int32 and never saturate.
+    """
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()
+    except OSError:  # not Linux: assume a current CPU
+        return False
+    return bool(flags) and not ({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
+
+
+#: Choices of the quantizers' ``weight_range`` option (see :func:`weight_levels`).
+WEIGHT_RANGES: tuple[str, ...] = ("auto", "full", "reduced")
+WEIGHT_RANGE_HELP = ("int8 weight integers: 'full' (-127..127), 'reduced' (-63..63, exact on x86 CPUs without VNNI, "
+                     "whose uint8 x int8 instruction saturates), 'auto' (reduced where the compiling CPU saturates)")
+
+
+def weight_levels(weight_range: str, unsigned_activations: bool = True) -> int:
+    """The largest weight integer of ``weight_range`` (one of :data:`WEIGHT_RANGES`): 63 if reduced, else 127.
+
+    ``auto`` reduces where the compiling CPU saturates uint8 x int8 products (:func:`u8s8_saturates`)
+    and the activations are uint8.
+    """
+    if weight_range not in WEIGHT_RANGES:
+        raise ValueError(weight_range)
+    reduced = weight_range == "reduced" or (weight_range == "auto" and unsigned_activations and u8s8_saturates())
+    return 63 if reduced else 127
+
+
+def sample_channel_means(value: torch.Tensor, dim: int, squares: bool = False) -> torch.Tensor:
+    """``[samples, channels]`` means of ``value`` over everything but the batch items and ``dim``, float64.
+
+    The leading dimension holds the batch items (one sample each) unless it is the channel
+    dimension itself, in which case the whole tensor is one sample. With ``squares``:
+    ``[2, samples, channels]``, the means and the means of the squares.
+    """
+    moved = value.detach().movedim(dim, -1)
+    samples = moved.shape[0] if dim != 0 and moved.dim() > 1 else 1
+    flat = moved.reshape(samples, -1, moved.shape[-1]).float()
+    means = flat.mean(1).double()
+    return torch.stack([means, flat.square().mean(1).double()]) if squares else means
+
+
+def float_stats_key(graph_module: fx.GraphModule) -> tuple[int, dict[str, Any]]:
+    """What float statistics recorded on ``graph_module``'s nodes depend on, to tell later whether they still hold.
+
+    The number of computing nodes (quantize-int8's fake-quant aside: the float model bypasses them)
+    and a weak reference to every constant tensor the graph reads: a pass that changes a weight
+    makes a new tensor (docs/design.md, invariant 11), so a changed weight or op makes the key stale.
+    Check with :func:`float_stats_hold`.
+    """
+    import weakref
+
+    from fxcompress.graph_meta import QUANT_META
+
+    count = 0
+    tensors: dict[str, Any] = {}
+    for node in graph_module.graph.nodes:
+        if node.op == "get_attr":
+            value = _attribute(graph_module, str(node.target))
+            if isinstance(value, torch.Tensor):
+                tensors[str(node.target)] = weakref.ref(value)
+        elif node.op in ("call_function", "call_method", "call_module"):
+            if node.meta.get(QUANT_META, {}).get("role") not in ("activation", "weight"):
+                count += 1
+    return count, tensors
+
+
+def float_stats_hold(key: tuple[int, dict[str, Any]], graph_module: fx.GraphModule) -> bool:
+    """Whether statistics recorded under ``key`` (:func:`float_stats_key`) still describe ``graph_module``'s float model."""
+    count, tensors = key
+    now_count, now = float_stats_key(graph_module)
+    if now_count != count:
+        return False
+    return all(name in now and ref() is not None and ref() is now[name]() for name, ref in tensors.items())
+
+
+def _attribute(module: torch.nn.Module, target: str) -> Any:
+    owner: Any = module
+    for part in target.split("."):
+        owner = getattr(owner, part, None)
+        if owner is None:
+            return None
+    return owner

@@ -49,13 +49,16 @@ import torch
 from torch import fx
 
 from fxcompress.analysis.aliasing import alias_set
+from fxcompress.rewrite import weighted_layer
 from fxcompress.rewrite.matchers import attribute
 from fxcompress.analysis.graph_keys import node_keys, nodes_by_key
 from fxcompress.analysis.sensitivity import (
     MetricTrial, layer_sensitivities, report_trial, select_float_layers, select_float_layers_by_metric,
 )
 from fxcompress.errors import RecipeError
-from fxcompress.graph_meta import FUSED_ACTIVATION, MODULE_STACK, QUANT_META, is_quantized, layer_name, matches_layer
+from fxcompress.graph_meta import (
+    FLOAT_CHANNEL_STATS, FUSED_ACTIVATION, MODULE_STACK, QUANT_META, is_quantized, layer_name, matches_layer,
+)
 from fxcompress.infra.context import CompileContext
 from fxcompress.infra.pass_base import DataDrivenPass, PassResult, option
 from fxcompress.infra.registry import register
@@ -67,7 +70,12 @@ from fxcompress.passes.calibrators import (
     choose_range,
     observe,
     pass_calibration,
+    WEIGHT_RANGE_HELP,
+    WEIGHT_RANGES,
+    float_stats_key,
+    sample_channel_means,
     symmetric_weight_scales,
+    weight_levels,
 )
 
 aten = torch.ops.aten
@@ -380,11 +388,12 @@ class QuantizedBuilder:
     :mod:`fxcompress.analysis.graph_keys` keys.
     """
 
-    def __init__(self, graph_module: fx.GraphModule, plan: QuantPlan, params: dict[fx.Node, AffineParams]) -> None:
-        self.graph_module, self.plan, self.params = graph_module, plan, params
+    def __init__(self, graph_module: fx.GraphModule, plan: QuantPlan, params: dict[fx.Node, AffineParams],
+                 weight_levels: int = 127) -> None:
+        self.graph_module, self.plan, self.params, self.weight_levels = graph_module, plan, params, weight_levels
 
     def __call__(self, enabled: Sequence[int]) -> fx.GraphModule:
-        return build_quantized(self.graph_module, self.plan, self.params, set(enabled))
+        return build_quantized(self.graph_module, self.plan, self.params, set(enabled), self.weight_levels)
 
     def __getstate__(self) -> dict[str, Any]:
         key, ops = node_keys(self.graph_module)
@@ -397,6 +406,7 @@ class QuantizedBuilder:
             "owners": {key[point]: owners for point, owners in plan.owners.items()},
             "mirrors": {key[point]: key[source] for point, source in plan.mirrors.items()},
             "params": {key[node]: value for node, value in self.params.items()},
+            "weight_levels": self.weight_levels,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -407,11 +417,14 @@ class QuantizedBuilder:
         self.plan = QuantPlan(layers, {nodes[k]: v for k, v in state["owners"].items()},
                               {nodes[k]: nodes[v] for k, v in state["mirrors"].items()})
         self.params = {nodes[k]: v for k, v in state["params"].items()}
+        self.weight_levels = state.get("weight_levels", 127)
 
 
 def build_quantized(graph_module: fx.GraphModule, plan: QuantPlan, params: dict[fx.Node, AffineParams],
-                    enabled: set[int]) -> fx.GraphModule:
+                    enabled: set[int], weight_levels: int = 127) -> fx.GraphModule:
     """A new GraphModule (sharing ``graph_module``'s weights) with the ``enabled`` layers quantized.
+
+    Weights are quantized per channel to ``-weight_levels..weight_levels`` (63: option ``weight_range``).
 
     A quantize point is inserted when any of its layers is enabled; every reader of the tensor
     then reads the quantized value (one tensor, one quantization, as ORT's own quantizer does).
@@ -444,7 +457,7 @@ def build_quantized(graph_module: fx.GraphModule, plan: QuantPlan, params: dict[
         weight_node = op.args[layer.weight_index]
         weight = attribute(result, weight_node.target).detach()
         axis = layer.weight_axis
-        scale = symmetric_weight_scales(weight, axis)
+        scale = symmetric_weight_scales(weight, axis, weight_levels)
         prefix = f"_fxq{index}_{layer.name.replace('.', '_')}"
         result.register_buffer(f"{prefix}_scale", scale)
         result.register_buffer(f"{prefix}_zero_point", torch.zeros(scale.shape, dtype=torch.int32))
@@ -481,6 +494,7 @@ class QuantizeInt8Options:
     calibration_batches: int = option(256, "use at most this many calibration batches")
     sensitivity_batches: int = option(4, "calibration batches used to measure each layer's sensitivity (with max_drift)")
     embeddings: bool = option(True, "store embedding tables as int8 (an int8 Gather, one scale per table), as int8-dynamic does")
+    weight_range: str = option("auto", WEIGHT_RANGE_HELP + " and activations are uint8")
 
     def __post_init__(self) -> None:
         unknown = [k for k in self.ops if k not in LAYER_KINDS]
@@ -494,6 +508,8 @@ class QuantizeInt8Options:
             raise RecipeError(f"quantize-int8: percentile must be in (0, 100], got {self.percentile}.", "use e.g. 99.99.")
         if self.max_drift is not None and not self.max_drift > 0:
             raise RecipeError(f"quantize-int8: max_drift must be positive, got {self.max_drift}.", "use e.g. 0.02, or leave it unset.")
+        if self.weight_range not in WEIGHT_RANGES:
+            raise RecipeError(f"quantize-int8: unknown weight_range {self.weight_range!r}.", f"use one of {', '.join(WEIGHT_RANGES)}.")
         if self.calibration_batches < 1 or self.sensitivity_batches < 1:
             raise RecipeError("quantize-int8: calibration_batches and sensitivity_batches must be >= 1.", "use e.g. 256 and 4.")
 
@@ -528,16 +544,29 @@ class QuantizeInt8Pass(DataDrivenPass):
         if rewritten:
             graph_module.recompile()
         plan = plan_static(graph_module.graph, opts.ops)  # node identities may have changed targets
-        stats = observe(graph_module, plan.calibrated_points, batches, opts.calibrator, progress=context.progress)
+        # correct-bias needs each conv/linear's float channel means over the same data: recorded in
+        # this pass over it (the nodes carry them into the quantized graph), not in a float pass of its own.
+        channel_dims = {layer.node: found.channel_dim for layer in plan.layers
+                        if (found := weighted_layer(layer.node)) is not None and found.kind != "conv_transpose"
+                        and found.channel_dim is not None}
+        recorded: dict[fx.Node, list[torch.Tensor]] = {n: [] for n in channel_dims}
+        also = {n: (lambda v, n=n: recorded[n].append(sample_channel_means(v, channel_dims[n], squares=True)))
+                for n in channel_dims}
+        stats_key = float_stats_key(graph_module)
+        stats = observe(graph_module, plan.calibrated_points, batches, opts.calibrator, progress=context.progress, also=also)
+        for node, per_batch in recorded.items():
+            if len(per_batch) == len(batches):
+                node.meta[FLOAT_CHANNEL_STATS] = (stats_key, per_batch)
         params = {node: affine_params(*choose_range(s, opts.calibrator, opts.percentile), opts.activation_dtype)
                   for node, s in stats.items()}
         reasons = self._float_reasons(plan)
         enabled = {i for i in range(len(plan.layers)) if i not in reasons}
+        levels = weight_levels(opts.weight_range, opts.activation_dtype == "uint8")
         sensitivity: dict[int, float] = {}
         drift = None
         if opts.max_drift is not None and enabled:
             sample = batches[:opts.sensitivity_batches]
-            build = QuantizedBuilder(graph_module, plan, params)
+            build = QuantizedBuilder(graph_module, plan, params, levels)
             sensitivity = layer_sensitivities(graph_module, build, sorted(enabled), sample)
             kept_float, drift = select_float_layers(graph_module, build, sensitivity, sorted(enabled), sample, opts.max_drift)
             for i in kept_float:
@@ -547,7 +576,7 @@ class QuantizeInt8Pass(DataDrivenPass):
         metric = context.metric
         if metric is not None and metric.max_drop is not None and enabled:
             # Accuracy-aware: drift ranks the layers (cheap), the user's metric picks how many stay in float.
-            build = QuantizedBuilder(graph_module, plan, params)
+            build = QuantizedBuilder(graph_module, plan, params, levels)
             if not sensitivity:
                 sensitivity = layer_sensitivities(graph_module, build, sorted(enabled), batches[:opts.sensitivity_batches])
             ranked = sorted(enabled, key=lambda i: sensitivity.get(i, 0.0), reverse=True)
@@ -556,7 +585,7 @@ class QuantizeInt8Pass(DataDrivenPass):
             for i in kept_float:
                 reasons[i] = "max_metric_drop"
             enabled -= set(kept_float)
-        result = build_quantized(graph_module, plan, params, enabled)
+        result = build_quantized(graph_module, plan, params, enabled, levels)
         embeddings = self._quantize_embeddings(result) if opts.embeddings else []
         layers = [{
             "name": layer.name, "kind": layer.kind,
@@ -570,6 +599,7 @@ class QuantizeInt8Pass(DataDrivenPass):
             "float_layers": len(plan.layers) - len(enabled),
             "calibrator": opts.calibrator,
             "calibration_batches": len(batches),
+            "weight_levels": levels,
             "layers": layers,
         }
         if drift is not None:

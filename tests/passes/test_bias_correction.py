@@ -13,6 +13,7 @@ from fxcompress.infra.registry import create_pass
 from fxcompress.graph_meta import BIAS_CORRECTED as CORRECTED
 from fxcompress.passes.presets import int8
 from fxcompress.rewrite import weighted_layer
+from fxcompress.rewrite.matchers import attribute
 from tests.passes.test_equalize import Separable, _inputs
 
 aten = torch.ops.aten
@@ -207,3 +208,43 @@ def test_negative_significance_is_a_recipe_error():
 
     with pytest.raises(RecipeError, match="significance must be >= 0"):
         create_pass("correct-bias", {"significance": -1.0})
+
+
+def _biases(gm):
+    out = []
+    for node in gm.graph.nodes:
+        layer = weighted_layer(node)
+        if layer is not None and isinstance(layer.bias, torch.fx.Node):
+            out.append(attribute(gm, layer.bias.target).detach().clone())
+    return out
+
+
+def test_float_means_recorded_by_quantize_int8_give_the_same_correction_as_a_float_pass(uneven):
+    """quantize-int8 records each layer's float channel means in its own pass over the calibration data;
+    correct-bias uses them (no float pass of its own) and corrects exactly as its own float pass would."""
+    import copy
+
+    model, inputs, calibration = uneven
+    recipe = int8()
+    recipe.steps = [s for s in recipe.steps
+                    if getattr(s, "name", None) not in ("quantize-int8", "correct-bias", "equalize-layers")]
+    prepared = fxcompress.compile(model, inputs, recipe, calibration=calibration).module
+    context = CompileContext(inputs, lambda: iter(calibration))
+    quantize = create_pass("quantize-int8")
+    quantize.bind(context)
+    gm = quantize(prepared).graph_module
+    own_gm = copy.deepcopy(gm)  # new weight tensors: what was recorded no longer describes this graph
+    reused = _run(gm, context, **FULL)
+    own = _run(own_gm, context, **FULL)
+    assert reused.stats["float_means"] == "recorded by quantize-int8", reused.stats
+    assert own.stats["float_means"] == "own float pass", own.stats
+    assert reused.stats["corrected"] == own.stats["corrected"] == 4
+    for a, b in zip(_biases(gm), _biases(own_gm), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_the_int8_preset_runs_one_float_pass_over_the_calibration_data(uneven):
+    model, inputs, calibration = uneven
+    result = fxcompress.compile(model, inputs, "int8", calibration=calibration, tolerance=float("inf"))
+    record = next(r for r in result.report.records if r.name == "correct-bias")
+    assert record.stats["float_means"] == "recorded by quantize-int8", record.stats

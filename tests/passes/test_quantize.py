@@ -16,6 +16,7 @@ from fxcompress.infra.registry import create_pass
 from fxcompress.passes.calibrators import TensorStats, affine_params, choose_range
 from fxcompress.graph_meta import QUANT_META
 from fxcompress.passes.quantize import QuantizeInt8Pass
+from fxcompress.rewrite.matchers import attribute
 from fxcompress.runtime.session import create_session
 from tests.models import Residual, randomize_bn
 
@@ -93,6 +94,24 @@ def test_every_conv_and_gemm_runs_as_int8_kernel_in_ort(tmp_path):
     ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
     assert ops["QLinearConv"] == 3 and ops["QGemm"] == 1 and ops["QLinearAdd"] == 1
     assert not {"Conv", "FusedConv", "Gemm", "MatMul", "FusedGemm"} & set(ops), ops
+
+
+def test_weight_range_reduced_keeps_weight_integers_within_63_and_parity_exact(tmp_path):
+    """x86 without VNNI saturates uint8 x int8 pair sums: 'reduced' weights (-63..63) cannot overflow them."""
+    model, inputs = _residual()
+    for weight_range, levels in (("reduced", 63), ("full", 127)):
+        result = _compile(model, inputs, weight_range=weight_range)
+        assert _record(result).stats["weight_levels"] == levels
+        for node in result.module.graph.nodes:
+            if node.target is FQ_CHANNEL:
+                weight, scale = (attribute(result.module, a.target) for a in node.args[:2])
+                integers = torch.round(weight / scale.reshape(-1, *[1] * (weight.dim() - 1)))
+                assert int(integers.abs().max()) == levels
+    result = _compile(model, inputs, weight_range="reduced")
+    result.export_onnx(tmp_path / "reduced.onnx")
+    assert result.report.parity.drift < 1e-3  # on any CPU
+    with pytest.raises(RecipeError, match="weight_range"):
+        QuantizeInt8Pass({"weight_range": "7bit"})
 
 
 @pytest.mark.parametrize("preset", ["quantize-int8", "int8"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 import onnx
+import pytest
 import torch
 from torch import nn
 
@@ -60,6 +61,31 @@ def test_exports_as_dynamic_quantize_matmul_with_tight_parity(tmp_path):
     create_session(path, "cpu", optimized_model_path=tmp_path / "opt.onnx")
     ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
     assert ops["DynamicQuantizeMatMul"] == 3 and ops["MatMulInteger"] == 0
+
+
+def test_exported_fused_kernel_gets_one_weight_scale(tmp_path):
+    """ORT's DynamicQuantizeMatMul runs ~1.5x slower with per-column weight scales: the fused op gets a scalar."""
+    _, _, result = _compile()
+    create_session(result.export_onnx(tmp_path / "dyn.onnx"), "cpu", optimized_model_path=tmp_path / "opt.onnx")
+    graph = onnx.load(str(tmp_path / "opt.onnx")).graph
+    shapes = {t.name: list(t.dims) for t in graph.initializer}
+    fused = [n for n in graph.node if n.op_type == "DynamicQuantizeMatMul"]
+    assert len(fused) == 3 and all(shapes.get(n.input[2], [None]) in ([], [1]) for n in fused)
+
+
+def test_weight_range(tmp_path):
+    """'reduced' keeps weight integers within -63..63 (exact where uint8 x int8 saturates), 'full' uses -127..127."""
+    for weight_range, levels in (("reduced", 63), ("full", 127)):
+        model, _, result = _compile(weight_range=weight_range)
+        scale = result.module._fxqd0_up_scale
+        assert torch.allclose(scale, model.up.weight.abs().amax(1) / levels)
+        assert result.report.records[0].stats["layers"][0]["weight_levels"] == levels
+    # 'auto' chooses by the compiling CPU; either way the export matches the module on this machine
+    _, _, result = _compile()
+    result.export_onnx(tmp_path / "auto.onnx")
+    assert result.report.parity.drift < 1e-4
+    with pytest.raises(fxcompress.errors.RecipeError, match="weight_range"):
+        QuantizeInt8DynamicPass({"weight_range": "7bit"})
 
 
 def test_weights_are_stored_as_int8(tmp_path):
