@@ -110,7 +110,7 @@ def test_api_export_drops_unused_inputs_and_feeds_by_name(tmp_path):
     want = model(*inputs).detach().numpy()
     for path in (dropped, kept):  # the same positional inputs serve both files
         assert fxcompress.validate(path, model, inputs).passed
-        assert fxcompress.benchmark(path, inputs, warmup=1, iters=2).p50_ms > 0
+        assert fxcompress.benchmark(path, inputs, warmup=1, runs=2).p50_ms > 0
     from fxcompress.runtime.session import create_session
 
     runtime = create_session(dropped)
