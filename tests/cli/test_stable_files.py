@@ -145,13 +145,13 @@ def test_export_parity_checks_each_dynamic_axis_at_a_second_size(tmp_path, monke
     batched.export_proto(dynamic_batch=False)  # a file with a fixed batch is checked at that batch alone
     assert batched.report.extra["parity_shapes"] == ["example"]
 
-    checked = api._validate_proto
+    checked = api.validate_onnx
 
-    def only_at_the_example_size(model_, module, inputs, tolerance, **options):
-        report = checked(model_, module, inputs, tolerance, **options)
+    def only_at_the_example_size(model_, module, inputs, **options):
+        report = checked(model_, module, inputs, **options)
         return report if inputs[0].shape[2] == height else dataclasses.replace(report, passed=False)
 
-    monkeypatch.setattr(api, "_validate_proto", only_at_the_example_size)
+    monkeypatch.setattr(api, "validate_onnx", only_at_the_example_size)
     with pytest.raises(fxcompress.ExportError, match=f"at height={height + height // 2}"):
         result.export_onnx(tmp_path / "never.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
