@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,8 @@ from fxcompress.capture import (
     longer_sequences, model_call, private_copy, run_eager,
 )
 from fxcompress.errors import CaptureError, DriftError, ExportError, InputError
+from fxcompress.export.atomic import check_output_path
+from fxcompress.export.external import externalize, load_inline, save_external_model
 from fxcompress.export.onnx_export import export_model_proto, save_model, set_metadata
 from fxcompress.fidelity import (
     Gate, MaskedFigures, OutputFidelity, OutputMask, check_gate, check_output_mask, fidelity_table, output_fidelity,
@@ -200,7 +204,8 @@ class CompileResult:
         sparse: bool = False,
         output_mask: OutputMask = None,
     ) -> "onnx.ModelProto":
-        """Export ``module`` to a checked ONNX ``ModelProto`` in memory (what :meth:`export_onnx` writes).
+        """Export ``module`` to a checked ONNX ``ModelProto`` in memory (what :meth:`export_onnx` writes,
+        which keeps the weights on disk instead: docs/cost.md).
 
         Sparsity masks are baked into their weights; ``sparse=True`` also stores weights with
         enough zeros in a smaller encoding (fxcompress.export.sparse.compress_initializers).
@@ -215,11 +220,25 @@ class CompileResult:
         ``output_mask`` (default: compile's) says which output positions parity counts, as in
         :func:`fxcompress.compile`; where one applies the masked drift is the one checked.
         """
+        return self._export(None, simplify=simplify, dynamic_batch=dynamic_batch, validate=validate, tolerance=tolerance,
+                            metadata=metadata, sparse=sparse, output_mask=output_mask)
+
+    def _export(self, data_file: Path | None, *, simplify: bool = False, dynamic_batch: bool | None = None,
+                validate: bool = True, tolerance: float | None = None, metadata: dict[str, Any] | None = None,
+                sparse: bool = False, output_mask: OutputMask = None) -> "onnx.ModelProto":
+        """:meth:`export_proto`; with ``data_file`` (in a folder of its own) the weights go to that
+        file as they leave the exporter, the ModelProto returned refers to it, and parity runs on a
+        session ONNX Runtime opens from that folder (weights memory-mapped, never held twice)."""
         started = time.perf_counter()
         model, notes = export_model_proto(bake_weight_masks(self.graph_module), self.example_inputs, simplify=simplify,
-                                          **self._export_options(dynamic_batch))
+                                          external_data=data_file, **self._export_options(dynamic_batch))
         if sparse:  # lossless: ORT rebuilds the dense weights when the session is created
+            if data_file is not None:  # the sparse encoding reads the weights from the ModelProto
+                load_inline(model, data_file.parent)
             model = compress_initializers(model)[0]
+        if data_file is not None:  # what the lowering made new (int8, packed int4) joins the weights on disk
+            externalize(model, data_file)
+            save_model(model, data_file.with_suffix(""))
         collect()  # the exporter's intermediate programs go before the parity sessions open
         self._add_time("export", started)
         stamp: dict[str, Any] = {
@@ -237,7 +256,9 @@ class CompileResult:
             mask = self.output_mask if output_mask is None else output_mask
             check_output_mask(mask)
             started = time.perf_counter()
-            session = create_session(model, optimize=False)  # one session for every input set, closed after
+            # one session for every input set, closed after
+            session = (create_session(model, optimize=False) if data_file is None else
+                       create_session(data_file.with_suffix(""), optimize=False, read_in_place=True))
             calibration = self._parity_calibration()
             for inputs in self._parity_inputs():  # one file for every shape: check each that differs
                 real = calibration if inputs is self.example_inputs else []
@@ -264,9 +285,19 @@ class CompileResult:
         ``options`` are :meth:`export_proto`'s (``simplify``, ``dynamic_batch``, ``validate``,
         ``tolerance``, ``metadata``, ``sparse``, ``output_mask``). The model is built and checked there before
         anything is written: a mismatch in ONNX Runtime raises ExportError and writes nothing.
-        The write is atomic.
+        The write is atomic. The weights go from the compiled module to disk as they leave the
+        exporter and ONNX Runtime reads them from there (docs/cost.md): a model under the 2 GB
+        protobuf limit is one file; a larger one is ``path`` plus ``path.name + '.data'`` beside it
+        (ONNX external data, which ``onnx.load`` and ONNX Runtime read).
         """
-        return save_model(self.export_proto(**options), path)
+        path = check_output_path(path)
+        work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".export", dir=path.parent))
+        try:
+            data_file = work / (path.name + ".data")
+            model = self._export(data_file, **options)
+            return save_external_model(model, work, path)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
     def _add_time(self, stage: str, started: float) -> None:
         self.report.stages[stage] = self.report.stages.get(stage, 0.0) + time.perf_counter() - started
