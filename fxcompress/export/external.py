@@ -34,6 +34,7 @@ PROTOBUF_LIMIT = 2 * 1024**3
 _GRAPH_FIELD = 7        # ModelProto.graph
 _INITIALIZER_FIELD = 5  # GraphProto.initializer
 _RAW_DATA_FIELD = 9     # TensorProto.raw_data
+_CHUNK = 16 * 1024**2   # bytes copied at a time from the data file
 
 
 def is_external(tensor: onnx.TensorProto) -> bool:
@@ -150,12 +151,27 @@ def write_inline(model: onnx.ModelProto, base_dir: str | os.PathLike, out: Binar
     out.write(rest_bytes)
     for tensor, size in zip(external, sizes):
         bare, _ = _inline_tensor(tensor)
-        bare.raw_data = read_bytes(tensor, base_dir)
-        blob = bare.SerializeToString()
-        del bare
-        assert len(blob) == size, (tensor.name, len(blob), size)  # the graph's length was written from these
+        length = _external_info(tensor)[2]
         out.write(_field(_INITIALIZER_FIELD, size))
-        out.write(blob)
+        out.write(bare.SerializeToString())
+        # raw_data last (a field may come after those numbered above it), copied in chunks
+        out.write(_field(_RAW_DATA_FIELD, length))
+        _copy_bytes(tensor, base_dir, out)
+
+
+def _copy_bytes(tensor: onnx.TensorProto, base_dir: str | os.PathLike, out: BinaryIO) -> int:
+    """Copy an external ``tensor``'s bytes to ``out`` a chunk at a time; the byte count."""
+    location, offset, length = _external_info(tensor)
+    with open(Path(base_dir) / location, "rb") as f:
+        f.seek(offset)
+        left = length
+        while left:
+            chunk = f.read(min(left, _CHUNK))
+            if not chunk:
+                raise ValueError(f"external data of '{tensor.name}' is truncated")
+            out.write(chunk)
+            left -= len(chunk)
+    return length
 
 
 def _copy_external(model: onnx.ModelProto, base_dir: Path, target: Path, location: str) -> None:
@@ -164,11 +180,10 @@ def _copy_external(model: onnx.ModelProto, base_dir: Path, target: Path, locatio
     with open(target, "wb") as out:
         for tensor in _initializers(model.graph):
             if is_external(tensor):
-                data = read_bytes(tensor, base_dir)
                 offset = out.tell()
-                out.write(data)
+                length = _copy_bytes(tensor, base_dir, out)
                 del tensor.external_data[:]
-                for key, value in (("location", location), ("offset", offset), ("length", len(data))):
+                for key, value in (("location", location), ("offset", offset), ("length", length)):
                     entry = tensor.external_data.add()
                     entry.key, entry.value = key, str(value)
 
