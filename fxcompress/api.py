@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,8 @@ from fxcompress.capture import (
     longer_sequences, model_call, other_size, private_copy, run_eager,
 )
 from fxcompress.errors import CaptureError, DriftError, ExportError, InputError
+from fxcompress.export.atomic import check_output_path
+from fxcompress.export.external import externalize, load_inline, save_external_model
 from fxcompress.export.onnx_export import drop_unused_inputs, export_model_proto, save_model, set_metadata
 from fxcompress.graph_meta import INPUT_NAMES_PROP
 from fxcompress.fidelity import (
@@ -242,7 +246,8 @@ class CompileResult:
         output_mask: OutputMask = None,
         keep_unused_inputs: bool | None = None,
     ) -> "onnx.ModelProto":
-        """Export ``module`` to a checked ONNX ``ModelProto`` in memory (what :meth:`export_onnx` writes).
+        """Export ``module`` to a checked ONNX ``ModelProto`` in memory (what :meth:`export_onnx` writes,
+        which keeps the weights on disk instead: docs/cost.md).
 
         Sparsity masks are baked into their weights; ``sparse=True`` also stores weights with
         enough zeros in a smaller encoding (fxcompress.export.sparse.compress_initializers).
@@ -263,12 +268,28 @@ class CompileResult:
         fixed). Every input name is recorded in the file, so fxcompress's runtime helpers
         (``validate``, ``benchmark``) take the same positional inputs either way.
         """
+        return self._export(None, simplify=simplify, dynamic_batch=dynamic_batch, validate=validate, tolerance=tolerance,
+                            metadata=metadata, sparse=sparse, output_mask=output_mask,
+                            keep_unused_inputs=keep_unused_inputs)
+
+    def _export(self, data_file: Path | None, *, simplify: bool = False, dynamic_batch: bool | None = None,
+                validate: bool = True, tolerance: float | None = None, metadata: dict[str, Any] | None = None,
+                sparse: bool = False, output_mask: OutputMask = None,
+                keep_unused_inputs: bool | None = None) -> "onnx.ModelProto":
+        """:meth:`export_proto`; with ``data_file`` (in a folder of its own) the weights go to that
+        file as they leave the exporter, the ModelProto returned refers to it, and parity runs on a
+        session ONNX Runtime opens from that folder (weights memory-mapped, never held twice)."""
         started = time.perf_counter()
         model, notes = export_model_proto(bake_weight_masks(self.graph_module), self.example_inputs, simplify=simplify,
-                                          **self._export_options(dynamic_batch))
+                                          external_data=data_file, **self._export_options(dynamic_batch))
         if sparse:  # lossless: ORT rebuilds the dense weights when the session is created
+            if data_file is not None:  # the sparse encoding reads the weights from the ModelProto
+                load_inline(model, data_file.parent)
             model = compress_initializers(model)[0]
         dropped = self._drop_unused_inputs(model, keep_unused_inputs)
+        if data_file is not None:  # what the lowering made new (int8, packed int4) joins the weights on disk
+            externalize(model, data_file)
+            save_model(model, data_file.with_suffix(""))
         collect()  # the exporter's intermediate programs go before the parity sessions open
         self._add_time("export", started)
         stamp: dict[str, Any] = {
@@ -287,7 +308,9 @@ class CompileResult:
             mask = self.output_mask if output_mask is None else output_mask
             check_output_mask(mask)
             started = time.perf_counter()
-            session = create_session(model, optimize=False)  # one session for every input set, closed after
+            # one session for every input set, closed after
+            session = (create_session(model, optimize=False) if data_file is None else
+                       create_session(data_file.with_suffix(""), optimize=False, read_in_place=True))
             calibration = self._parity_calibration()
             sets = self._parity_inputs(dynamic_batch)  # one file for every shape: check each that differs
             labels = self.report.extra.get("parity_shapes") or [""] * len(sets)
@@ -317,9 +340,19 @@ class CompileResult:
         ``options`` are :meth:`export_proto`'s (``simplify``, ``dynamic_batch``, ``validate``,
         ``tolerance``, ``metadata``, ``sparse``, ``output_mask``, ``keep_unused_inputs``). The model is built and checked there before
         anything is written: a mismatch in ONNX Runtime raises ExportError and writes nothing.
-        The write is atomic.
+        The write is atomic. The weights go from the compiled module to disk as they leave the
+        exporter and ONNX Runtime reads them from there (docs/cost.md): a model under the 2 GB
+        protobuf limit is one file; a larger one is ``path`` plus ``path.name + '.data'`` beside it
+        (ONNX external data, which ``onnx.load`` and ONNX Runtime read).
         """
-        return save_model(self.export_proto(**options), path)
+        path = check_output_path(path)
+        work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".export", dir=path.parent))
+        try:
+            data_file = work / (path.name + ".data")
+            model = self._export(data_file, **options)
+            return save_external_model(model, work, path)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
     #: whether export keeps inputs no node reads by default (a decoder's fixed feed layout keeps them)
     _keeps_unused_inputs = False

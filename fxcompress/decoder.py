@@ -91,6 +91,7 @@ class DecoderCompileResult(CompileResult):
             return super().export_onnx(path, metadata=metadata, **options)
         except BaseException:
             prefill_path.unlink(missing_ok=True)
+            prefill_path.with_name(prefill_path.name + ".data").unlink(missing_ok=True)  # a prefill over 2 GB
             raise
 
     def _export_options(self, dynamic_batch: bool | None) -> dict[str, Any]:

@@ -5,8 +5,10 @@ with its KV cache and exported in a fresh process, with the cyclic collector off
 resident memory the kernel counts (VmHWM) above the process's baseline — taken after a warm-up compile of a tiny model
 has loaded torch.export, the ONNX exporter and ONNX Runtime — must stay under
 :data:`MAX_MULTIPLE` times the model's weight bytes (the model itself included). Measured on this
-machine (2 cores, shared): 2.8x after compile and 7.1x after export; with the deep-copying pass
-manager before (commit 0854a05) 32x and 40x. A second test checks the pass manager alone.
+machine (2 cores, shared, 2026-12-07): 2.9x after compile and 4.4x after export with the weights
+on disk at export (fxcompress.export.external); 7.1x after export while the ModelProto and a
+serialized copy held them; with the deep-copying pass manager before (commit 0854a05) 32x and 40x.
+A second test checks the pass manager alone.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-#: Allowed peak above the baseline, in multiples of the weight bytes (measured 7.1x; the old
-#: deep-copying pass manager 40x).
-MAX_MULTIPLE = 10.0
+#: Allowed peak above the baseline, in multiples of the weight bytes (measured 4.4x; with the
+#: weights in memory at export 7.1x; the old deep-copying pass manager 40x).
+MAX_MULTIPLE = 6.0
 
 SCRIPT = textwrap.dedent('''
     import json, sys, tempfile

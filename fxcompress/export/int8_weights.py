@@ -10,14 +10,18 @@ quantizer stores. The outputs are bit-identical; the weights take a quarter of t
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from fxcompress.export.external import to_array
 
-def _constant(values: dict[str, onnx.TensorProto], name: str) -> np.ndarray | None:
+
+def _constant(values: dict[str, onnx.TensorProto], name: str, base_dir: str | os.PathLike | None) -> np.ndarray | None:
     tensor = values.get(name)
-    return None if tensor is None else numpy_helper.to_array(tensor)
+    return None if tensor is None else to_array(tensor, base_dir)
 
 
 def _quantize(weight: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int) -> np.ndarray:
@@ -31,8 +35,10 @@ def _quantize(weight: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axi
     return np.clip(quantized, info.min, info.max).astype(zero_point.dtype)
 
 
-def store_int8_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+def store_int8_weights(model: onnx.ModelProto, base_dir: str | os.PathLike | None = None) -> tuple[onnx.ModelProto, int]:
     """Replace QuantizeLinear of constant weights by the quantized constant, in place.
+
+    ``base_dir``: the folder external initializers are read from (fxcompress.export.external).
 
     Returns the model and how many weights were stored quantized. Float initializers left without
     a reader are dropped. QuantizeLinear with a ``block_size`` or non-integer output type, and any
@@ -45,7 +51,7 @@ def store_int8_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     stored = 0
     for node in graph.node:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        arrays = [_constant(values, name) for name in node.input] if node.op_type == "QuantizeLinear" else []
+        arrays = [_constant(values, name, base_dir) for name in node.input] if node.op_type == "QuantizeLinear" else []
         if (node.op_type != "QuantizeLinear" or node.domain not in ("", "ai.onnx") or len(arrays) != 3
                 or any(a is None for a in arrays) or attrs.get("block_size", 0)
                 or arrays[2].dtype not in (np.int8, np.uint8)):

@@ -23,6 +23,7 @@ face rounds with, so the file holds exactly the module's weights.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +31,7 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
+from fxcompress.export.external import to_array
 from fxcompress.export.int8_weights import drop_unread_initializers
 from fxcompress.passes.block_quant import block_codes
 from fxcompress.passes.quantize_weights import GATHER_OP, LINEAR_OP, ONNX_DOMAIN
@@ -73,8 +75,10 @@ def _pack_zero_points(zero: np.ndarray, bits: int) -> np.ndarray:
     return pack_codes(zero, bits)
 
 
-def lower_nbits(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+def lower_nbits(model: onnx.ModelProto, base_dir: str | os.PathLike | None = None) -> tuple[onnx.ModelProto, int]:
     """Replace every ``fxcompress`` block-quantized marker node by its ORT op, in place.
+
+    ``base_dir``: the folder external initializers are read from (fxcompress.export.external).
 
     Returns the model and how many nodes were lowered. Float weights nothing reads any more are
     dropped from the initializers.
@@ -98,7 +102,7 @@ def lower_nbits(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         scale_name, zero_name = node.input[2], node.input[3]
         key = (weight_name, scale_name, zero_name)
         if key not in packed:
-            packed[key] = _pack(graph, values, key, bits, block_size, weight_name in matmul_weights)
+            packed[key] = _pack(graph, values, key, bits, block_size, weight_name in matmul_weights, base_dir)
         p = packed[key]
         if node.op_type == LINEAR_OP:
             bias = node.input[4] if len(node.input) > 4 else ""
@@ -118,10 +122,10 @@ def lower_nbits(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 
 
 def _pack(graph: onnx.GraphProto, values: dict[str, onnx.TensorProto], key: tuple[str, str, str], bits: int,
-          block_size: int, three_d: bool) -> _Packed:
+          block_size: int, three_d: bool, base_dir: str | os.PathLike | None) -> _Packed:
     weight_name, scale_name, zero_name = key
     try:
-        weight, scale, zero = (numpy_helper.to_array(values[name]) for name in key)
+        weight, scale, zero = (to_array(values[name], base_dir) for name in key)
     except KeyError as missing:
         raise ValueError(f"block-quantized weight input {missing} is not a constant initializer") from None
     rows, cols = weight.shape

@@ -17,18 +17,17 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import onnx
+import onnx_ir
 import torch
 from torch import fx
 
 from fxcompress.capture import dynamic_shapes, holding_tracing_lock
 from fxcompress.errors import ExportError, ModelFileError
 from fxcompress.export.atomic import write_atomically
+from fxcompress.export.external import EXTERNAL_BYTES, PROTOBUF_LIMIT, is_external, load_inline
 from fxcompress.export.int8_weights import store_int8_weights
 from fxcompress.export.nbits import lower_nbits
 from fxcompress.graph_meta import layer_name
-
-#: Protobuf cannot serialise a single message over 2 GiB.
-_PROTOBUF_LIMIT = 2 * 1024**3
 
 
 @holding_tracing_lock
@@ -44,8 +43,14 @@ def export_model_proto(
     shapes: Sequence[Any] | None = None,
     dim_names: Mapping[tuple[str, int], str] | None = None,
     opset: int | None = None,
+    external_data: Path | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Export to an in-memory, checked ModelProto.
+
+    ``external_data``: a file (in a folder of its own) the weights are written to as they leave
+    the exporter, the ModelProto keeping only the graph and references into that file
+    (fxcompress.export.external): the weights are never held a second time in memory. Without it
+    they are inside the ModelProto.
 
     ``input_names`` / ``output_names`` name the graph's inputs and outputs (a model called with
     keyword inputs: ``input_ids``, ``attention_mask``; its output fields: ``last_hidden_state``).
@@ -84,7 +89,12 @@ def export_model_proto(
     finally:
         for name, m in graph_module.named_modules():
             m.training = modes.get(name, m.training)
-    model = program.model_proto
+    if external_data is not None:  # tensor by tensor, straight from the torch tensors the graph shares
+        onnx_ir.external_data.unload_from_model(program.model, external_data.parent, external_data.name,
+                                                size_threshold_bytes=EXTERNAL_BYTES)
+    model = onnx_ir.serde.serialize_model(program.model)
+    del program
+    base_dir = None if external_data is None else external_data.parent
     if dim_names:
         _rename_dims(model, dim_names)
     if dynamic_batch and model.graph.input and not model.graph.input[0].type.tensor_type.shape.dim[0].dim_param:
@@ -93,12 +103,14 @@ def export_model_proto(
             "compile with options=fxcompress.CompileOptions(dynamic_batch=True) (the graph is then captured with a symbolic batch) and an example batch of at least 2.",
         )
     # Quantized weights go into the file as int8 (a quarter of the bytes), not as fp32 + QuantizeLinear.
-    model, notes["int8_weights"] = store_int8_weights(model)
+    model, notes["int8_weights"] = store_int8_weights(model, base_dir)
     # Block-quantized weights (quantize-weights) become ORT's MatMulNBits / GatherBlockQuantized, packed.
-    model, notes["nbits_weights"] = lower_nbits(model)
+    model, notes["nbits_weights"] = lower_nbits(model, base_dir)
     check_model(model)
     notes["nodes_exported"] = len(model.graph.node)
     if simplify:
+        if base_dir is not None:  # onnxsim reads the weights from the ModelProto
+            load_inline(model, base_dir)
         model, notes["simplified"] = _simplify(model)
     notes["nodes"] = len(model.graph.node)
     return model, notes
@@ -196,9 +208,10 @@ def check_model(model: onnx.ModelProto) -> None:
     are given and shape inference returns a whole new model, which with the weights inside held
     them three more times at once.
     """
-    if model.ByteSize() >= _PROTOBUF_LIMIT:
-        raise ExportError("The model is over 2 GiB, the protobuf limit for one ONNX file.",
-                          "compress it further (int8, pruning) before export.")
+    if model.ByteSize() >= PROTOBUF_LIMIT:
+        raise ExportError("The model is over 2 GiB, the protobuf limit for one ONNX model held in memory.",
+                          "write it with export_onnx (a file over the limit gets its weights in a .onnx.data file "
+                          "beside it), or compress it further (int8, pruning).")
     skeleton = weightless(model)
     try:
         onnx.checker.check_model(skeleton, full_check=True)
@@ -248,7 +261,7 @@ def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
             skeleton.graph.MergeFrom(onnx.GraphProto(**{descriptor.name: value}))
     inputs = {i.name for i in graph.input}
     for tensor in graph.initializer:
-        if tensor.ByteSize() < _WEIGHTLESS_BYTES or tensor.name in inputs:
+        if (tensor.ByteSize() < _WEIGHTLESS_BYTES and not is_external(tensor)) or tensor.name in inputs:
             skeleton.graph.initializer.append(tensor)
         else:
             skeleton.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))

@@ -150,6 +150,7 @@ def create_session(
     threads: int | None = None,
     profile_prefix: str | os.PathLike | None = None,
     spin: bool = True,
+    read_in_place: bool = False,
 ) -> RuntimeSession:
     """Create an ORT session asking for ``provider`` ("cpu" or "cuda") explicitly.
 
@@ -163,6 +164,9 @@ def create_session(
             this path (``session.end_profiling()`` returns the name); see runtime.placement.
         spin: let the intra-op threads busy-wait for more work after a run (ORT's default). False
             for a session that runs rarely beside another, whose threads it would slow down.
+        read_in_place: ``model`` is a path fxcompress has just written and checked itself: ORT
+            opens it directly and memory-maps its external data, instead of the file being read
+            (and checked) into a ModelProto and serialized again, which holds the weights twice.
     """
     if provider not in PROVIDERS:
         raise RuntimeProviderError(f"Unknown provider {provider!r}.", f"use one of {', '.join(PROVIDERS)}.")
@@ -184,7 +188,9 @@ def create_session(
         options.profile_file_prefix = str(profile_prefix)
     if provider == "cuda":
         _preload_cuda_libraries()
-    if isinstance(model, (str, os.PathLike)):
+    if isinstance(model, (str, os.PathLike)) and read_in_place:
+        model = str(model)
+    elif isinstance(model, (str, os.PathLike)):
         # Files go through load_onnx, the one reader: size limit, truncation, external-data paths.
         from fxcompress.export.onnx_export import load_onnx
 
