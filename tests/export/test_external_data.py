@@ -87,7 +87,7 @@ def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
 
     def broken(*args, **kwargs):
         raise ExportError("parity broke", "nothing")
-    monkeypatch.setattr(fxcompress.api, "_validate_proto", broken)
+    monkeypatch.setattr(fxcompress.api, "validate_onnx", broken)
     with pytest.raises(ExportError):
         result.export_onnx(tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
