@@ -14,7 +14,7 @@ cancels. A variant that fails is a row with the reason, not a crash.
 
 Each model's rows are written to ``<out>/models/<model>_b<batch>.json`` as soon as it is done;
 ``--resume`` skips models already there, and the summary files (results.json, results.md, the
-latency-vs-size plot, README_section.md) are rebuilt from all per-model files after every model.
+latency-vs-size plot) are rebuilt from all per-model files after every model.
 """
 
 from __future__ import annotations
@@ -252,7 +252,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default: torch's own; on a loaded machine OpenMP spinning can inflate eager timings badly)")
     parser.add_argument("--rounds", type=int, default=None, help="override the interleaving rounds")
     parser.add_argument("--block", type=int, default=None, help="override the timed runs per block")
-    parser.add_argument("--render-only", action="store_true", help="only rebuild results.json/.md, the plot and README_section.md")
+    parser.add_argument("--render-only", action="store_true", help="only rebuild results.json/.md and the plot")
     args = parser.parse_args(argv)
     peers = {p.strip() for p in args.peers.split(",") if p.strip()}
     if not peers <= set(PEERS):

@@ -21,9 +21,9 @@ import torch
 from torch import fx, nn
 
 from fxcompress.capture import (
-    FlatCall, ModelCall, StructuredModule, capture, check_finite_outputs, holding_tracing_lock,
-    longer_sequences, model_call, other_size, private_copy, run_eager,
+    capture, check_finite_outputs, holding_tracing_lock, longer_sequences, other_size, private_copy, run_eager,
 )
+from fxcompress.inputs import FlatCall, ModelCall, StructuredModule, model_call
 from fxcompress.errors import CaptureError, DriftError, ExportError, InputError
 from fxcompress.export.atomic import check_output_path
 from fxcompress.export.external import externalize, load_inline, save_external_model
@@ -35,7 +35,8 @@ from fxcompress.fidelity import (
 )
 from fxcompress.export.sparse import bake_weight_masks, compress_initializers
 from fxcompress.infra.cost import check_memory
-from fxcompress.infra.context import CompileContext, UserMetric, calibration_source
+from fxcompress.calibration import Calibration
+from fxcompress.infra.context import CompileContext, UserMetric
 from fxcompress.infra.instrument import Instrument, PassRecord
 from fxcompress.infra.instruments import DumpIR, RecordDiff, Timing, VerifyNumerics
 from fxcompress.infra.pass_base import Pass
@@ -198,7 +199,7 @@ class CompileResult:
     def __init__(self, module: fx.GraphModule, report: CompileReport, recipe: Recipe,
                  example_inputs: tuple[torch.Tensor, ...], snapshots: RecordDiff, options: CompileOptions,
                  call: ModelCall | None = None, tolerance: Any = None,
-                 output_mask: OutputMask = None, calibration: Callable[[], Any] | None = None) -> None:
+                 output_mask: OutputMask = None, calibration: Calibration | None = None) -> None:
         # A model called with keyword or nested inputs gets a module called the same way, over
         # the compiled graph (shared parameters: fine-tune either, export sees the change).
         self.module = StructuredModule(module, call) if call is not None and call.structured else module
@@ -214,8 +215,8 @@ class CompileResult:
         self.gate = recipe.gate.merged(tolerance)
         #: the drift bound of :attr:`gate` (what ``tolerance`` was, as a number)
         self.tolerance = self.gate.drift
-        #: the calibration source compile was given (re-iterable; None without): export parity runs on its first batches
-        self.calibration = calibration
+        #: compile's :class:`~fxcompress.calibration.Calibration`: export parity runs on its first batches
+        self.calibration = calibration if calibration is not None else Calibration(None, example_inputs)
         #: the output mask compile was given (None: automatic); export parity and compare honour it
         self.output_mask = output_mask
 
@@ -409,23 +410,8 @@ class CompileResult:
     def _parity_calibration(self) -> list[Any]:
         """The first calibration batches (at most PARITY_CALIBRATION_BATCHES) the exported file can run:
         shapes as the example's, apart from the axes the file leaves symbolic."""
-        if self.calibration is None:
-            return []
         free = ({0} if self.dynamic_batch else set()) | ({1} if self.dynamic_sequence else set())
-        chosen = []
-        for batch in self.calibration():
-            # compile's source yields flat tuples for keyword-called models, the user's form otherwise
-            structured = self.call is not None and self.call.structured
-            flat = tuple(batch) if structured else model_call(None, batch, "calibration batch").flat
-            if len(flat) != len(self.example_inputs) or any(
-                    a.dim() != b.dim() or a.dtype != b.dtype
-                    or any(x != y for d, (x, y) in enumerate(zip(a.shape, b.shape)) if d not in free)
-                    for a, b in zip(flat, self.example_inputs)):
-                continue
-            chosen.append(tuple(flat))
-            if len(chosen) == PARITY_CALIBRATION_BATCHES:
-                break
-        return chosen
+        return self.calibration.fitting(free, PARITY_CALIBRATION_BATCHES)
 
     def _parity_advice(self, parity: ParityReport, simplify: bool) -> str:
         """The fixes that can help with a failed export parity (never one that cannot)."""
@@ -615,7 +601,8 @@ def compile(  # noqa: A001 - the product's verb; fxcompress.compile mirrors torc
         recipe: a preset name ("default", see ``fxcompress passes``), a path to a TOML recipe,
             a Recipe, or a list of pass names / Pass objects.
         calibration: inputs for data-driven passes (quantization), each in the example's form: a list, a DataLoader,
-            any re-iterable, or a callable returning an iterator. Streamed, not copied.
+            any re-iterable, a callable returning an iterator, or a :class:`~fxcompress.calibration.Calibration`.
+            Streamed, not copied.
         tolerance: the acceptance bounds (default: the recipe's, docs/fidelity.md): a number
             is a drift bound alone (max abs error / max output, the criterion it always was;
             ``float("inf")`` accepts anything); a dict with keys ``drift``,
@@ -713,10 +700,7 @@ def run_compile(
     if dump_dir is not None:
         all_instruments.append(DumpIR(dump_dir))
     manager = resolved.build(all_instruments)
-    calibration_batches = calibration_source(calibration)
-    if call.structured and calibration_batches is not None:  # each batch in the example's form, flattened alike
-        source = calibration_batches
-        calibration_batches = lambda: (call.flatten(batch) for batch in source())  # noqa: E731
+    calibration_batches = Calibration(calibration, call)  # built once: every pass and export parity read it
     manager.bind(CompileContext(inputs, calibration_batches, reference, progress, metric))
     with trials_through(executor.map_calls if executor is not None else None), masked_by(output_mask, call.names, names):
         result = manager(graph_module)

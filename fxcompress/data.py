@@ -30,6 +30,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from fxcompress.errors import InputError, ModelFileError
+from fxcompress.files import check_model_file
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 TEXT_COLUMNS = ("text", "sentence", "content", "prompt")
@@ -315,9 +316,7 @@ def tensors(path: str | os.PathLike, *, example: Any = None, limit: int | None =
     ``weights_only``), or a ``.npz`` whose arrays are the inputs (by name when ``example`` is a
     dict, else in order), one batch per row of their first axis."""
     _check_size(1, limit)
-    file = Path(path)
-    if not file.is_file():
-        raise InputError(f"Tensor file {file} does not exist.", "check the path.")
+    file = check_model_file(path, "Tensor file")
     if file.suffix == ".npz":
         import numpy as np
 

@@ -29,11 +29,11 @@ import torch
 from torch import nn
 
 from fxcompress.api import MOVED_TO_OPTIONS, CompileOptions, CompileResult, refuse_moved_keywords, run_compile
+from fxcompress.calibration import Calibration
 from fxcompress.capture_decoder import (
     DECODER_METADATA, DIM_NAMES, DecoderModule, DecoderSpec, decoder_spec, dynamic_shapes, example_inputs, step_inputs,
 )
 from fxcompress.errors import InputError
-from fxcompress.infra.context import calibration_source
 from fxcompress.infra.pass_base import Pass
 from fxcompress.infra.recipe import Recipe
 from fxcompress.runtime.generate import DecoderSession, generate as generate_onnx
@@ -122,21 +122,17 @@ class DecoderCompileResult(CompileResult):
         return generate_onnx(session, input_ids, **options)
 
 
-def _prefill_batches(spec: DecoderSpec, calibration: Any) -> Callable[[], Any] | None:
+def _prefill_batches(spec: DecoderSpec, calibration: Any) -> Calibration:
     """Calibration prompts (token-id tensors ``[batch, length]``) as the graph's prefill inputs."""
-    source = calibration_source(calibration)
-    if source is None:
-        return None
 
-    def batches():
-        for i, prompt in enumerate(source()):
-            ids = prompt.get("input_ids") if isinstance(prompt, dict) else prompt
-            if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
-                raise InputError(f"calibration item {i} is not a [batch, length] tensor of token ids.",
-                                 "pass prompts as LongTensors (or tokenizer outputs with input_ids).")
-            yield step_inputs(spec, ids)
+    def prefill(index: int, prompt: Any) -> tuple[torch.Tensor, ...]:
+        ids = prompt.get("input_ids") if isinstance(prompt, dict) else prompt
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
+            raise InputError(f"calibration item {index} is not a [batch, length] tensor of token ids.",
+                             "pass prompts as LongTensors (or tokenizer outputs with input_ids).")
+        return step_inputs(spec, ids)
 
-    return batches
+    return Calibration(calibration).map(prefill)
 
 
 @refuse_moved_keywords(MOVED_TO_OPTIONS, "CompileOptions")
@@ -160,7 +156,8 @@ def compile_decoder(
         recipe, tolerance, evaluate, max_metric_drop, progress: as for :func:`fxcompress.compile`;
             ``evaluate`` receives the compiled flat module.
         calibration: prompts for data-driven passes: token-id tensors ``[batch, length]`` (or
-            dicts with ``input_ids``), run as prefill steps.
+            dicts with ``input_ids``), run as prefill steps; any collection
+            ``compile`` takes (a generator is read once, also when a prefill graph is compiled too).
         prefill_recipe: the recipe of a separate graph for the prompt step. "auto" (default):
             :data:`PREFILL_CHOICE` for the preset that ran (``int8-dynamic`` under the weight-only
             presets), else none; None: one graph for both. ``result.graphs`` says what was chosen.
@@ -181,9 +178,10 @@ def compile_decoder(
     options = _decoder_options(options)
     spec = decoder_spec(model)
     wrapper = DecoderModule(model, spec.layers)
+    prompts = _prefill_batches(spec, calibration)  # once: both graphs read the same data (a generator is read once)
 
     def compile_graph(graph_recipe: Any, graph_options: CompileOptions) -> DecoderCompileResult:
-        return run_compile(wrapper, example_inputs(spec), graph_recipe, _prefill_batches(spec, calibration),
+        return run_compile(wrapper, example_inputs(spec), graph_recipe, prompts,
                            tolerance=tolerance, evaluate=evaluate, max_metric_drop=max_metric_drop, progress=progress,
                            options=graph_options, dynamic_shapes=dynamic_shapes(spec),
                            make_result=partial(DecoderCompileResult, spec=spec))

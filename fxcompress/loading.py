@@ -20,12 +20,10 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from fxcompress.capture import model_call, normalize_inputs
+from fxcompress.inputs import model_call, normalize_inputs
 from fxcompress.errors import InputError, ModelFileError, UntrustedFileError
+from fxcompress.files import check_model_file
 from fxcompress.model_specs import LoadedModel, load_model_spec
-
-MAX_MODEL_FILE_BYTES = 8 * 1024**3
-
 
 def parse_shape(text: str) -> tuple[int, ...]:
     """``"1,3,224,224"`` -> (1, 3, 224, 224); InputError if malformed."""
@@ -72,17 +70,6 @@ def _factory(spec: str, shapes) -> LoadedModel:
     return LoadedModel(model.eval(), inputs, spec)
 
 
-def _check_file(path: Path) -> None:
-    if not path.is_file():
-        raise ModelFileError(f"Model file {path} does not exist.", "check the path.")
-    size = path.stat().st_size
-    if size == 0:
-        raise ModelFileError(f"Model file {path} is empty.", "the file was truncated: save it again.")
-    if size > MAX_MODEL_FILE_BYTES:
-        raise ModelFileError(f"Model file {path} is {size / 1e9:.1f} GB, over the {MAX_MODEL_FILE_BYTES / 1e9:.0f} GB limit.",
-                             "check that this is the model you meant.")
-
-
 #: Archive members that torch.export.load unpickles with plain ``pickle`` (not ``torch.load``).
 _RAW_PICKLE_PREFIXES = ("custom_obj_", "opaque_obj_")
 
@@ -112,7 +99,7 @@ def _untrusted_archive(path: Path, detail: str) -> UntrustedFileError:
 
 
 def _archive(path: Path, shapes, trust: bool = False) -> LoadedModel:
-    _check_file(path)
+    check_model_file(path)
     if not trust:
         try:
             with zipfile.ZipFile(path) as archive:
@@ -144,7 +131,7 @@ def _archive(path: Path, shapes, trust: bool = False) -> LoadedModel:
 
 
 def _pickle(path: Path, shapes, trust: bool) -> LoadedModel:
-    _check_file(path)
+    check_model_file(path)
     if not trust:
         raise UntrustedFileError(
             f"{path} is a pickled file; loading a pickled module runs whatever code it contains.",
@@ -212,23 +199,15 @@ def load_calibration(spec: str | None, example_inputs: Any, *, size: int | None 
         call = model_call(None, example_inputs)  # random batches in the example's own form
         return [call.unflatten(flat) if call.structured else flat for flat in input_sets(call.flat, count, seed=1)[1:]]
     path = Path(spec)
-    if path.exists() and (path.is_dir() or path.suffix.lower() in (".txt", ".jsonl", ".json", ".npz")):
+    if path.suffix.lower() in (".pt", ".pth", ".npz"):
+        check_model_file(path, "Calibration file")  # a missing one is named as a file, not as an unknown spec
+    if path.exists() and (path.is_dir() or path.suffix.lower() in (".txt", ".jsonl", ".json", ".npz", ".pt", ".pth")):
         from fxcompress import data
 
         import sys
 
         return data.load(path, loaded if loaded is not None else _AsModel(example_inputs), limit=size,
                          progress=sys.stderr.isatty())
-    path = Path(spec)
-    if path.suffix in (".pt", ".pth"):
-        _check_file(path)
-        try:
-            data = torch.load(str(path), weights_only=True, map_location="cpu")
-        except Exception as exc:  # noqa: BLE001
-            raise ModelFileError(f"Calibration file {path} could not be loaded safely ({type(exc).__name__}: {str(exc)[:160]}).",
-                                 "save a list of tensors or of tuples of tensors with torch.save.") from None
-        batches = [item if isinstance(item, (tuple, list, dict)) else (item,) for item in data]
-        return batches[:size] if size is not None else batches
     if ":" in spec and not path.exists():
         module_name, _, func_name = spec.partition(":")
         return getattr(importlib.import_module(module_name), func_name)()

@@ -24,7 +24,8 @@ from typing import Any, Callable, Union
 import torch
 from torch import fx, nn
 
-from fxcompress.capture import capture, model_call
+from fxcompress.capture import capture
+from fxcompress.inputs import model_call
 from fxcompress.fidelity import OutputMask, output_masks
 from fxcompress.infra.pass_base import Pass, PassResult
 from fxcompress.infra.registry import create_pass

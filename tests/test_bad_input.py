@@ -21,7 +21,8 @@ from torch import nn
 import fxcompress
 from fxcompress.cli import main
 from fxcompress.errors import CaptureError, ExportError, InputError, RecipeError
-from fxcompress.infra.context import CompileContext, calibration_source
+from fxcompress.calibration import Calibration
+from fxcompress.infra.context import CompileContext
 from fxcompress.passes.presets import PRESETS
 from tests.fuzz.checks import model_digest
 from tests.models import ConvBnRelu, DataDependent, TwoInputs, randomize_bn
@@ -329,11 +330,11 @@ class CountingLoader:
             yield (batch,)
 
 
-def test_calibration_source_streams_a_reiterable_without_holding_it():
+def test_calibration_streams_a_reiterable_without_holding_it():
     loader = CountingLoader(5000)
-    context = CompileContext((X,), calibration_source(loader))
+    context = CompileContext((X,), loader)
     for _ in range(2):  # a pass may read the data several times
-        for batch in context.calibration_batches():
+        for batch in context.calibration:
             del batch
     assert loader.produced == 10000
     assert loader.peak <= 2, f"{loader.peak} batches were alive at once"
@@ -347,13 +348,17 @@ def test_calibration_generator_is_read_lazily_and_replayed_from_the_start():
             produced.append(i)
             yield (torch.full((1,), float(i)),)
 
-    source = calibration_source(gen())
-    first = source()
+    calibration = Calibration(gen(), (torch.zeros(1),))
+    first = iter(calibration)
     assert [float(next(first)[0]) for _ in range(3)] == [0.0, 1.0, 2.0]
     assert len(produced) == 3  # nothing read ahead
     # A second pass starts from the first batch (before the fix it resumed at batch 3).
-    assert [float(b[0]) for _, b in zip(range(5), source())] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert [float(b[0]) for _, b in zip(range(5), calibration)] == [0.0, 1.0, 2.0, 3.0, 4.0]
     assert len(produced) == 5
+    # Another Calibration over it (compile_decoder's second graph) replays the same items, reading nothing twice.
+    again = Calibration(calibration, (torch.zeros(1),))
+    assert [float(b[0]) for b in again.take(None, "a pass", limit=6)] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    assert len(produced) == 6
 
 
 @needs_int8

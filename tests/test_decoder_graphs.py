@@ -144,3 +144,16 @@ def test_gptq_calibrates_on_prompts_of_any_length(model):
     assert record.stats["method"] == "gptq" and "fallback" not in record.stats
     with pytest.raises(InputError, match="token ids"):
         fxcompress.compile_decoder(model, recipe="int4-weights", calibration=[torch.randn(1, 5)], prefill_recipe=None)
+
+
+def test_a_generator_of_prompts_calibrates_both_graphs(model):
+    """compile_decoder builds one Calibration for both of its compiles: a generator, which can be
+    read only once, calibrates the decode graph and the prefill graph alike (the prefill compile
+    used to get the exhausted generator and refuse it as empty)."""
+    generator = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 96, (1, n), generator=generator) for n in (5, 9, 7)]
+    result = fxcompress.compile_decoder(model, recipe="int4-weights", calibration=(p for p in prompts),
+                                        prefill_recipe="int4-weights")  # GPTQ in both graphs: both read the data
+    for graph in (result, result.prefill):
+        record = next(r for r in graph.report.records if r.name == "quantize-weights")
+        assert record.stats["method"] == "gptq" and record.stats["calibration_batches"] == 3

@@ -164,7 +164,7 @@ def test_empty_and_oversized_model_files(tmp_path, good_archive, monkeypatch):
     empty.write_bytes(b"")
     with pytest.raises(ModelFileError, match="is empty"):
         load_model(str(empty))
-    monkeypatch.setattr("fxcompress.loading.MAX_MODEL_FILE_BYTES", 100)
+    monkeypatch.setattr("fxcompress.files.MAX_MODEL_FILE_BYTES", 100)
     with pytest.raises(ModelFileError, match="over the"):
         load_model(str(good_archive))
 

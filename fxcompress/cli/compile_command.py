@@ -214,7 +214,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 def _compile_and_write(args, loaded, calibration, evaluation, original_metric, reference, evaluate, folder_out) -> int:
     from fxcompress.api import CompileOptions, compile as compile_model
-    from fxcompress.capture import describe_inputs, model_call
+    from fxcompress.inputs import describe_inputs, model_call
     from fxcompress.comparison import compare
 
     print(f"Compiling {loaded.description} with recipe '{args.recipe}' "

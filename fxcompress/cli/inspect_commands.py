@@ -17,7 +17,8 @@ from fxcompress.errors import InputError
 
 def add_diff_parser(sub: Any) -> None:
     p = sub.add_parser("diff", help="diff two ONNX files, or two passes of a compile run (--passes SPEC)",
-                       description="fxcompress diff A.onnx B.onnx | fxcompress diff --passes SPEC --recipe R [--from PASS] [--to PASS]")
+                       description="fxcompress diff A.onnx B.onnx | fxcompress diff --passes SPEC --recipe R [--from PASS] [--to PASS] "
+                                   "[--why-not] [--dump-dir DIR]")
     p.add_argument("a", nargs="?", help="the ONNX file before")
     p.add_argument("b", nargs="?", help="the ONNX file after")
     p.add_argument("--passes", metavar="SPEC", default=None,
@@ -31,6 +32,12 @@ def add_diff_parser(sub: Any) -> None:
     p.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled module (runs code from the file)")
     p.add_argument("--html", default=None, help="also write a self-contained HTML page of the diff")
     p.add_argument("--dot", default=None, help="also write a Graphviz DOT picture (and PATH.svg when `dot` is installed)")
+    p.add_argument("--why-not", action="store_true",
+                   help="with --passes: also print where rules matched but declined to rewrite, and why")
+    p.add_argument("--dump-dir", default=None, metavar="DIR",
+                   help="with --passes: write every pass to DIR, numbered in the order the graph changed: its graph "
+                        "(NNN_<pass>.txt), what it changed (.diff.txt), a DOT picture (.dot, .dot.svg with Graphviz), "
+                        "and the compile report (report.html)")
 
 
 def add_inspect_parser(sub: Any) -> None:
@@ -106,6 +113,9 @@ def cmd_diff(args: argparse.Namespace) -> int:
         if path:
             check_output_path(path)
     color = use_color(sys.stdout)
+    if not args.passes and (args.why_not or args.dump_dir):
+        raise InputError("--why-not and --dump-dir describe the passes of a compile run, so they need --passes SPEC.",
+                         "run fxcompress diff --passes SPEC --recipe R --why-not (or --dump-dir DIR).")
     if args.passes:
         if args.a or args.b:
             raise InputError("Give either two ONNX files or --passes SPEC, not both.",
@@ -116,7 +126,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
         from fxcompress.loading import load_model
 
         loaded = load_model(args.passes, _shapes(args.input_shape), trust_pickle=args.trust_pickle)
-        result = compile_model(loaded.model, loaded.example_inputs, args.recipe)
+        result = compile_model(loaded.model, loaded.example_inputs, args.recipe, dump_dir=args.dump_dir)
         print(f"Passes of recipe '{result.recipe.name}' on {loaded.description}:")
         for i, r in enumerate(result.report.records, 1):
             what = f"ROLLED BACK: {r.rolled_back}" if r.rolled_back else r.extra["diff"].to_text() if "diff" in r.extra else "no change"
@@ -130,6 +140,13 @@ def cmd_diff(args: argparse.Namespace) -> int:
         print()
         print(render_graph_diff(diff, color=color))
         _write_extras(args, diff, snapshot_dot(after, diff, before) if args.dot else "")
+        if args.why_not:
+            from fxcompress.inspect.render_text import render_near_misses
+            from fxcompress.inspect.why_not import why_not
+
+            print("\nWhy not (rules that matched but declined):\n" + render_near_misses(why_not(result), color=color))
+        if args.dump_dir:
+            _dump_passes(result, Path(args.dump_dir))
         return 0
     if not (args.a and args.b):
         raise InputError("fxcompress diff needs two ONNX files (or --passes SPEC).",
@@ -143,6 +160,30 @@ def cmd_diff(args: argparse.Namespace) -> int:
     dot_text = onnx_dot(OnnxGraph(read_model(args.b)[0]), diff) if args.dot else ""
     _write_extras(args, diff, dot_text)
     return 0
+
+
+def _dump_passes(result: Any, folder: Path) -> None:
+    """Beside the graphs compile's DumpIR wrote (NNN_<pass>.txt), each changed pass's diff and DOT
+    picture under the same number, and the HTML compile report."""
+    from fxcompress.analysis.graph_diff import diff_snapshots
+    from fxcompress.infra.instruments import safe_filename
+    from fxcompress.inspect.render_dot import snapshot_dot, to_svg
+    from fxcompress.inspect.render_html import write_report, write_text
+    from fxcompress.inspect.render_text import render_graph_diff
+
+    snaps = result.snapshots.snapshots
+    for index in range(1, len(snaps)):
+        before, after = snaps[index - 1], snaps[index]
+        stem = folder / f"{index:03d}_{safe_filename(after.label)}"
+        diff = diff_snapshots(before, after)
+        write_text(f"{stem}.diff.txt", render_graph_diff(diff) + "\n")
+        dot = snapshot_dot(after, diff, before)
+        write_text(f"{stem}.dot", dot)
+        svg = to_svg(dot)
+        if svg is not None:
+            write_text(f"{stem}.dot.svg", svg)
+    write_report(folder / "report.html", result)
+    print(f"\nWrote {len(snaps) - 1} pass graphs, diffs and DOT pictures, and report.html, to {folder}")
 
 
 def _looks_like_onnx(spec: str) -> bool:

@@ -12,6 +12,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -109,14 +110,20 @@ def train(model: nn.Module, data: DigitsData, epochs: int = 8, lr: float = 3e-3,
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     steps = epochs * ((len(data.x_train) + batch_size - 1) // batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if schedule == "cosine" and steps else None
-    loss_fn = nn.CrossEntropyLoss()
+    return run_epochs(model, (data.x_train,), data.y_train, nn.CrossEntropyLoss(), optimizer, scheduler, epochs, batch_size)
+
+
+def run_epochs(model: nn.Module, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor, loss: Callable[[Any, torch.Tensor], torch.Tensor],
+               optimizer: torch.optim.Optimizer, scheduler: Any, epochs: int, batch_size: int) -> nn.Module:
+    """The shuffled mini-batch loop of the digits trainers (seeded by the caller): ``loss(model(*batch), labels)``
+    per step, the scheduler (if any) stepped after each; returns the model in eval mode."""
     model.train()
     for _ in range(epochs):
-        order = torch.randperm(len(data.x_train))
+        order = torch.randperm(len(labels))
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
             optimizer.zero_grad()
-            loss_fn(model(data.x_train[idx]), data.y_train[idx]).backward()
+            loss(model(*(x[idx] for x in inputs)), labels[idx]).backward()
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fxcompress.examples.digits import DigitsData, load_digits_data, padded_batches
+from fxcompress.examples.digits import DigitsData, load_digits_data, padded_batches, run_epochs
 
 #: Patches per image (2x2 patches of an 8x8 image) and features per token (4 pixels + place one-hot).
 MAX_TOKENS = 16
@@ -120,17 +120,8 @@ def train_encoder(model: DigitsEncoder, data: DigitsSequences, epochs: int = 20,
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     steps = epochs * ((len(data.tokens_train) + batch_size - 1) // batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.1)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(data.tokens_train))
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
-            optimizer.zero_grad()
-            logits, _ = model(data.tokens_train[idx], data.mask_train[idx])
-            F.cross_entropy(logits, data.y_train[idx]).backward()
-            optimizer.step()
-            scheduler.step()
-    return model.eval()
+    return run_epochs(model, (data.tokens_train, data.mask_train), data.y_train,
+                      lambda outputs, labels: F.cross_entropy(outputs[0], labels), optimizer, scheduler, epochs, batch_size)
 
 
 def encoder_accuracy(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, y: torch.Tensor) -> float:

@@ -70,16 +70,7 @@ def _image_calibration(x: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
 
 def trained_digits_cnn(epochs: int = 8, width: int = 32, seed: int = 0, fine_tune_epochs: int = 3) -> TrainedModel:
     """DigitsCNN trained ``epochs`` epochs (Adam); pruned 0.5 (L2) and fine-tuned at batch 8 with a cosine decay."""
-    data = load_digits_data(seed)
-    torch.manual_seed(seed)  # the initial weights too, whatever earlier imports drew from the RNG
-    model = train(DigitsCNN(width=width), data, epochs=epochs, seed=seed)
-
-    def fine_tune(module: nn.Module) -> None:
-        train(module, data, epochs=fine_tune_epochs, batch_size=8, schedule="cosine", seed=seed)
-
-    return TrainedModel("digits-cnn", model, (data.x_train[:1],), _image_calibration(data.x_train),
-                        (data.x_test,), data.y_test, fine_tune, {"ratio": 0.5, "importance": "l2"},
-                        f"{fine_tune_epochs} epochs, batch 8, cosine")
+    return _trained_image_model("digits-cnn", lambda: DigitsCNN(width=width), epochs, seed, fine_tune_epochs)
 
 
 def trained_digits_mobilenet(epochs: int = 8, width: int = 32, seed: int = 0, fine_tune_epochs: int = 5) -> TrainedModel:
@@ -91,14 +82,21 @@ def trained_digits_mobilenet(epochs: int = 8, width: int = 32, seed: int = 0, fi
     with the packages installed on 2026-12-04 (numpy 2.4.6, scikit-learn 1.9.1) 3 epochs ended 1.3
     points below fp32 through ORT, 4 epochs 0.9, 5 epochs 0.4, 6 epochs 0.2 (measured 2026-12-04).
     """
+    return _trained_image_model("digits-mobilenet", lambda: DigitsMobileNet(width=width), epochs, seed, fine_tune_epochs)
+
+
+def _trained_image_model(name: str, make: Callable[[], nn.Module], epochs: int, seed: int,
+                         fine_tune_epochs: int) -> TrainedModel:
+    """The model ``make()`` builds, trained on the digits images (Adam); pruned 0.5 (L2) and
+    fine-tuned at batch 8 with a cosine decay."""
     data = load_digits_data(seed)
-    torch.manual_seed(seed)
-    model = train(DigitsMobileNet(width=width), data, epochs=epochs, seed=seed)
+    torch.manual_seed(seed)  # the initial weights too, whatever earlier imports drew from the RNG
+    model = train(make(), data, epochs=epochs, seed=seed)
 
     def fine_tune(module: nn.Module) -> None:
         train(module, data, epochs=fine_tune_epochs, batch_size=8, schedule="cosine", seed=seed)
 
-    return TrainedModel("digits-mobilenet", model, (data.x_train[:1],), _image_calibration(data.x_train),
+    return TrainedModel(name, model, (data.x_train[:1],), _image_calibration(data.x_train),
                         (data.x_test,), data.y_test, fine_tune, {"ratio": 0.5, "importance": "l2"},
                         f"{fine_tune_epochs} epochs, batch 8, cosine")
 

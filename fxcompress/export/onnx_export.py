@@ -27,6 +27,7 @@ from fxcompress.export.atomic import write_atomically
 from fxcompress.export.external import EXTERNAL_BYTES, PROTOBUF_LIMIT, is_external, load_inline
 from fxcompress.export.int8_weights import store_int8_weights
 from fxcompress.export.nbits import lower_nbits
+from fxcompress.files import check_model_file
 from fxcompress.graph_meta import layer_name
 
 
@@ -282,27 +283,14 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     return write_atomically(path, lambda tmp: onnx.save_model(model, str(tmp)))
 
 
-#: Files larger than this are refused by default: a model this big is almost surely not what the user meant.
-MAX_ONNX_BYTES = 4 * 1024**3
-
-
-def load_onnx(path: str | os.PathLike, *, max_bytes: int = MAX_ONNX_BYTES) -> onnx.ModelProto:
+def load_onnx(path: str | os.PathLike, *, max_bytes: int | None = None) -> onnx.ModelProto:
     """Load and check an ONNX file; clear errors for missing, oversized, corrupt or unsafe files.
 
+    ``max_bytes``: the size limit (default fxcompress.files.MAX_MODEL_FILE_BYTES, as for every model file).
     External data must live inside the model's folder: a location with ``..`` or an absolute
     path would make us read arbitrary files, so it is refused.
     """
-    path = Path(path)
-    if not path.exists():
-        raise ModelFileError(f"ONNX file {path} does not exist.", "check the path (fxcompress compile ... --out writes one).")
-    if not path.is_file():
-        raise ModelFileError(f"{path} is not a file.", "give the path of a .onnx file.")
-    size = path.stat().st_size
-    if size == 0:
-        raise ModelFileError(f"ONNX file {path} is empty.", "re-export the model; the file was probably truncated.")
-    if size > max_bytes:
-        raise ModelFileError(f"ONNX file {path} is {size / 1e9:.1f} GB, over the {max_bytes / 1e9:.1f} GB limit.",
-                             "raise max_bytes if this is really the model you meant.")
+    path = check_model_file(path, "ONNX file", max_bytes=max_bytes)
     try:
         model = onnx.load_model(str(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError and others

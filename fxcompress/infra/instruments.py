@@ -152,7 +152,8 @@ class VerifyNumerics(Instrument):
         self.last_drift = drift
 
 
-def _safe_filename(name: str) -> str:
+def safe_filename(name: str) -> str:
+    """``name`` (a pass name, maybe nested: ``int8/fold-batchnorm``) as a file name: the stem of every per-pass dump."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
@@ -177,7 +178,7 @@ class DumpIR(Instrument):
 
     def _write(self, graph_module: fx.GraphModule, label: str, suffix: str = ".txt") -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / f"{self.count:03d}_{_safe_filename(label)}{suffix}"
+        path = self.directory / f"{self.count:03d}_{safe_filename(label)}{suffix}"
         path.write_text(f"# {label}\n{graph_module.graph}\n\n# generated code\n{graph_module.code}")
         self.count += 1
 

@@ -15,11 +15,12 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping
 
 from torch import fx
 
 from fxcompress.errors import RecipeError
+from fxcompress.graph_meta import is_quantized
 
 if TYPE_CHECKING:
     from fxcompress.infra.context import CompileContext
@@ -130,6 +131,23 @@ def build_options(pass_name: str, options_cls: type, values: Mapping[str, Any] |
     return options_cls(**values)
 
 
+#: Why a pass with ``runs_on`` does not run on a graph (``stats["skipped_graph"]``), by what the graph is.
+ALREADY_QUANTIZED = "already quantized: a quantization pass ran on this graph before (its weights carry fixed scales)"
+NOT_QUANTIZED = "not quantized: the pass corrects what a quantization pass did, and none ran before it"
+
+
+def graph_skip_reason(runs_on: str | None, graph_module: fx.GraphModule) -> str | None:
+    """Why a pass that ``runs_on`` such graphs (see :attr:`Pass.runs_on`) skips ``graph_module``, or None."""
+    if runs_on is None:
+        return None
+    quantized = is_quantized(graph_module)
+    if runs_on == "float" and quantized:
+        return ALREADY_QUANTIZED
+    if runs_on == "quantized" and not quantized:
+        return NOT_QUANTIZED
+    return None
+
+
 class Pass:
     """Base class of every pass.
 
@@ -147,6 +165,11 @@ class Pass:
     #: (pruning and sparsity do; quantization and fp16 do not: ORT's kernels round differently).
     #: Export parity checks such graphs at the lossless tolerance instead of the recipe's.
     exports_exactly: ClassVar[bool] = True
+    #: The graphs the pass applies to: "float" (none a quantization pass ran on: their weights
+    #: carry fixed scales that quantizing or rescaling again would break), "quantized" (only
+    #: those: the pass corrects what quantization did), or None (any). :meth:`__call__` honours
+    #: it: on another graph the pass does not run, and says why in ``stats["skipped_graph"]``.
+    runs_on: ClassVar[Literal["float", "quantized"] | None] = None
 
     def __init__(self, options: Mapping[str, Any] | Any | None = None, **overrides: Any) -> None:
         if options is not None and dataclasses.is_dataclass(options) and not isinstance(options, Mapping):
@@ -177,6 +200,9 @@ class Pass:
         raise NotImplementedError
 
     def __call__(self, graph_module: fx.GraphModule) -> PassResult:
+        skipped = graph_skip_reason(self.runs_on, graph_module)
+        if skipped is not None:
+            return PassResult(graph_module, False, {"skipped_graph": skipped})
         self.requires(graph_module)
         result = self.call(graph_module)
         if not isinstance(result, PassResult):

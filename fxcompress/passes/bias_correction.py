@@ -62,8 +62,8 @@ from fxcompress.graph_meta import BIAS_CORRECTED, FLOAT_CHANNEL_STATS
 from fxcompress.infra.context import CompileContext
 from fxcompress.infra.pass_base import DataDrivenPass, PassResult, Rejection, option
 from fxcompress.infra.registry import register
-from fxcompress.passes.calibrators import float_stats_hold, pass_calibration, sample_channel_means
-from fxcompress.passes.quantize import QUANT_META, is_quantized, layer_name
+from fxcompress.passes.calibrators import float_stats_hold, sample_channel_means
+from fxcompress.passes.quantize import QUANT_META, layer_name
 from fxcompress.rewrite import RewriteContext, WeightedLayer, set_argument, weighted_layer
 
 aten = torch.ops.aten
@@ -243,19 +243,18 @@ class CorrectBiasPass(DataDrivenPass):
     """
 
     name = "correct-bias"
+    runs_on = "quantized"
     Options = CorrectBiasOptions
     lossless = False
     exports_exactly = False
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
-        if not is_quantized(graph_module):
-            return PassResult(graph_module, False, {"corrected": 0, "not_quantized": True})
         layers = [layer for n in graph_module.graph.nodes if (layer := _quantized_layer(n)) is not None]
         pending = [layer for layer in layers if BIAS_CORRECTED not in layer.node.meta]
         if not pending:
             return PassResult(graph_module, False, {"corrected": 0, "already_corrected": len(layers)})
         context = self.context if self.context is not None else CompileContext(example_inputs=())
-        batches = pass_calibration(context, graph_module, self.name, self.options.calibration_batches)
+        batches = context.calibration.take(graph_module, self.name, self.options.calibration_batches)
         ctx = RewriteContext(graph_module, self.name)
         rejections: list[Rejection] = []
         targets: dict[fx.Node, WeightedLayer] = {}

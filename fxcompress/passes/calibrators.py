@@ -14,18 +14,20 @@ calibration data:
 All but ``minmax`` work on a histogram of ``|x|`` over ``[0, max|x|]`` built in a second pass over
 the data (the first pass finds the maxima), so memory stays bounded whatever the data size.
 A magnitude threshold ``T`` becomes the range ``[max(min, -T), min(max, T)]``.
+
+The batches come from the compile's :class:`~fxcompress.calibration.Calibration`
+(``context.calibration.take(graph_module, pass_name, limit)``), checked against the example inputs.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from torch import fx
 
-from fxcompress.errors import InputError
 
 Calibrator = Literal["minmax", "percentile", "entropy", "mse"]
 CALIBRATORS: tuple[str, ...] = ("minmax", "percentile", "entropy", "mse")
@@ -55,115 +57,6 @@ class TensorStats:
         amax = self.amax
         counts = torch.histc(value.detach().abs().float().flatten(), bins=HISTOGRAM_BINS, min=0.0, max=amax if amax > 0 else 1.0)
         self.histogram = counts if self.histogram is None else self.histogram + counts
-
-
-# ---------------------------------------------------------------------------------------------
-# Calibration data
-
-
-def _as_tuple(item: Any) -> tuple[Any, ...]:
-    if isinstance(item, torch.Tensor):
-        return (item,)
-    if isinstance(item, (list, tuple)):
-        return tuple(item)
-    return (item,)
-
-
-def _describe(batch: Sequence[Any]) -> str:
-    return "(" + ", ".join(f"{str(t.dtype).replace('torch.', '')}{list(t.shape)}" if isinstance(t, torch.Tensor)
-                           else type(t).__name__ for t in batch) + ")"
-
-
-def symbolic_dims(graph_module: fx.GraphModule) -> tuple[frozenset[int], ...]:
-    """Per graph input, the dimensions captured as symbolic (a decoder's batch, sequence and past
-    lengths; a symbolic batch or sequence): calibration batches may differ from the example there."""
-    dims = []
-    for node in graph_module.graph.find_nodes(op="placeholder"):
-        value = node.meta.get("val")
-        shape = getattr(value, "shape", ())
-        dims.append(frozenset(i for i, size in enumerate(shape) if not isinstance(size, int)))
-    return tuple(dims)
-
-
-def checked_batches(batches: Iterable[Any], example_inputs: Sequence[torch.Tensor], what: str,
-                    symbolic: Sequence[frozenset[int]] = ()) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Yield calibration batches shaped like ``example_inputs``, checking each one.
-
-    Dimensions the graph holds symbolic (``symbolic[i]`` for input ``i``, see :func:`symbolic_dims`)
-    may take any size. Otherwise a batch whose leading (batch) dimension is a multiple of the
-    example's is split into example-sized chunks, because a captured graph may have its batch size
-    baked in. Anything else that differs (count, dtype, other dimensions), a non-tensor, or a
-    NaN/Inf raises InputError.
-    """
-    expected = _describe(example_inputs)
-    for index, item in enumerate(batches):
-        batch = _as_tuple(item)
-        if len(batch) != len(example_inputs) or not all(isinstance(t, torch.Tensor) for t in batch):
-            raise InputError(
-                f"Calibration batch {index} is {_describe(batch)} but the model was captured with {expected}.",
-                f"give {what} input tuples with one tensor per model input, shaped like the example inputs.",
-            )
-        chunks = [batch] if _fits_symbolic(batch, example_inputs, symbolic) else _split_like(batch, example_inputs)
-        if chunks is None:
-            raise InputError(
-                f"Calibration batch {index} is {_describe(batch)} but the model was captured with {expected}; "
-                "shapes and dtypes must match (the batch dimension may be a multiple of the example's).",
-                "shape the calibration data like the example inputs, e.g. the same preprocessing and batch size.",
-            )
-        for t in batch:
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise InputError(
-                    f"Calibration batch {index} contains NaN or Inf values.",
-                    "clean the calibration data (ranges computed from NaN/Inf would make every scale useless).",
-                )
-        yield from chunks
-
-
-def _fits_symbolic(batch: tuple[torch.Tensor, ...], example: Sequence[torch.Tensor],
-                   symbolic: Sequence[frozenset[int]]) -> bool:
-    if len(symbolic) != len(example) or not any(symbolic):
-        return False
-    return all(t.dtype == e.dtype and t.dim() == e.dim()
-               and all(a == b or i in dims for i, (a, b) in enumerate(zip(t.shape, e.shape)))
-               for t, e, dims in zip(batch, example, symbolic))
-
-
-def _split_like(batch: tuple[torch.Tensor, ...], example: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, ...]] | None:
-    if all(t.dtype == e.dtype and t.shape == e.shape for t, e in zip(batch, example)):
-        return [batch]
-    if any(t.dtype != e.dtype or t.dim() != e.dim() or t.dim() == 0 or t.shape[1:] != e.shape[1:]
-           for t, e in zip(batch, example)):
-        return None
-    sizes = {t.shape[0] for t in batch}
-    step = example[0].shape[0]
-    if len(sizes) != 1 or any(e.shape[0] != step for e in example) or step == 0 or next(iter(sizes)) % step:
-        return None
-    total = next(iter(sizes))
-    return [tuple(t[i:i + step] for t in batch) for i in range(0, total, step)]
-
-
-def pass_calibration(context: Any, graph_module: fx.GraphModule, pass_name: str,
-                     limit: int | None = None) -> list[tuple[torch.Tensor, ...]]:
-    """The compile's calibration batches for a data-driven pass over ``graph_module``, as a list
-    (at most ``limit``); InputError if there are none. ``context`` is the pass's CompileContext.
-
-    Each batch is checked against the example inputs (:func:`checked_batches`), where dimensions
-    the graph keeps symbolic may differ. Calibration sets are small by nature (tens to hundreds of
-    inputs); holding them lets the calibrators and the sensitivity analysis read them several times.
-    """
-    out: list[tuple[torch.Tensor, ...]] = []
-    for chunk in checked_batches(context.calibration_batches(), context.example_inputs, f"{pass_name}'s calibration",
-                                 symbolic_dims(graph_module)):
-        out.append(chunk)
-        if limit is not None and len(out) >= limit:
-            break
-    if not out:
-        raise InputError(
-            f"Pass '{pass_name}' needs calibration data, but none was given (or the iterable was empty).",
-            "pass calibration=[(input,), ...] to fxcompress.compile (16 to 512 representative inputs), "
-            "or --calibration random:16 / a .pt file on the command line.",
-        )
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

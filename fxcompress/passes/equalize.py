@@ -61,7 +61,7 @@ from fxcompress.graph_meta import GATE_SCALE
 from fxcompress.infra.context import CompileContext
 from fxcompress.infra.pass_base import DataDrivenPass, PassResult, Rejection, option
 from fxcompress.infra.registry import register
-from fxcompress.passes.calibrators import observe_channel_ranges, pass_calibration
+from fxcompress.passes.calibrators import observe_channel_ranges
 from fxcompress.passes.cleanup import drop_unused_state
 from fxcompress.rewrite import (
     RewriteContext, WeightedLayer, argument, describe_constant_problem, other_users, set_argument, tensor_val,
@@ -345,7 +345,7 @@ class EqualizeLayersPass(DataDrivenPass):
         if not pairs:
             return {}
         context = self.context if self.context is not None else CompileContext(example_inputs=())
-        batches = pass_calibration(context, graph_module, self.name, self.options.calibration_batches)
+        batches = context.calibration.take(graph_module, self.name, self.options.calibration_batches)
         nodes = list(dict.fromkeys(_between(pair) for pair in pairs))
         return observe_channel_ranges(graph_module, nodes, batches, dim=1)
 

@@ -56,9 +56,7 @@ from fxcompress.analysis.sensitivity import (
     MetricTrial, layer_sensitivities, report_trial, select_float_layers, select_float_layers_by_metric,
 )
 from fxcompress.errors import RecipeError
-from fxcompress.graph_meta import (
-    FLOAT_CHANNEL_STATS, FUSED_ACTIVATION, MODULE_STACK, QUANT_META, is_quantized, layer_name, matches_layer,
-)
+from fxcompress.graph_meta import FLOAT_CHANNEL_STATS, FUSED_ACTIVATION, MODULE_STACK, QUANT_META, layer_name, matches_layer
 from fxcompress.infra.context import CompileContext
 from fxcompress.infra.pass_base import DataDrivenPass, PassResult, option
 from fxcompress.infra.registry import register
@@ -69,7 +67,6 @@ from fxcompress.passes.calibrators import (
     affine_params,
     choose_range,
     observe,
-    pass_calibration,
     WEIGHT_RANGE_HELP,
     WEIGHT_RANGES,
     float_stats_key,
@@ -523,21 +520,20 @@ class QuantizeInt8Pass(DataDrivenPass):
     """
 
     name = "quantize-int8"
+    runs_on = "float"
     Options = QuantizeInt8Options
     lossless = False
     exports_exactly = False
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         opts = self.options
-        if is_quantized(graph_module):
-            return PassResult(graph_module, False, {"already_quantized": True})
         plan = plan_static(graph_module.graph, opts.ops)
         if not plan.layers:
             return PassResult(graph_module, False, {"layers": []})
         context = self.context
         if context is None:
             context = CompileContext(example_inputs=())
-        batches = pass_calibration(context, graph_module, self.name, opts.calibration_batches)
+        batches = context.calibration.take(graph_module, self.name, opts.calibration_batches)
         rewritten = functionalize_inplace(graph_module.graph)
         if "sigmoid" in opts.ops and "mul" in opts.ops:
             rewritten += decompose_silu(graph_module.graph)
@@ -636,4 +632,4 @@ class QuantizeInt8Pass(DataDrivenPass):
 
 
 __all__ = ["QuantizeInt8Pass", "QuantPlan", "QuantLayer", "build_quantized", "plan_static", "functionalize_inplace",
-           "decompose_silu", "is_quantized"]
+           "decompose_silu"]

@@ -37,7 +37,6 @@ from fxcompress.infra.registry import register
 from fxcompress.errors import RecipeError
 from fxcompress.passes.calibrators import WEIGHT_RANGE_HELP, WEIGHT_RANGES, symmetric_weight_scales, weight_levels
 from fxcompress.graph_meta import QUANT_META, inherit_meta, layer_name, matches_layer
-from fxcompress.graph_meta import is_quantized
 
 aten = torch.ops.aten
 
@@ -155,13 +154,12 @@ class QuantizeInt8DynamicPass(DataDrivenPass):
     """
 
     name = "quantize-int8-dynamic"
+    runs_on = "float"
     Options = QuantizeInt8DynamicOptions
     lossless = False
     exports_exactly = False
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
-        if is_quantized(graph_module):
-            return PassResult(graph_module, False, {"already_quantized": True})
         metric = self.context.metric if self.context is not None else None
         kept_float: set[str] = set()
         trials: list[MetricTrial] = []

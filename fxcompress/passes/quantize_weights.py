@@ -65,8 +65,7 @@ from fxcompress.infra.pass_base import DataDrivenPass, PassResult, option
 from fxcompress.infra.registry import register
 from fxcompress.infra.weights import sharing_copy, unguarded
 from fxcompress.passes.block_quant import block_grid, fake_quantize_blocks, gptq, packed_bytes
-from fxcompress.passes.calibrators import pass_calibration, watch_values
-from fxcompress.passes.quantize import is_quantized
+from fxcompress.passes.calibrators import watch_values
 from fxcompress.rewrite.context import RewriteContext
 from fxcompress.rewrite.matchers import argument, attribute, other_readers, tensor_val
 
@@ -197,13 +196,12 @@ class QuantizeWeightsPass(DataDrivenPass):
     """
 
     name = "quantize-weights"
+    runs_on = "float"
     Options = QuantizeWeightsOptions
     lossless = False
     exports_exactly = False
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
-        if is_quantized(graph_module):
-            return PassResult(graph_module, False, {"already_quantized": True})
         opts = self.options
         sites = self._sites(graph_module)
         enabled = [i for i, s in enumerate(sites) if s.reason is None]
@@ -215,13 +213,13 @@ class QuantizeWeightsPass(DataDrivenPass):
         notes: dict[str, Any] = {}
         wants_data = method == "gptq" or opts.max_drift is not None
         if wants_data:
-            if context.calibration is None and opts.without_calibration == "rtn":
+            if not context.calibration and opts.without_calibration == "rtn":
                 method = "rtn"
                 notes["fallback"] = "no calibration data: round-to-nearest instead of GPTQ (pass calibration= for GPTQ)"
                 if opts.max_drift is not None and context.example_inputs:
                     batches = [tuple(context.example_inputs)]
             else:
-                batches = pass_calibration(context, graph_module, self.name, opts.calibration_batches)
+                batches = context.calibration.take(graph_module, self.name, opts.calibration_batches)
         grids = self._grids(graph_module, sites, enabled, method, batches)
         build = lambda on: self._apply(sharing_copy(graph_module), sites, grids, set(on))  # noqa: E731
         sensitivity: dict[int, float] = {}

@@ -32,8 +32,8 @@ from fxcompress.errors import RecipeError
 from fxcompress.infra.context import CompileContext
 from fxcompress.infra.pass_base import DataDrivenPass, PassResult, Rejection, option
 from fxcompress.infra.registry import register
-from fxcompress.passes.calibrators import observe_channel_ranges, pass_calibration
-from fxcompress.passes.quantize import is_quantized, layer_name
+from fxcompress.passes.calibrators import observe_channel_ranges
+from fxcompress.passes.quantize import layer_name
 from fxcompress.rewrite.context import RewriteContext
 from fxcompress.rewrite.matchers import argument, attribute, constant_tensor, set_argument, tensor_val
 
@@ -123,12 +123,10 @@ class SmoothActivationsPass(DataDrivenPass):
     """
 
     name = "smooth-activations"
+    runs_on = "float"
     Options = SmoothActivationsOptions
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
-        if is_quantized(graph_module):
-            # Weights already carry fixed quantization scales; changing them now would break those.
-            return PassResult(graph_module, False, {"already_quantized": True})
         ctx = RewriteContext(graph_module, self.name)
         sites: list[_Site] = []
         rejections: list[Rejection] = []
@@ -143,11 +141,11 @@ class SmoothActivationsPass(DataDrivenPass):
         if not sites:
             return PassResult(graph_module, False, {"smoothed": []}, rejections)
         context = self.context if self.context is not None else CompileContext(example_inputs=())
-        if context.calibration is None and self.options.without_calibration == "skip":
+        if not context.calibration and self.options.without_calibration == "skip":
             # int8-dynamic needs no calibration; smoothing is its bonus when data is given.
             return PassResult(graph_module, False, {"smoothed": [], "skipped": "no calibration data (pass calibration= "
                                                     "to move outlier channels into the weights)"}, rejections)
-        batches = pass_calibration(context, graph_module, self.name, self.options.calibration_batches)
+        batches = context.calibration.take(graph_module, self.name, self.options.calibration_batches)
         act_amax = {node: amax.float() for node, amax in
                     observe_channel_ranges(graph_module, [site.norm for site in sites], batches, dim=-1).items()}
         smoothed = []

@@ -25,7 +25,8 @@ import onnx
 import torch
 from torch import nn
 
-from fxcompress.capture import FlatCall, model_call, private_copy, run_eager
+from fxcompress.capture import private_copy, run_eager
+from fxcompress.inputs import FlatCall, model_call
 from fxcompress.fidelity import (
     Gate, MaskedFigures, OutputMask, check_gate, check_output_mask, fidelity_table, output_fidelity,
     output_masks, output_tensors,

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import onnx
 
-from fxcompress.capture import model_call
+from fxcompress.inputs import model_call
 from fxcompress.errors import InputError
 from fxcompress.runtime.session import RuntimeSession, create_session, to_numpy
 

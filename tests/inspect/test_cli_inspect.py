@@ -107,3 +107,27 @@ def test_resnet18_diff_lists_exactly_the_folded_batch_norms(capsys):
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if line.startswith("Removed aten.batch_norm"))
     assert line == f"Removed aten.batch_norm ({len(expected)}): {', '.join(expected)}"
+
+
+def test_dump_dir_writes_every_pass_and_the_tools_wrapper_does_the_same(tmp_path, capsys, monkeypatch):
+    """``diff --passes SPEC --dump-dir DIR``: each changed pass's graph, diff and DOT under one number,
+    and report.html; tools/dump_passes.py is a thin wrapper of it."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "cli"
+    assert main(["diff", "--passes", "tests.inspect.helpers:residual", "--recipe", "default", "--dump-dir", str(out)]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert "000_captured.txt" in names and "report.html" in names
+    folded = [n for n in names if "fold-batchnorm" in n]
+    assert {Path(n).name.split(".", 1)[1] for n in folded} >= {"txt", "diff.txt", "dot"}
+    assert (out / next(n for n in folded if n.endswith(".diff.txt"))).read_text().strip()
+    tool = Path(__file__).parents[2] / "tools" / "dump_passes.py"
+    wrapped = tmp_path / "tool"
+    monkeypatch.setattr(sys, "argv", [str(tool), "tests.inspect.helpers:residual", "--dump-dir", str(wrapped)])
+    try:
+        runpy.run_path(str(tool), run_name="__main__")
+    except SystemExit as exit_:
+        assert exit_.code == 0
+    assert sorted(p.name for p in wrapped.iterdir()) == names

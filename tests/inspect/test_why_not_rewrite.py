@@ -47,3 +47,28 @@ def test_compile_cli_prints_why_not(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "Why not (rules that matched but declined)" in text
     assert "batchnorm-into-layer (1 near-miss)" in text and "bn [batch_norm]: output of 'conv2d' is also used by" in text
+
+
+def test_diff_passes_why_not_and_the_tools_wrapper_print_the_same(capsys, monkeypatch):
+    """tools/why_not.py is a thin wrapper of ``fxcompress diff --passes SPEC --why-not``."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    spec = "tests.inspect.test_why_not_rewrite:shared_conv"
+    assert main(["diff", "--passes", spec, "--recipe", "default", "--why-not"]) == 0
+    text = capsys.readouterr().out
+    assert "Why not (rules that matched but declined)" in text
+    assert "batchnorm-into-layer (1 near-miss)" in text and "bn [batch_norm]: output of 'conv2d' is also used by" in text
+    tool = Path(__file__).parents[2] / "tools" / "why_not.py"
+    monkeypatch.setattr(sys, "argv", [str(tool), spec, "--recipe", "default"])
+    try:
+        runpy.run_path(str(tool), run_name="__main__")
+    except SystemExit as exit_:
+        assert exit_.code == 0
+    assert capsys.readouterr().out == text
+
+
+def test_why_not_needs_a_compile_run(capsys):
+    assert main(["diff", "a.onnx", "b.onnx", "--why-not"]) == 2
+    assert "need --passes SPEC" in capsys.readouterr().err

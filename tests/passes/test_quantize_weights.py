@@ -15,6 +15,7 @@ from torch import nn
 import fxcompress
 from fxcompress.errors import InputError, RecipeError
 from fxcompress.graph_meta import PRECISION_KEY, QUANT_META
+from fxcompress.infra.pass_base import ALREADY_QUANTIZED
 from fxcompress.passes.block_quant import block_codes, block_grid, fake_quantize_blocks, gptq
 from fxcompress.passes.quantize_weights import QuantizeWeightsPass, nbits_embedding, nbits_linear
 
@@ -90,7 +91,7 @@ def test_a_tied_table_that_dominates_the_weights_stays_one_copy():
 def test_idempotent(llama_int4):
     _, _, result = llama_int4
     again = QuantizeWeightsPass()(result.module)
-    assert not again.modified and again.stats == {"already_quantized": True}
+    assert not again.modified and again.stats == {"skipped_graph": ALREADY_QUANTIZED}
 
 
 def test_user_model_untouched_and_outputs_close(llama_int4):
