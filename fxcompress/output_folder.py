@@ -74,6 +74,11 @@ class OutputFolder:
         """Record files a library wrote into :attr:`staging` itself (save_pretrained)."""
         self.files.extend(n for n in names if n not in self.files and (self.staging / n).exists())
 
+    def add_external_data(self) -> None:
+        """Record the ``NAME.onnx.data`` files export writes beside ONNX files over the 2 GB
+        protobuf limit (docs/cost.md): they deploy with the file that reads them."""
+        self.add([name + ".data" for name in list(self.files) if name.endswith(".onnx")])
+
     def write_json(self, name: str, data: Any) -> Path:
         from fxcompress.export.atomic import write_atomically
 

@@ -267,6 +267,7 @@ def _compile_and_write(args, loaded, calibration, evaluation, original_metric, r
 
         with OutputFolder(args.out) as folder:
             path, (comparison, compiled_metric) = export_and_measure(folder.path("model.onnx"))
+            folder.add_external_data()
             if loaded.preprocess is not None and loaded.preprocess.save is not None:
                 folder.add(loaded.preprocess.save(folder.staging))
             folder.write_json("manifest.json", _manifest(args, loaded, result, comparison, folder, evaluation,
@@ -363,6 +364,7 @@ def _compile_decoder(args: argparse.Namespace, loaded: Any, folder_out: bool) ->
             print("\n" + _metric_table("perplexity", evaluation, [("original (PyTorch)", original_metric, None),
                                                                   (f"fxcompress {result.recipe.name} (ONNX Runtime)",
                                                                    compiled_metric, None)]))
+        folder.add_external_data()
         folder.add(loaded.preprocess.save(folder.staging))
         manifest = _manifest(args, loaded, result, None, folder, evaluation, original_metric, compiled_metric, None, graphs)
         manifest["parity"] = {"summary": result.report.parity.to_text(), "passed": result.report.parity.passed,

@@ -54,3 +54,20 @@ def test_refuses_to_replace_a_folder_of_other_files(tmp_path):
 def test_which_outs_are_folders(tmp_path):
     assert is_folder_target("out/") and is_folder_target("deploy") and is_folder_target(str(tmp_path))
     assert not is_folder_target("model.onnx") and not is_folder_target("sub/Model.ONNX")
+
+
+def test_a_file_over_the_protobuf_limit_deploys_with_its_data_file(tmp_path, monkeypatch):
+    """Export writes NAME.onnx + NAME.onnx.data over the 2 GB limit; the folder lists (and moves) both."""
+    import torch
+
+    import fxcompress
+    from fxcompress.export import external
+
+    monkeypatch.setattr(external, "PROTOBUF_LIMIT", 1024)  # every model is "large"
+    result = fxcompress.compile(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU()).eval(), (torch.randn(1, 64),))
+    with OutputFolder(tmp_path / "out") as folder:
+        result.export_onnx(folder.path("model.onnx"))
+        folder.add_external_data()
+        folder.write_json("manifest.json", _manifest("default"))
+    assert folder.files == ["model.onnx", "model.onnx.data", "manifest.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json", "model.onnx", "model.onnx.data"]
