@@ -120,13 +120,14 @@ def cmd_diff(args: argparse.Namespace) -> int:
         if args.a or args.b:
             raise InputError("Give either two ONNX files or --passes SPEC, not both.",
                              "fxcompress diff A.onnx B.onnx, or fxcompress diff --passes torchvision:resnet18 --recipe default.")
-        from fxcompress.api import compile as compile_model
+        from fxcompress.api import CompileOptions, compile as compile_model
         from fxcompress.analysis.graph_diff import diff_snapshots
         from fxcompress.inspect.render_dot import snapshot_dot
         from fxcompress.loading import load_model
 
         loaded = load_model(args.passes, _shapes(args.input_shape), trust_pickle=args.trust_pickle)
-        result = compile_model(loaded.model, loaded.example_inputs, args.recipe, dump_dir=args.dump_dir)
+        result = compile_model(loaded.model, loaded.example_inputs, args.recipe,
+                               options=CompileOptions(dump_dir=args.dump_dir))
         print(f"Passes of recipe '{result.recipe.name}' on {loaded.description}:")
         for i, r in enumerate(result.report.records, 1):
             what = f"ROLLED BACK: {r.rolled_back}" if r.rolled_back else r.extra["diff"].to_text() if "diff" in r.extra else "no change"
