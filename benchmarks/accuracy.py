@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                     result = fxcompress.compile(tuned["result"].module, example, "int8", calibration=calibration)
                     return result.export_onnx(work / "prune-tuned-int8.onnx")
 
-            score("fxcompress:prune + 3 epochs fine-tuning", pruned_and_tuned)
+            score("fxcompress:prune + 8 epochs fine-tuning", pruned_and_tuned)
             score("fxcompress:prune + fine-tuning, then int8", pruned_tuned_int8)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
