@@ -41,7 +41,7 @@ from fxcompress.infra.instrument import Instrument, PassRecord
 from fxcompress.infra.instruments import DumpIR, RecordDiff, Timing, VerifyNumerics
 from fxcompress.infra.pass_base import Pass
 from fxcompress.infra.recipe import Recipe, resolve_recipe
-from fxcompress.infra.weights import collect, own_tensors
+from fxcompress.infra.weights import SharedWeights, collect
 from fxcompress.analysis.graph_stats import count_compute_nodes, count_parameters
 from fxcompress.analysis.sensitivity import masked_by, trials_through
 from fxcompress.numerics import LOSSLESS_TOLERANCE, OutputComparison, compare_outputs, flatten_outputs, worst_drift, worst_unmasked_drift
@@ -189,6 +189,9 @@ class CompileResult:
 
     Attributes:
         module: the compiled ``torch.fx.GraphModule``; call it like the model, or fine-tune it.
+            Until its first use the result shares the weights no pass changed with your model
+            (export needs no second copy of them, docs/cost.md); reading ``module`` (or
+            ``graph_module``) gives it its own copy first, so training it never changes your model.
         report: a :class:`CompileReport`.
         recipe: the resolved Recipe that ran.
         example_inputs: the inputs the model was captured with.
@@ -199,10 +202,14 @@ class CompileResult:
     def __init__(self, module: fx.GraphModule, report: CompileReport, recipe: Recipe,
                  example_inputs: tuple[torch.Tensor, ...], snapshots: RecordDiff, options: CompileOptions,
                  call: ModelCall | None = None, tolerance: Any = None,
-                 output_mask: OutputMask = None, calibration: Calibration | None = None) -> None:
+                 output_mask: OutputMask = None, calibration: Calibration | None = None,
+                 shared_weights: SharedWeights | None = None) -> None:
         # A model called with keyword or nested inputs gets a module called the same way, over
         # the compiled graph (shared parameters: fine-tune either, export sees the change).
-        self.module = StructuredModule(module, call) if call is not None and call.structured else module
+        self._module = StructuredModule(module, call) if call is not None and call.structured else module
+        self._graph = module
+        #: the user's tensors the graph still shares (None once it owns its weights)
+        self._shared_weights = shared_weights
         self.report = report
         self.recipe = recipe
         self.example_inputs = example_inputs
@@ -226,9 +233,44 @@ class CompileResult:
         return (self.call.args, self.call.kwargs) if self.call is not None and self.call.structured else self.example_inputs
 
     @property
+    def module(self) -> nn.Module:
+        """The compiled module, with its own copy of every weight (made on first access)."""
+        self._own_weights()
+        return self._module
+
+    @property
     def graph_module(self) -> fx.GraphModule:
-        """The compiled ``torch.fx.GraphModule`` over the flat input tensors (what export reads)."""
-        return self.module.graph_module if isinstance(self.module, StructuredModule) else self.module
+        """The compiled ``torch.fx.GraphModule`` over the flat input tensors (what export reads),
+        with its own copy of every weight (made on first access)."""
+        self._own_weights()
+        return self._graph
+
+    def _own_weights(self) -> None:
+        if self._shared_weights is not None:
+            self._check_shared_weights()
+            self._shared_weights.own()
+            self._shared_weights = None
+
+    def _check_shared_weights(self) -> None:
+        """InputError if the user's model was changed in place while the result still shares its weights."""
+        if self._shared_weights is None:
+            return
+        changed = self._shared_weights.changed()
+        if changed:
+            raise InputError(
+                f"The model this result was compiled from changed after compile ({len(changed)} of the "
+                f"{len(self._shared_weights.tensors)} weight tensors it shares with the result were written in place, "
+                "e.g. by an optimizer step or load_state_dict), so the result no longer holds what was compiled and "
+                "checked: until its first use, a compile's result shares the weights no pass changed with your "
+                "model instead of copying them (docs/cost.md).",
+                "compile again after changing the model, or read result.module once right after compile (the "
+                "result then gets its own copy of the weights and your model is free to change).",
+            )
+
+    def _compiled_graph(self) -> fx.GraphModule:
+        """The compiled graph, weights possibly still shared, for reading only (export and parity,
+        which call :meth:`_check_shared_weights` once first)."""
+        return self._graph
 
     def __repr__(self) -> str:
         return (f"CompileResult(recipe={self.recipe.name!r}, nodes {self.report.nodes_before}->{self.report.nodes_after}, "
@@ -281,7 +323,8 @@ class CompileResult:
         file as they leave the exporter, the ModelProto returned refers to it, and parity runs on a
         session ONNX Runtime opens from that folder (weights memory-mapped, never held twice)."""
         started = time.perf_counter()
-        model, notes = export_model_proto(bake_weight_masks(self.graph_module), self.example_inputs, simplify=simplify,
+        self._check_shared_weights()  # the user's model, whose weights the result may share, is unchanged
+        model, notes = export_model_proto(bake_weight_masks(self._compiled_graph()), self.example_inputs, simplify=simplify,
                                           external_data=data_file, **self._export_options(dynamic_batch))
         if sparse:  # lossless: ORT rebuilds the dense weights when the session is created
             if data_file is not None:  # the sparse encoding reads the weights from the ModelProto
@@ -317,7 +360,7 @@ class CompileResult:
             labels = self.report.extra.get("parity_shapes") or [""] * len(sets)
             for inputs, label in zip(sets, labels):
                 real = calibration if inputs is self.example_inputs else []
-                parity = validate_onnx(session, self.graph_module, inputs, tolerance=allowed, output_mask=mask,
+                parity = validate_onnx(session, self._compiled_graph(), inputs, tolerance=allowed, output_mask=mask,
                                        real_inputs=real, random_inputs=max(1, PARITY_SETS - 1 - len(real)))
                 self.report.parity = parity
                 if not parity.passed:
@@ -376,7 +419,7 @@ class CompileResult:
         # Outputs take the model's field names, else output_0..n: never graph node names, which
         # change with the recipe (relu_18 under default, _to_copy_10 under fp16).
         names = ((self.call.names, self.call.output_names) if self.call is not None and self.call.structured
-                 else (None, [f"output_{i}" for i in range(_output_count(self.graph_module))]))
+                 else (None, [f"output_{i}" for i in range(_output_count(self._compiled_graph()))]))
         axes = self.dynamic_axes
         if axes:  # the symbolic axes compile captured, under the names the user gave them
             _, flat, dim_names = _dynamic_axes_shapes(self.call, axes)
@@ -397,7 +440,7 @@ class CompileResult:
         elif self.dynamic_batch if dynamic_batch is None else dynamic_batch:
             groups["batch"] = [(i, 0) for i in range(len(self.example_inputs))]
         for dim, places in groups.items():
-            other = other_size(self.graph_module, self.example_inputs, places)
+            other = other_size(self._compiled_graph(), self.example_inputs, places)
             if other is not None:
                 sets.append(other[1])
                 checked.append(f"{dim}={other[0]}")
@@ -708,7 +751,9 @@ def run_compile(
     piped = time.perf_counter()
     del graph_module, result
     collect()  # what discarded graphs left for the cyclic collector goes before the result is made its own
-    own_tensors(compiled, model.parameters())
+    # The result shares the weights no pass changed with the user's model until its first use
+    # (CompileResult.module copies them then): an export-only compile never holds them twice.
+    shared = SharedWeights(compiled, model.parameters())
     comparisons = _final_comparisons(compiled, inputs, reference, masks, call.output_names if call.structured else None)
     drift = worst_drift(comparisons)  # masked where a mask applies: the figure the tolerance gates
     in_passes = sum(r.seconds or 0.0 for r in manager.records)
@@ -759,7 +804,7 @@ def run_compile(
             "(evaluate= with max_metric_drop=).",
         )
     return make_result(compiled, report, resolved, inputs, recorder, options, call, tolerance, output_mask,
-                       calibration_batches)
+                       calibration_batches, shared_weights=shared)
 
 
 def _check_options(options: Any) -> CompileOptions:

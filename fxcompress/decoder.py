@@ -104,7 +104,7 @@ class DecoderCompileResult(CompileResult):
         generator = torch.Generator().manual_seed(1)
         prompt = torch.randint(0, self.spec.vocab_size, (1, 5), generator=generator)
         with torch.no_grad():
-            present = list(self.graph_module(*step_inputs(self.spec, prompt))[1:])
+            present = list(self._compiled_graph()(*step_inputs(self.spec, prompt))[1:])
         token = torch.randint(0, self.spec.vocab_size, (1, 1), generator=generator)
         return [self.example_inputs, step_inputs(self.spec, prompt), step_inputs(self.spec, token, present)]
 

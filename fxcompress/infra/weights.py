@@ -144,6 +144,54 @@ def own_tensors(module: nn.Module, foreign: Iterable[torch.Tensor]) -> int:
     return _copy_attributes(module, storage_keys(foreign))
 
 
+class SharedWeights:
+    """The user's tensors a compiled module still shares with the model it was compiled from.
+
+    A compile's result keeps the weights no pass changed in the user's own tensors until it is used
+    as a module (docs/cost.md): exporting then needs no second copy of them. :meth:`own` gives the
+    module copies of its own (what ``result.module`` does on first access, before anyone can train
+    it); :meth:`check` says whether the user's tensors still hold what was compiled. It compares the
+    tensors' version counters (bumped by in-place ops: optimizer steps, ``load_state_dict``) and a
+    float64 sum of each (writes through ``.data`` do not bump the counter).
+    """
+
+    def __init__(self, module: nn.Module, foreign: Iterable[torch.Tensor]) -> None:
+        used = storage_keys(module_tensors(module))
+        self.module: nn.Module | None = module
+        self.tensors = list({id(t): t for t in foreign if storage_key(t) in used}.values())
+        self._fingerprints = [self._fingerprint(t) for t in self.tensors]
+
+    @staticmethod
+    def _fingerprint(tensor: torch.Tensor) -> tuple[int, float]:
+        with torch.no_grad():
+            total = float(tensor.detach().sum(dtype=torch.float64)) if tensor.is_floating_point() else float(
+                tensor.detach().sum())
+        return tensor._version, total
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes still shared (0 once owned)."""
+        return sum(t.nelement() * t.element_size() for t in self.tensors)
+
+    def changed(self) -> list[int]:
+        """Indices of the shared tensors whose contents changed since the compile."""
+        changed = []
+        for index, (tensor, (version, total)) in enumerate(zip(self.tensors, self._fingerprints)):
+            now_version, now_total = self._fingerprint(tensor)
+            same_total = now_total == total or (now_total != now_total and total != total)  # NaN == NaN here
+            if now_version != version or not same_total:
+                changed.append(index)
+        return changed
+
+    def own(self) -> int:
+        """Give the module its own copies of the shared tensors (once); the bytes copied."""
+        if self.module is None:
+            return 0
+        copied = own_tensors(self.module, self.tensors)
+        self.module, self.tensors, self._fingerprints = None, [], []
+        return copied
+
+
 def _copy_attributes(module: nn.Module, keys: set[int]) -> int:
     """Replace every tensor attribute of ``module`` living in a storage of ``keys`` by a copy (one
     copy per tensor object, so tied attributes stay tied); the bytes copied."""
@@ -192,4 +240,4 @@ def collect() -> int:
     return found
 
 
-__all__ = ["WriteGuard", "collect", "module_tensors", "own_tensors", "release", "sharing_copy", "storage_key", "storage_keys", "unguarded"]
+__all__ = ["SharedWeights", "WriteGuard", "collect", "module_tensors", "own_tensors", "release", "sharing_copy", "storage_key", "storage_keys", "unguarded"]
