@@ -71,16 +71,6 @@ class ParityReport(MaskedFigures):
         return self.gate.drift
 
     @property
-    def drift(self) -> float:
-        """Worst drift over the outputs (masked where a mask applies): the figure the tolerance bounds."""
-        return max((o.judged_drift for o in self.outputs), default=0.0)
-
-    @property
-    def unmasked_drift(self) -> float:
-        """Worst drift over the outputs and every position, masked ones included (``drift`` without a mask)."""
-        return max((o.drift for o in self.outputs), default=0.0)
-
-    @property
     def max_abs(self) -> float:
         """Largest absolute error over the outputs."""
         return max((o.judged.max_abs for o in self.outputs), default=0.0)
