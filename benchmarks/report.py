@@ -171,7 +171,10 @@ def render(out: Path) -> dict[str, Any]:
     md = ["# Benchmark results", ""]
     md += _coverage(records)
     for r in records:
-        md.append(f"- {r['model']} batch {r['batch']}: `{r['command']}` ({r['seconds']} s; {machine_line(r['machine'], r.get('torch_threads'))})")
+        load = (f"; 1-min load {r['load_1min'][0]} -> {r['load_1min'][1]} on {r['machine'].get('cores')} cores while timing"
+                if r.get("load_1min") else "")
+        md.append(f"- {r['model']} batch {r['batch']}: `{r['command']}` ({r['seconds']} s; "
+                  f"{machine_line(r['machine'], r.get('torch_threads'))}{load})")
     md += ["", table, ""]
     if accuracy:
         md += [accuracy_table(accuracy), ""]

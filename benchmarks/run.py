@@ -23,6 +23,7 @@ import argparse
 import copy
 import gc
 import json
+import os
 import re
 import sys
 import tempfile
@@ -210,7 +211,11 @@ def run_model(name: str, batch: int, args: argparse.Namespace, presets: list[str
                                   args.torch_graphmodule)
         runners = prepare_runners(variants, inputs, check_sets, reference, spec, args.provider, placement)
         print(f"  timing {len(runners)} variants interleaved: {schedule}", flush=True)
+        # The machine's 1-minute load around the timing: interleaving cancels drift, not a machine
+        # oversubscribed throughout, so a reader must be able to see how busy it was.
+        load = [round(os.getloadavg()[0], 2)]
         timing = time_interleaved(runners, batch_size=batch, **schedule) if runners else {}
+        load.append(round(os.getloadavg()[0], 2))
     base = timing.get(PEERS["plain"], {}).get("p50_ms")
     rows = []
     for v in variants:
@@ -228,6 +233,7 @@ def run_model(name: str, batch: int, args: argparse.Namespace, presets: list[str
         "provider_requested": args.provider,
         "schedule": schedule,
         "torch_threads": torch.get_num_threads(),
+        "load_1min": load,
         "seconds": round(time.perf_counter() - started, 1),
         "command": common.command_line(),
         "machine": common.machine_description(),

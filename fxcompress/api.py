@@ -44,7 +44,7 @@ from fxcompress.infra.recipe import Recipe, resolve_recipe
 from fxcompress.infra.weights import SharedWeights, collect
 from fxcompress.analysis.graph_stats import count_compute_nodes, count_parameters
 from fxcompress.analysis.sensitivity import masked_by, trials_through
-from fxcompress.numerics import LOSSLESS_TOLERANCE, OutputComparison, compare_outputs, flatten_outputs, worst_drift, worst_unmasked_drift
+from fxcompress.numerics import LOSSLESS_TOLERANCE, OutputComparison, compare_outputs, flatten_outputs
 from fxcompress.inspect.pass_table import pass_rows, print_table, render_plain
 from fxcompress.runtime.parity import ParityReport, validate as validate_onnx
 from fxcompress.runtime.session import create_session
@@ -64,13 +64,12 @@ class CompileReport(MaskedFigures):
     ``drift`` is the figure checked against ``tolerance``: where an output mask applies (padded
     positions excluded by an ``attention_mask``, or compile's ``output_mask``) it is over the
     positions the mask keeps, and ``unmasked_drift`` gives the figure over every position beside
-    it. ``outputs`` has one :class:`~fxcompress.numerics.OutputComparison` per output (drift, relative
-    RMS error, cosine, ...; the masked figures under ``masked``).
+    it. Both are read off ``outputs``, which has one :class:`~fxcompress.numerics.OutputComparison`
+    per output (drift, relative RMS error, cosine, ...; the masked figures under ``masked``).
     """
 
     recipe: str
     records: list[PassRecord]
-    drift: float
     tolerance: float
     seconds: float
     nodes_before: int
@@ -82,8 +81,6 @@ class CompileReport(MaskedFigures):
     #: with ``evaluate=``: {"baseline", "compiled", "drop", "max_drop"} of the user's metric
     metric: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-    #: drift over every output position, masked ones included (equal to ``drift`` without a mask)
-    unmasked_drift: float | None = None
     #: per output, against the original: the figures over the whole output, and over the positions
     #: an output mask keeps under ``masked`` (``judged``: the ones the bounds check)
     outputs: list[OutputComparison] = field(default_factory=list)
@@ -755,14 +752,12 @@ def run_compile(
     # (CompileResult.module copies them then): an export-only compile never holds them twice.
     shared = SharedWeights(compiled, model.parameters())
     comparisons = _final_comparisons(compiled, inputs, reference, masks, call.output_names if call.structured else None)
-    drift = worst_drift(comparisons)  # masked where a mask applies: the figure the tolerance gates
     in_passes = sum(r.seconds or 0.0 for r in manager.records)
     stages = {"capture": captured - start, "passes": in_passes, "verification": verify.seconds,
               "pipeline": max(0.0, piped - captured - in_passes - verify.seconds), "final check": time.perf_counter() - piped}
     report = CompileReport(
         recipe=resolved.name,
         records=manager.records,
-        drift=drift,
         tolerance=allowed,
         seconds=time.perf_counter() - start,
         nodes_before=nodes_before,
@@ -770,7 +765,6 @@ def run_compile(
         params_before=params_before,
         params_after=count_parameters(compiled),
         converged=manager.converged,
-        unmasked_drift=worst_unmasked_drift(comparisons),
         outputs=output_fidelity([comparisons]),
         note=unchanged_note(resolved, manager.records),
         stages=stages,

@@ -201,7 +201,8 @@ def output_masks(output_mask: OutputMask, input_names: Sequence[str], inputs: Se
 
 
 class MaskedFigures:
-    """Mixin of the reports that carry per-output figures (compile report, parity report)."""
+    """Mixin of the reports that carry per-output figures (compile report, parity report): their
+    headline drift figures are read off ``outputs``, never stored beside them."""
 
     outputs: list[OutputComparison]
 
@@ -209,6 +210,16 @@ class MaskedFigures:
     def masked(self) -> bool:
         """Whether an output mask applied to some output (then the headline figures are masked ones)."""
         return any(o.masked is not None for o in self.outputs)
+
+    @property
+    def drift(self) -> float:
+        """Worst drift over the outputs, masked where a mask applies: the figure the tolerance bounds."""
+        return max((o.judged_drift for o in self.outputs), default=0.0)
+
+    @property
+    def unmasked_drift(self) -> float:
+        """Worst drift over the outputs and every position, masked ones included (``drift`` without a mask)."""
+        return max((o.drift for o in self.outputs), default=0.0)
 
 
 def output_fidelity(runs: Sequence[Sequence[OutputComparison]]) -> list[OutputComparison]:

@@ -10,12 +10,13 @@ aten.batch_norm" rather than a list of node names.
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 from fxcompress.analysis.graph_stats import COMPUTE_OPS
 from fxcompress.analysis.align import Item, align
+from fxcompress.analysis.model_diff import ModelDiff
 from fxcompress.analysis.snapshot import GraphSnapshot, NodeInfo, layer_totals
 
 #: Node kinds a diff lists individually (outputs are implied by their inputs).
@@ -23,16 +24,14 @@ _LISTED = (*COMPUTE_OPS, "get_attr", "placeholder")
 
 
 @dataclass
-class GraphDiff:
-    """What changed from ``before`` to ``after``.
+class GraphDiff(ModelDiff):
+    """What changed from ``before`` to ``after`` snapshot (the shared record: :class:`ModelDiff`).
 
-    Pairs are ``(old, new)`` NodeInfos of the same node. ``replaced`` maps an added node's name
-    to the removed nodes its provenance says it replaces. ``layer_deltas`` holds per layer the
-    change in parameters and MACs (only layers that changed).
+    Pairs are ``(old, new)`` NodeInfos of the same node. Beyond the shared record: ``reprecisioned``
+    and ``annotated`` pairs, and ``replaced``, mapping an added node's name to the removed nodes its
+    provenance says it replaces.
     """
 
-    before: str
-    after: str
     added: list[NodeInfo] = field(default_factory=list)
     removed: list[NodeInfo] = field(default_factory=list)
     rewired: list[tuple[NodeInfo, NodeInfo]] = field(default_factory=list)
@@ -41,24 +40,6 @@ class GraphDiff:
     reprecisioned: list[tuple[NodeInfo, NodeInfo]] = field(default_factory=list)
     annotated: list[tuple[NodeInfo, NodeInfo]] = field(default_factory=list)
     replaced: dict[str, list[str]] = field(default_factory=dict)
-    op_delta: dict[str, int] = field(default_factory=dict)
-    ops_before: Counter = field(default_factory=Counter)
-    ops_after: Counter = field(default_factory=Counter)
-    layer_deltas: dict[str, dict[str, int]] = field(default_factory=dict)
-    nodes_before: int = 0
-    nodes_after: int = 0
-    params_before: int = 0
-    params_after: int = 0
-    macs_before: int = 0
-    macs_after: int = 0
-
-    @property
-    def empty(self) -> bool:
-        """True when nothing but node names changed."""
-        return (
-            not (self.added or self.removed or self.rewired or self.retyped or self.reprecisioned or self.annotated)
-            and self.params_before == self.params_after
-        )
 
     def removed_by_operation(self) -> dict[str, list[str]]:
         """Removed compute nodes as ``{operation: [layer or node name, ...]}`` in graph order.
@@ -72,51 +53,27 @@ class GraphDiff:
         """Added compute nodes as ``{operation: [layer or node name, ...]}``."""
         return _by_operation(self.added)
 
-    def by_layer(self) -> dict[str, dict[str, list[str]]]:
-        """Changes grouped by the layer (module path) they belong to, layers sorted by name."""
-        groups: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
-        for n in self.removed:
-            groups[n.layer]["removed"].append(f"{n.name} ({n.operation})")
-        for n in self.added:
+    def _changes(self) -> list[tuple[str, list[Any], Callable[[Any], str]]]:
+        def added(n: NodeInfo) -> str:
             origin = f" from {', '.join(self.replaced[n.name])}" if n.name in self.replaced else ""
-            groups[n.layer]["added"].append(f"{n.name} ({n.operation}){origin}")
-        for old, new in self.rewired:
-            groups[new.layer]["rewired"].append(f"{new.name}: {list(old.inputs)} -> {list(new.inputs)}")
-        for old, new in self.retyped:
-            groups[new.layer]["retyped"].append(
-                f"{new.name}: {old.dtype}{list(old.shape or ())} -> {new.dtype}{list(new.shape or ())}"
-            )
-        for old, new in self.reprecisioned:
-            groups[new.layer]["precision"].append(f"{new.name}: {old.precision} -> {new.precision}")
-        for old, new in self.annotated:
+            return f"{n.name} ({n.operation}){origin}"
+
+        def annotated(pair: tuple[NodeInfo, NodeInfo]) -> str:
+            old, new = pair
             changes = sorted(set(new.annotations) - set(old.annotations))
             gone = sorted(set(old.annotations) - set(new.annotations))
-            text = ", ".join([f"+{k}={v}" for k, v in changes] + [f"-{k}" for k, _ in gone])
-            groups[new.layer]["annotated"].append(f"{new.name}: {text}")
-        for old, new in self.renamed:
-            groups[new.layer]["renamed"].append(f"{old.name} -> {new.name}")
-        return {layer: dict(kinds) for layer, kinds in sorted(groups.items())}
+            return f"{new.name}: " + ", ".join([f"+{k}={v}" for k, v in changes] + [f"-{k}" for k, _ in gone])
 
-    def to_text(self) -> str:
-        """One line, e.g. ``-20 aten.batch_norm; nodes 69 -> 49; params 11,689,512 -> 11,679,912``
-        (``fxcompress.inspect.render_text`` lists every change by layer)."""
-        ops = ", ".join(f"{'+' if d > 0 else ''}{d} {op}" for op, d in sorted(self.op_delta.items()))
-        macs = f"; MACs {self.macs_before:,} -> {self.macs_after:,}" if self.macs_before != self.macs_after else ""
-        renamed = f"; {len(self.renamed)} renamed" if self.renamed else ""
-        return (
-            f"{ops or 'no op changes'}; nodes {self.nodes_before} -> {self.nodes_after}; "
-            f"params {self.params_before:,} -> {self.params_after:,}{macs}{renamed}"
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data (JSON-ready): the counts before and after, op-count changes, and the changes by layer."""
-        return {"before": self.before, "after": self.after, "nodes_before": self.nodes_before,
-                "nodes_after": self.nodes_after, "params_before": self.params_before, "params_after": self.params_after,
-                "macs_before": self.macs_before, "macs_after": self.macs_after, "op_delta": dict(self.op_delta),
-                "by_layer": self.by_layer(), "layer_deltas": {k: dict(v) for k, v in self.layer_deltas.items()}}
-
-    def __str__(self) -> str:
-        return self.to_text()
+        return [
+            ("removed", self.removed, lambda n: f"{n.name} ({n.operation})"),
+            ("added", self.added, added),
+            ("rewired", self.rewired, lambda p: f"{p[1].name}: {list(p[0].inputs)} -> {list(p[1].inputs)}"),
+            ("retyped", self.retyped,
+             lambda p: f"{p[1].name}: {p[0].dtype}{list(p[0].shape or ())} -> {p[1].dtype}{list(p[1].shape or ())}"),
+            ("precision", self.reprecisioned, lambda p: f"{p[1].name}: {p[0].precision} -> {p[1].precision}"),
+            ("annotated", self.annotated, annotated),
+            ("renamed", self.renamed, lambda p: f"{p[0].name} -> {p[1].name}"),
+        ]
 
 
 def _by_operation(nodes: list[NodeInfo]) -> dict[str, list[str]]:
@@ -190,10 +147,6 @@ def diff_snapshots(before: GraphSnapshot, after: GraphSnapshot) -> GraphDiff:
     for pairs in (result.renamed, result.rewired, result.retyped, result.reprecisioned, result.annotated):
         pairs.sort(key=lambda pair: order[pair[1].name])
     result.ops_before, result.ops_after = before.histogram(), after.histogram()
-    delta = Counter(result.ops_after)
-    delta.subtract(result.ops_before)
-    result.op_delta = {op: d for op, d in delta.items() if d}
-    result.nodes_before, result.nodes_after = len(before.compute_nodes), len(after.compute_nodes)
     result.params_before, result.params_after = before.parameters, after.parameters
     result.macs_before, result.macs_after = before.macs, after.macs
     totals_before, totals_after = layer_totals(before.nodes), layer_totals(after_nodes)

@@ -107,7 +107,8 @@ def _write_extras(args: argparse.Namespace, diff: Any, dot_text: str) -> None:
 
 def cmd_diff(args: argparse.Namespace) -> int:
     from fxcompress.export.atomic import check_output_path
-    from fxcompress.inspect.render_text import render_graph_diff, render_onnx_diff, use_color
+    from fxcompress.inspect.render_text import render_graph_diff, render_onnx_diff
+    from fxcompress.inspect.text_style import use_color
 
     for path in (args.html, args.dot):
         if path:
@@ -198,7 +199,7 @@ def _looks_like_onnx(spec: str) -> bool:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from fxcompress.inspect.model_info import inspect_graph_module, inspect_onnx
-    from fxcompress.inspect.render_text import render_model_info, use_color
+    from fxcompress.inspect.text_style import use_color
 
     if Path(args.model).is_dir():  # an output folder of fxcompress compile --out DIR/
         from fxcompress.output_folder import read_manifest, render_manifest
@@ -211,7 +212,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         else:
             print(render_manifest(manifest))
             for name, info in infos.items():
-                print(f"\n{name}:\n" + render_model_info(info, color=use_color(sys.stdout)))
+                print(f"\n{name}:\n" + info.to_text(color=use_color(sys.stdout)))
         return 0
     if _looks_like_onnx(args.model):
         info = inspect_onnx(args.model, check_providers=not args.no_providers)
@@ -224,5 +225,5 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info.to_dict(), indent=2, default=str))
     else:
-        print(render_model_info(info, color=use_color(sys.stdout)))
+        print(info.to_text(color=use_color(sys.stdout)))
     return 0

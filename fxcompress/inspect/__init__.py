@@ -5,6 +5,6 @@
 - align: the node alignment both diffs share
 - model_info: ``fxcompress inspect`` figures (ops, parameters, MACs, quantized/sparse share, providers)
 - why_not: near-misses of fusion rules, from a compile run's pass records
-- render_text / render_html / render_dot: terminal, self-contained HTML report, Graphviz
+- render_text / render_html / render_dot: terminal, self-contained HTML report, Graphviz (text_style: colour)
 - commands / dispatch: the ``diff`` and ``inspect`` CLI commands, ``fxcompress.diff``
 """

@@ -22,6 +22,7 @@ import torch
 from torch import fx
 
 from fxcompress.inspect.onnx_graph import QUANTIZED_OPS, OnnxGraph, read_model, type_text
+from fxcompress.inspect.text_style import Style
 from fxcompress.analysis.snapshot import GraphSnapshot
 
 
@@ -46,10 +47,45 @@ class ModelInfo:
     metadata: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict."""
+        """Plain data (JSON-ready): every figure, the op histogram as a dict."""
         out = dict(self.__dict__)
         out["histogram"] = dict(self.histogram)
         return out
+
+    def to_text(self, *, color: bool = False) -> str:
+        """The figures, the providers' verdicts, the op histogram and the metadata, one per line
+        (what ``fxcompress inspect MODEL`` prints; ``color`` for a terminal, see ``text_style.use_color``)."""
+        style = Style(color)
+        lines = [style(f"{self.name}", "head")]
+        if self.file_bytes is not None:
+            lines.append(f"  file size        {self.file_bytes / 1e6:.3f} MB ({self.file_bytes:,} bytes)")
+        if self.opsets:
+            lines.append("  opsets           " + ", ".join(f"{d} {v}" for d, v in self.opsets.items()))
+        lines += [f"  nodes            {self.nodes:,}",
+                  f"  parameters       {self.parameters:,}",
+                  f"  MACs             {self.macs:,} ({self.macs / 1e9:.3f} G)",
+                  f"  quantized MACs   {self.quantized_mac_share * 100:.1f}%",
+                  f"  zero weights     {self.sparse_share * 100:.1f}% (of elements in tensors with 2+ dims)"]
+        if self.weight_dtypes:
+            lines.append("  stored dtypes    " + ", ".join(f"{k} {v:,}" for k, v in sorted(self.weight_dtypes.items())))
+        for label, values in (("inputs", self.inputs), ("outputs", self.outputs)):
+            if values:
+                lines.append(f"  {label:<16} " + "; ".join(values))
+        if self.providers:
+            lines.append(style("Execution providers (a session was created on each):", "head"))
+            for provider, verdict in self.providers.items():
+                tone = "added" if verdict == "runs it" else "changed"
+                lines.append("  " + style(f"{provider:<24} {verdict}", tone))
+        lines.append(style("Op histogram:", "head"))
+        for op, count in self.histogram.most_common():
+            lines.append(f"  {op:<32} {count:>6}")
+        if self.metadata:
+            lines.append(style("Metadata:", "head"))
+            lines += [f"  {k} = {v}" for k, v in sorted(self.metadata.items())]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_text()
 
 
 def _weight_figures(arrays: list[np.ndarray]) -> tuple[float, dict[str, int]]:

@@ -10,89 +10,44 @@ user can check them by hand with ``collections.Counter(n.op_type for n in model.
 from __future__ import annotations
 
 import os
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import networkx as nx
 import onnx
 
 from fxcompress.analysis.align import Item, align
+from fxcompress.analysis.model_diff import ModelDiff
 from fxcompress.inspect.onnx_graph import OnnxGraph, OnnxNode, read_model
 
 
 @dataclass
-class OnnxDiff:
-    """What changed from the ``before`` model to the ``after`` model."""
+class OnnxDiff(ModelDiff):
+    """What changed from the ``before`` model to the ``after`` model (the shared record:
+    :class:`~fxcompress.analysis.model_diff.ModelDiff`), plus the two files' sizes in bytes."""
 
-    before: str
-    after: str
-    ops_before: Counter = field(default_factory=Counter)
-    ops_after: Counter = field(default_factory=Counter)
     added: list[OnnxNode] = field(default_factory=list)
     removed: list[OnnxNode] = field(default_factory=list)
     rewired: list[tuple[OnnxNode, OnnxNode]] = field(default_factory=list)
     retyped: list[tuple[OnnxNode, OnnxNode]] = field(default_factory=list)
     renamed: list[tuple[OnnxNode, OnnxNode]] = field(default_factory=list)
-    layer_deltas: dict[str, dict[str, int]] = field(default_factory=dict)
-    params_before: int = 0
-    params_after: int = 0
-    macs_before: int = 0
-    macs_after: int = 0
     bytes_before: int = 0
     bytes_after: int = 0
 
-    @property
-    def op_delta(self) -> dict[str, int]:
-        """``{op_type: after count - before count}`` for every op whose count changed."""
-        delta = Counter(self.ops_after)
-        delta.subtract(self.ops_before)
-        return {op: d for op, d in sorted(delta.items()) if d}
-
-    @property
-    def nodes_before(self) -> int:
-        return sum(self.ops_before.values())
-
-    @property
-    def nodes_after(self) -> int:
-        return sum(self.ops_after.values())
-
-    @property
-    def empty(self) -> bool:
-        """True when nothing but node names changed."""
-        return not (self.added or self.removed or self.rewired or self.retyped) and self.params_before == self.params_after
-
-    def by_layer(self) -> dict[str, dict[str, list[str]]]:
-        """Changes grouped by layer (from the exporter's name scopes), layers sorted by name."""
-        groups: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
-        for n in self.removed:
-            groups[n.layer]["removed"].append(f"{n.name} ({n.op_type})")
-        for n in self.added:
-            groups[n.layer]["added"].append(f"{n.name} ({n.op_type})")
-        for old, new in self.rewired:
-            groups[new.layer]["rewired"].append(f"{new.name} ({new.op_type})")
-        for old, new in self.retyped:
-            groups[new.layer]["retyped"].append(f"{new.name}: {old.out_type} -> {new.out_type}")
-        for old, new in self.renamed:
-            groups[new.layer]["renamed"].append(f"{old.name} -> {new.name}")
-        return {layer: dict(kinds) for layer, kinds in sorted(groups.items())}
-
-    def to_text(self) -> str:
-        """One line: op-count changes, nodes, parameters, MACs (``fxcompress.inspect.render_text`` lists every change)."""
-        ops = ", ".join(f"{'+' if d > 0 else ''}{d} {op}" for op, d in self.op_delta.items())
-        return (f"{ops or 'no op changes'}; nodes {self.nodes_before} -> {self.nodes_after}; "
-                f"params {self.params_before:,} -> {self.params_after:,}; MACs {self.macs_before:,} -> {self.macs_after:,}")
-
     def to_dict(self) -> dict[str, Any]:
-        """Plain data (JSON-ready): the counts and sizes before and after, op-count changes, and the changes by layer."""
-        return {"before": self.before, "after": self.after, "nodes_before": self.nodes_before,
-                "nodes_after": self.nodes_after, "params_before": self.params_before, "params_after": self.params_after,
-                "macs_before": self.macs_before, "macs_after": self.macs_after, "bytes_before": self.bytes_before,
-                "bytes_after": self.bytes_after, "op_delta": self.op_delta, "by_layer": self.by_layer(),
-                "layer_deltas": {k: dict(v) for k, v in self.layer_deltas.items()}}
+        """The shared record's plain data plus ``bytes_before``/``bytes_after``."""
+        return {**super().to_dict(), "bytes_before": self.bytes_before, "bytes_after": self.bytes_after}
 
-    def __str__(self) -> str:
-        return self.to_text()
+    def _changes(self) -> list[tuple[str, list[Any], Callable[[Any], str]]]:
+        # Layers come from the exporter's name scopes.
+        return [
+            ("removed", self.removed, lambda n: f"{n.name} ({n.op_type})"),
+            ("added", self.added, lambda n: f"{n.name} ({n.op_type})"),
+            ("rewired", self.rewired, lambda p: f"{p[1].name} ({p[1].op_type})"),
+            ("retyped", self.retyped, lambda p: f"{p[1].name}: {p[0].out_type} -> {p[1].out_type}"),
+            ("renamed", self.renamed, lambda p: f"{p[0].name} -> {p[1].name}"),
+        ]
 
 
 def _structure_hashes(graph: OnnxGraph, producers: dict[str, tuple[str, ...]]) -> dict[str, str]:

@@ -1,43 +1,25 @@
-"""Terminal rendering of diffs, model inspections and near-misses.
+"""Terminal rendering of diffs and near-misses (a model inspection renders itself: ``ModelInfo.to_text``).
 
-Colour (red removed, green added, yellow changed) is used only when the stream is a terminal and
-``NO_COLOR`` is not set, so piped output and files stay plain text.
+Colour comes from :mod:`fxcompress.inspect.text_style`: only on a terminal without ``NO_COLOR``.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-from typing import IO, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from fxcompress.analysis.graph_diff import GraphDiff
-from fxcompress.inspect.model_info import ModelInfo
 from fxcompress.inspect.onnx_diff import OnnxDiff
+from fxcompress.inspect.text_style import Style
 from fxcompress.inspect.why_not import NearMiss
 
-_CODES = {"removed": "31", "added": "32", "changed": "33", "head": "1", "dim": "2"}
 _KIND_STYLE = {"removed": ("-", "removed"), "added": ("+", "added")}
-
-
-def use_color(stream: IO[str] | None = None) -> bool:
-    """True when ``stream`` (stdout by default) is a terminal and NO_COLOR is unset."""
-    stream = stream or sys.stdout
-    return bool(getattr(stream, "isatty", lambda: False)()) and "NO_COLOR" not in os.environ
-
-
-class _Style:
-    def __init__(self, color: bool) -> None:
-        self.color = color
-
-    def __call__(self, text: str, kind: str) -> str:
-        return f"\033[{_CODES[kind]}m{text}\033[0m" if self.color else text
 
 
 def _signed(value: int) -> str:
     return f"{value:+,}" if value else "0"
 
 
-def _layer_section(groups: Mapping[str, Mapping[str, list[str]]], style: _Style) -> list[str]:
+def _layer_section(groups: Mapping[str, Mapping[str, list[str]]], style: Style) -> list[str]:
     lines = [style("Changes by layer:", "head")]
     for layer, kinds in groups.items():
         lines.append(f"  {layer or '(top level)'}")
@@ -48,7 +30,7 @@ def _layer_section(groups: Mapping[str, Mapping[str, list[str]]], style: _Style)
     return lines
 
 
-def _deltas(layer_deltas: Mapping[str, Mapping[str, int]], style: _Style) -> list[str]:
+def _deltas(layer_deltas: Mapping[str, Mapping[str, int]], style: Style) -> list[str]:
     if not layer_deltas:
         return []
     lines = [style("Parameter and MAC changes by layer:", "head"), f"  {'layer':<40} {'params':>14} {'MACs':>16}"]
@@ -57,7 +39,7 @@ def _deltas(layer_deltas: Mapping[str, Mapping[str, int]], style: _Style) -> lis
     return lines
 
 
-def _op_table(before: Mapping[str, int], after: Mapping[str, int], style: _Style, changed_only: bool = True) -> list[str]:
+def _op_table(before: Mapping[str, int], after: Mapping[str, int], style: Style, changed_only: bool = True) -> list[str]:
     ops = sorted(set(before) | set(after))
     rows = [(op, before.get(op, 0), after.get(op, 0)) for op in ops]
     if changed_only:
@@ -74,7 +56,7 @@ def _op_table(before: Mapping[str, int], after: Mapping[str, int], style: _Style
 
 def render_graph_diff(diff: GraphDiff, *, color: bool = False) -> str:
     """A GraphDiff as text: headline, op-count changes, removed/added ops by layer, details."""
-    style = _Style(color)
+    style = Style(color)
     lines = [style(f"Diff {diff.before} -> {diff.after}", "head"),
              f"  compute nodes {diff.nodes_before} -> {diff.nodes_after}; parameters {diff.params_before:,} -> "
              f"{diff.params_after:,} ({_signed(diff.params_after - diff.params_before)}); MACs {diff.macs_before:,} -> "
@@ -98,7 +80,7 @@ def render_graph_diff(diff: GraphDiff, *, color: bool = False) -> str:
 
 def render_onnx_diff(diff: OnnxDiff, *, color: bool = False) -> str:
     """An OnnxDiff as text: op-count table (checkable by hand), sizes, changes by layer."""
-    style = _Style(color)
+    style = Style(color)
     lines = [style(f"Diff {diff.before} -> {diff.after}", "head"),
              f"  nodes {diff.nodes_before} -> {diff.nodes_after}; parameters {diff.params_before:,} -> {diff.params_after:,}; "
              f"MACs {diff.macs_before:,} -> {diff.macs_after:,}; file {diff.bytes_before / 1e6:.2f} MB -> {diff.bytes_after / 1e6:.2f} MB",
@@ -115,45 +97,9 @@ def render_onnx_diff(diff: OnnxDiff, *, color: bool = False) -> str:
     return "\n".join(lines)
 
 
-def _share(x: float) -> str:
-    return f"{x * 100:.1f}%"
-
-
-def render_model_info(info: ModelInfo, *, color: bool = False) -> str:
-    """A ModelInfo as text."""
-    style = _Style(color)
-    lines = [style(f"{info.name}", "head")]
-    if info.file_bytes is not None:
-        lines.append(f"  file size        {info.file_bytes / 1e6:.3f} MB ({info.file_bytes:,} bytes)")
-    if info.opsets:
-        lines.append("  opsets           " + ", ".join(f"{d} {v}" for d, v in info.opsets.items()))
-    lines += [f"  nodes            {info.nodes:,}",
-              f"  parameters       {info.parameters:,}",
-              f"  MACs             {info.macs:,} ({info.macs / 1e9:.3f} G)",
-              f"  quantized MACs   {_share(info.quantized_mac_share)}",
-              f"  zero weights     {_share(info.sparse_share)} (of elements in tensors with 2+ dims)"]
-    if info.weight_dtypes:
-        lines.append("  stored dtypes    " + ", ".join(f"{k} {v:,}" for k, v in sorted(info.weight_dtypes.items())))
-    for label, values in (("inputs", info.inputs), ("outputs", info.outputs)):
-        if values:
-            lines.append(f"  {label:<16} " + "; ".join(values))
-    if info.providers:
-        lines.append(style("Execution providers (a session was created on each):", "head"))
-        for provider, verdict in info.providers.items():
-            tone = "added" if verdict == "runs it" else "changed"
-            lines.append("  " + style(f"{provider:<24} {verdict}", tone))
-    lines.append(style("Op histogram:", "head"))
-    for op, count in info.histogram.most_common():
-        lines.append(f"  {op:<32} {count:>6}")
-    if info.metadata:
-        lines.append(style("Metadata:", "head"))
-        lines += [f"  {k} = {v}" for k, v in sorted(info.metadata.items())]
-    return "\n".join(lines)
-
-
 def render_near_misses(misses: Mapping[str, Sequence[NearMiss]], *, color: bool = False) -> str:
     """Near-misses by rule: where each rule matched but did not rewrite, and why."""
-    style = _Style(color)
+    style = Style(color)
     if not misses:
         return "No near-misses: every pattern a rule matched was rewritten (or no rule matched)."
     lines = []

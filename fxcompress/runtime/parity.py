@@ -39,39 +39,62 @@ from fxcompress.runtime.session import RuntimeSession, create_session
 
 @dataclass
 class ParityReport(MaskedFigures):
-    """Worst-case figures over all inputs and outputs, plus the per-run details.
+    """The verdict, the per-output figures it rests on, and the per-run details.
 
-    ``drift``, ``max_abs``, ``max_rel``, ``cosine`` and ``nonfinite`` (and so ``passed``) are over
-    the positions the output mask keeps where one applies; ``unmasked_drift`` is the drift over
-    every position. ``outputs`` has one :class:`~fxcompress.numerics.OutputComparison` per output,
-    over the real input sets pooled (the masked figures under ``masked``).
+    ``outputs`` has one :class:`~fxcompress.numerics.OutputComparison` per output, over the real
+    input sets pooled (the masked figures under ``masked``); the headline figures (``drift``,
+    ``max_abs``, ``max_rel``, ``cosine``, ``rel_rms``, ``top1_agreement``, ``unmasked_drift``) are
+    read off it, worst over the outputs, so they cannot disagree with it. They are over the
+    positions the output mask keeps where one applies; ``unmasked_drift`` is the drift over every
+    position. ``nonfinite`` counts non-finite values over every run, random ones included.
     """
 
     passed: bool
-    tolerance: float
-    max_abs: float
-    max_rel: float
-    drift: float
-    cosine: float
-    top1_agreement: float | None
     nonfinite: int
     runs: int
     provider: str
     comparisons: list[list[OutputComparison]] = field(default_factory=list)
-    #: drift over every position, masked ones included (equal to ``drift`` without a mask)
-    unmasked_drift: float | None = None
     outputs: list[OutputComparison] = field(default_factory=list)
     #: what each input set was, in order: "example", "calibration batch 1", ..., "random 1", ...
     inputs: list[str] = field(default_factory=list)
     #: the bounds the verdict applied (a number given as ``tolerance`` bounds the drift alone)
     gate: Gate = field(default_factory=Gate)
-    #: worst relative RMS error over the outputs, on the real input sets
-    rel_rms: float = 0.0
     #: on the random input sets: worst drift and relative RMS error against the real outputs' scale
     random_drift: float | None = None
     random_rel_rms: float | None = None
     #: why it failed, one phrase per broken bound (empty when it passed)
     failures: list[str] = field(default_factory=list)
+
+    @property
+    def tolerance(self) -> float:
+        """The drift bound the verdict applied (``gate.drift``)."""
+        return self.gate.drift
+
+    @property
+    def max_abs(self) -> float:
+        """Largest absolute error over the outputs."""
+        return max((o.judged.max_abs for o in self.outputs), default=0.0)
+
+    @property
+    def max_rel(self) -> float:
+        """Largest element-wise relative error over the outputs."""
+        return max((o.judged.max_rel for o in self.outputs), default=0.0)
+
+    @property
+    def cosine(self) -> float:
+        """Smallest cosine similarity over the outputs."""
+        return min((o.judged.cosine for o in self.outputs), default=1.0)
+
+    @property
+    def rel_rms(self) -> float:
+        """Worst relative RMS error over the outputs."""
+        return max((o.judged.rel_rms for o in self.outputs), default=0.0)
+
+    @property
+    def top1_agreement(self) -> float | None:
+        """Lowest top-1 agreement over the classifier-shaped outputs; None without one."""
+        top1 = [o.judged.top1_agreement for o in self.outputs if o.judged.top1_agreement is not None]
+        return min(top1) if top1 else None
 
     @property
     def real_inputs(self) -> list[str]:
@@ -100,11 +123,13 @@ class ParityReport(MaskedFigures):
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (JSON-ready): the figures, the bounds, the verdict and the per-output figures."""
-        data = {k: v for k, v in self.__dict__.items() if k not in ("comparisons", "outputs", "gate")}
-        data["masked"] = self.masked
-        data["gate"] = self.gate.to_dict()
-        data["outputs"] = [o.to_dict() for o in self.outputs]
-        return data
+        return {"passed": self.passed, "tolerance": self.tolerance, "max_abs": self.max_abs, "max_rel": self.max_rel,
+                "drift": self.drift, "cosine": self.cosine, "top1_agreement": self.top1_agreement,
+                "nonfinite": self.nonfinite, "runs": self.runs, "provider": self.provider,
+                "unmasked_drift": self.unmasked_drift, "inputs": list(self.inputs), "rel_rms": self.rel_rms,
+                "random_drift": self.random_drift, "random_rel_rms": self.random_rel_rms,
+                "failures": list(self.failures), "masked": self.masked, "gate": self.gate.to_dict(),
+                "outputs": [o.to_dict() for o in self.outputs]}
 
     def __str__(self) -> str:
         return self.to_text()
@@ -218,12 +243,9 @@ def validate(
         random_runs.append(compare_outputs(expected, got, masks, names))
         random_figures += [error_against_scale(e, g, scale, m) for e, g, m, scale in zip(expected, got, masks, scales)
                            if e.dtype.kind == "f"]
-    whole = [c for run_ in real_runs for c in run_]
-    flat = [c.judged for c in whole]
-    top1 = [c.top1_agreement for c in flat if c.top1_agreement is not None]
     # The verdict on real data is over all real sets pooled per output: one set whose output is near
     # silent (a calibration image without text) must not turn rounding noise into a 100% error.
-    outputs = _pooled_fidelity(pooled, real_runs[0])
+    outputs = _pooled_fidelity(pooled, real_runs)
     failures = gate.failures(outputs)
     nonfinite = sum(c.judged.nonfinite for run_ in real_runs + random_runs for c in run_)
     if nonfinite:
@@ -238,21 +260,13 @@ def validate(
                         f"above the bound {gate.rel_rms:g}")
     return ParityReport(
         passed=not failures,
-        tolerance=gate.drift,
-        max_abs=max(c.max_abs for c in flat),
-        max_rel=max(c.max_rel for c in flat),
-        drift=max(o.judged_drift for o in outputs),
-        cosine=min(o.judged.cosine for o in outputs),
-        top1_agreement=min(top1) if top1 else None,
         nonfinite=nonfinite,
         runs=len(real_runs) + len(random_runs),
         provider=session.provider,
         comparisons=real_runs + random_runs,
-        unmasked_drift=max(o.drift for o in outputs),
         outputs=outputs,
         inputs=labels + [f"random {i + 1}" for i in range(len(random_runs))],
         gate=gate,
-        rel_rms=max((o.judged.rel_rms for o in outputs), default=0.0),
         random_drift=random_drift,
         random_rel_rms=random_rel_rms,
         failures=failures,
@@ -272,15 +286,19 @@ def _pool(pooled: list | None, expected: Sequence[np.ndarray], got: Sequence[np.
     return pooled
 
 
-def _pooled_fidelity(pooled: list, first: Sequence[OutputComparison]) -> list[OutputComparison]:
+def _pooled_fidelity(pooled: list, runs: Sequence[Sequence[OutputComparison]]) -> list[OutputComparison]:
     """Per-output figures over every real input set at once (masked where a mask applied)."""
     from fxcompress.numerics import compare_output
 
     rows = []
-    for (all_ref, all_got, kept_ref, kept_got), c in zip(pooled, first):
+    for (all_ref, all_got, kept_ref, kept_got), per_run in zip(pooled, zip(*runs)):
+        c = per_run[0]
         name = c.name or f"output_{c.index}"
+        # Top-1 agreement needs the [batch, classes] layout the flat pooled arrays lose: worst over the runs.
+        top1 = [r.top1_agreement for r in per_run if r.top1_agreement is not None]
         # The pooled arrays are flat: the record keeps the output's own shape.
-        whole = replace(compare_output(c.index, np.concatenate(all_ref), np.concatenate(all_got), name=name), shape=c.shape)
+        whole = replace(compare_output(c.index, np.concatenate(all_ref), np.concatenate(all_got), name=name), shape=c.shape,
+                        top1_agreement=min(top1) if top1 else None)
         if kept_ref:
             whole.masked = replace(compare_output(c.index, np.concatenate(kept_ref), np.concatenate(kept_got), name=name),
                                    shape=c.shape)

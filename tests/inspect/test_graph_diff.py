@@ -9,6 +9,7 @@ import torch
 import fxcompress
 from fxcompress.capture import capture
 from fxcompress.analysis.graph_diff import diff_snapshots
+from fxcompress.analysis.model_diff import ModelDiff
 from fxcompress.analysis.snapshot import GraphSnapshot
 from tests.inspect.helpers import FoldBatchNormForTests, RenameNodesForTests, residual
 from tests.models import ConvBnRelu
@@ -25,6 +26,8 @@ def test_fold_lists_exactly_the_folded_batch_norms_by_layer():
     bn_layers = [name for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert diff.removed_by_operation() == {"aten.batch_norm": bn_layers}
     assert diff.op_delta == {"aten.batch_norm": -3}
+    assert isinstance(diff, ModelDiff) and diff.nodes_before - diff.nodes_after == 3
+    assert str(diff).startswith("-3 aten.batch_norm; nodes ") and diff.to_dict()["op_delta"] == {"aten.batch_norm": -3}
     assert diff.ops_before["aten.batch_norm"] == 3 and diff.ops_after["aten.batch_norm"] == 0
     # The convs kept their names and are rewired to the folded weights; nothing else was added.
     assert {new.name for _, new in diff.rewired} >= {"conv2d", "conv2d_1", "conv2d_2"}

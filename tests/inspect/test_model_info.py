@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import onnx
 import pytest
 
@@ -45,6 +47,17 @@ def test_graph_module_figures():
     assert info.macs == 8 * 8 * 8 * 27 + 2 * 8 * 8 * 8 * 72 + 5 * 8
     assert info.parameters == sum(p.numel() for p in model.parameters()) + sum(
         b.numel() for b in model.buffers() if b.is_floating_point())
+
+
+def test_model_info_reads_like_every_report(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(small_onnx(), str(path))
+    info = inspect_onnx(path, check_providers=False)
+    text = info.to_text()
+    assert str(info) == text and "\033[" not in text
+    assert f"parameters       {info.parameters:,}" in text and "Conv" in text and "opsets           ai.onnx 17" in text
+    assert "\033[1m" in info.to_text(color=True)
+    assert json.loads(json.dumps(info.to_dict()))["histogram"] == {"Conv": 1, "Relu": 1, "Flatten": 1, "Gemm": 1}
 
 
 def test_unreadable_file(tmp_path):

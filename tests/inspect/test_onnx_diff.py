@@ -34,6 +34,11 @@ def test_op_count_changes_match_counting_by_hand(tmp_path):
     assert {new.op_type for _, new in diff.rewired} == {"Flatten"}  # now fed by Add instead of Relu
     assert diff.nodes_before == 4 and diff.nodes_after == 4
     assert diff.macs_before == diff.macs_after == 4 * 8 * 8 * 27 + 5 * 256
+    # The shared diff record: one line of text (MACs unchanged, so not shown), plain data with the file sizes.
+    assert str(diff) == diff.to_text() == "+1 Add, -1 Relu; nodes 4 -> 4; params 1,397 -> 1,397"
+    data = diff.to_dict()
+    assert data["op_delta"] == diff.op_delta and data["bytes_after"] == b.stat().st_size
+    assert data["by_layer"] == diff.by_layer()
 
 
 def test_renamed_nodes_and_tensors_align_by_structure(tmp_path):

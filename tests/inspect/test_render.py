@@ -11,7 +11,8 @@ import torch
 import fxcompress
 from fxcompress.inspect.render_dot import dot_available, onnx_dot, snapshot_dot, to_svg
 from fxcompress.inspect.render_html import render_diff_html, render_report_html
-from fxcompress.inspect.render_text import render_graph_diff, render_near_misses, render_onnx_diff, use_color
+from fxcompress.inspect.render_text import render_graph_diff, render_near_misses, render_onnx_diff
+from fxcompress.inspect.text_style import use_color
 from fxcompress.inspect.onnx_diff import diff_onnx
 from fxcompress.inspect.onnx_graph import OnnxGraph
 from fxcompress.inspect.why_not import why_not

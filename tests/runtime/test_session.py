@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -86,6 +88,25 @@ def test_validate_report_fields(onnx_file):
     assert report.top1_agreement == 1.0
     assert report.nonfinite == 0
     assert report.max_abs < 1e-4
+
+
+def test_validate_headline_figures_are_the_worst_per_output_figures(onnx_file):
+    model, x, path = onnx_file
+    report = fxcompress.validate(path, model, (x,), random_inputs=1, real_inputs=[(x * 0.5,), (x + 1,)])
+    real = report.comparisons[:len(report.real_inputs)]
+    assert len(real) == 3 and report.inputs[-1] == "random 1"
+    # Read off ``outputs`` (pooled over the real sets), they agree with the per-run comparisons.
+    assert report.max_abs == max(c.judged.max_abs for run in real for c in run)
+    assert report.drift == max(o.judged_drift for o in report.outputs) and report.unmasked_drift == report.drift
+    assert report.tolerance == report.gate.drift
+    top1 = [c.top1_agreement for run in real for c in run if c.top1_agreement is not None]
+    assert report.top1_agreement == (min(top1) if top1 else None)
+    data = report.to_dict()
+    assert set(data) == {"passed", "tolerance", "max_abs", "max_rel", "drift", "cosine", "top1_agreement", "nonfinite",
+                         "runs", "provider", "unmasked_drift", "inputs", "rel_rms", "random_drift", "random_rel_rms",
+                         "failures", "masked", "gate", "outputs"}
+    assert data["drift"] == report.drift and data["outputs"][0]["drift"] == report.outputs[0].drift
+    json.dumps(data)
 
 
 def test_validate_detects_a_different_model(onnx_file):
