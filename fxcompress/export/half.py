@@ -68,7 +68,7 @@ def _widen_graph(graph: onnx.GraphProto) -> int:
                 _widen_graph(sub)
     casts = []
     for tensor in graph.initializer:
-        if tensor.data_type in HALF_TYPES:
+        if tensor.data_type in HALF_TYPES and not tensor.name.endswith(STORED_SUFFIX):  # not cast yet
             name = tensor.name
             tensor.name = name + STORED_SUFFIX
             casts.append(helper.make_node("Cast", [tensor.name], [name], name=f"{name}{STORED_SUFFIX}_cast",
