@@ -10,6 +10,7 @@ the fp32 weight bytes (docs/design.md decision 11; target <= 3x). Beside fxcompr
     python benchmarks/scaling_memory.py                 # every size (needs most of 24 GB; run under flock)
     python benchmarks/scaling_memory.py --sizes 87M     # some sizes
     python benchmarks/scaling_memory.py --quick         # a tiny decoder, two tools: a check that it runs
+    python benchmarks/scaling_memory.py --sizes 0.55B-bf16   # the decoder built in bfloat16 (as checkpoints load)
 
 Writes benchmarks/results/scaling_memory.md and .json (``--out`` elsewhere).
 """
