@@ -191,8 +191,10 @@ def table(rows: list[dict]) -> str:
             continue
         above = r["peak_bytes"] - r["baseline_bytes"]
         stages = ", ".join(f"{k} {v:.0f}" for k, v in r["stages"].items() if v >= 0.5)
+        stored = r.get("stored_bytes", r["weights_bytes"])  # a -bf16 size: also the multiple of what it holds
+        of_stored = f" ({above / stored:.1f}x as stored)" if stored != r["weights_bytes"] else ""
         lines.append(f"| {r['model']} | {r['weights_bytes'] / 1e9:.2f} GB | {r['tool']} | {r['preset']} | {r['seconds']:.1f} | "
-                     f"{above / 1e9:.2f} GB | {above / r['weights_bytes']:.1f} | {stages} |")
+                     f"{above / 1e9:.2f} GB | {above / r['weights_bytes']:.1f}{of_stored} | {stages} |")
     return "\n".join(lines)
 
 
