@@ -123,3 +123,14 @@ def test_model_float_dtype_and_parity_floor():
     assert model_float_dtype(nn.Linear(2, 2)) is torch.float32
     assert half_parity_floor(torch.float32) == 1e-4
     assert half_parity_floor(torch.float16) < half_parity_floor(torch.bfloat16) < 0.1
+
+
+def test_bf16_decoder_file_generates_as_float32_arithmetic_over_the_bf16_weights(tmp_path):
+    # The file computes in float32 over the stored bf16 weights: greedy tokens are those of the same
+    # weights in float32 (torch's own bf16 arithmetic rounds differently and may pick other tokens).
+    model = _llama(torch.bfloat16)
+    path = fxcompress.compile_decoder(model, "default").export_onnx(tmp_path / "m.onnx")
+    ids = torch.tensor([[1, 5, 7, 9]])
+    got = fxcompress.generate(str(path), ids, max_new_tokens=6)
+    want = model.float().generate(ids, max_new_tokens=6, do_sample=False)
+    assert got.tolist() == want.tolist()
