@@ -10,6 +10,7 @@ the fp32 weight bytes (docs/design.md decision 11; target <= 3x). Beside fxcompr
     python benchmarks/scaling_memory.py                 # every size (needs most of 24 GB; run under flock)
     python benchmarks/scaling_memory.py --sizes 87M     # some sizes
     python benchmarks/scaling_memory.py --quick         # a tiny decoder, two tools: a check that it runs
+    python benchmarks/scaling_memory.py --sizes 0.55B-bf16   # the decoder built in bfloat16 (as checkpoints load)
 
 Writes benchmarks/results/scaling_memory.md and .json (``--out`` elsewhere).
 """
@@ -39,6 +40,9 @@ DECODERS = {
     "1.1B": (22, 2048, 32, 4, 5632, 32000),
 }
 VISION = {"ViT-B": "vit_b_16", "ViT-L": "vit_l_16"}
+#: A size name with this suffix ("0.55B-bf16") is that decoder cast to bfloat16, as checkpoints are
+#: published and loaded (``torch_dtype=torch.bfloat16``); the multiples stay of the fp32 bytes.
+HALF_SUFFIXES = {"-bf16": "bfloat16", "-fp16": "float16"}
 DECODER_PRESETS = ["default", "int8-dynamic", "int4-weights"]
 VISION_PRESETS = ["default", "int8"]
 
@@ -50,16 +54,33 @@ def hwm() -> int:
     return 0
 
 
+def _split_dtype(name: str) -> tuple[str, str | None]:
+    """``("0.55B", "bfloat16")`` for "0.55B-bf16"; ``(name, None)`` for an fp32 size."""
+    for suffix, dtype in HALF_SUFFIXES.items():
+        if name.endswith(suffix):
+            return name[: -len(suffix)], dtype
+    return name, None
+
+
 def _llama(name: str, seed: int = 0):
     import torch
     import transformers
 
+    name, dtype = _split_dtype(name)
     layers, hidden, heads, kv, mlp, vocab = DECODERS[name]
     config = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
                                       num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
                                       max_position_embeddings=2048, tie_word_embeddings=False)
     torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(config).eval()
+    if dtype is None:
+        return transformers.LlamaForCausalLM(config).eval()
+    # built in the half dtype directly: an fp32 model cast afterwards would count 4 bytes a weight in the peak
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        return transformers.LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(before)
 
 
 def _save_hf_folder(model, folder: Path) -> None:
@@ -94,6 +115,7 @@ def worker(model_name: str, tool: str, preset: str) -> dict:
         model = _llama(model_name)
         inputs = None
     weights = sum(p.numel() * 4 for p in model.parameters())
+    stored = sum(p.numel() * p.element_size() for p in model.parameters())
     start = time.perf_counter()
     stages = {}
     if tool == "fxcompress":
@@ -129,7 +151,7 @@ def worker(model_name: str, tool: str, preset: str) -> dict:
         import resource
 
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    return {"model": model_name, "tool": tool, "preset": preset, "weights_bytes": weights, "seconds": seconds,
+    return {"model": model_name, "tool": tool, "preset": preset, "weights_bytes": weights, "stored_bytes": stored, "seconds": seconds,
             "baseline_bytes": baseline, "peak_bytes": peak, "stages": stages}
 
 
@@ -169,8 +191,10 @@ def table(rows: list[dict]) -> str:
             continue
         above = r["peak_bytes"] - r["baseline_bytes"]
         stages = ", ".join(f"{k} {v:.0f}" for k, v in r["stages"].items() if v >= 0.5)
+        stored = r.get("stored_bytes", r["weights_bytes"])  # a -bf16 size: also the multiple of what it holds
+        of_stored = f" ({above / stored:.1f}x as stored)" if stored != r["weights_bytes"] else ""
         lines.append(f"| {r['model']} | {r['weights_bytes'] / 1e9:.2f} GB | {r['tool']} | {r['preset']} | {r['seconds']:.1f} | "
-                     f"{above / 1e9:.2f} GB | {above / r['weights_bytes']:.1f} | {stages} |")
+                     f"{above / 1e9:.2f} GB | {above / r['weights_bytes']:.1f}{of_stored} | {stages} |")
     return "\n".join(lines)
 
 

@@ -44,7 +44,8 @@ from fxcompress.infra.recipe import Recipe, resolve_recipe
 from fxcompress.infra.weights import SharedWeights, collect
 from fxcompress.analysis.graph_stats import count_compute_nodes, count_parameters
 from fxcompress.analysis.sensitivity import masked_by, trials_through
-from fxcompress.numerics import LOSSLESS_TOLERANCE, OutputComparison, compare_outputs, flatten_outputs
+from fxcompress.numerics import (LOSSLESS_TOLERANCE, OutputComparison, compare_outputs, flatten_outputs, half_parity_floor,
+                                 model_float_dtype)
 from fxcompress.inspect.pass_table import pass_rows, print_table, render_plain
 from fxcompress.runtime.parity import ParityReport, validate as validate_onnx
 from fxcompress.runtime.session import create_session
@@ -474,10 +475,12 @@ class CompileResult:
 
         Pruning and sparsity are lossy against the original model (their recipes allow any
         drift) but exact against the compiled module, which is what export parity compares.
+        A bf16 / fp16 model's bound is at least its dtype's rounding (numerics.half_parity_floor).
         """
+        floor = half_parity_floor(getattr(torch, self.report.extra.get("model_dtype", "float32")))
         if all(r.exports_exactly for r in self.report.records if r.modified):
-            return Gate(LOSSLESS_TOLERANCE)
-        return self.gate.with_drift_floor(LOSSLESS_TOLERANCE)
+            return Gate(floor)
+        return self.gate.with_drift_floor(floor)
 
     def _export_tolerance(self) -> float:
         """The drift bound of :meth:`_export_gate`."""
@@ -770,6 +773,9 @@ def run_compile(
         stages=stages,
         gate=gate,
     )
+    # a bf16 / fp16 model is compiled in its own dtype; export parity allows that dtype's rounding
+    if isinstance(model, nn.Module):
+        report.extra["model_dtype"] = str(model_float_dtype(model)).removeprefix("torch.")
     if metric is not None:
         compiled_metric = metric.score(metric.as_user_module(compiled), "the compiled module")
         report.metric = {"baseline": metric.baseline, "compiled": compiled_metric,

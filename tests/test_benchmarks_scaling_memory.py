@@ -24,3 +24,19 @@ def test_quick_run_writes_a_row_per_tool_with_peak_and_stages(tmp_path):
     assert {"capture", "passes", "verification", "export", "parity"} <= set(rows[0]["stages"])
     text = out.with_suffix(".md").read_text()
     assert "Command: `python benchmarks/scaling_memory.py --quick" in text and "| tiny |" in text
+
+
+def test_a_bf16_size_is_built_in_bf16_and_reports_both_multiples():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import scaling_memory
+    finally:
+        sys.path.pop(0)
+    import torch
+
+    model = scaling_memory._llama("tiny-bf16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert torch.get_default_dtype() is torch.float32  # restored
+    row = {"model": "tiny-bf16", "tool": "fxcompress", "preset": "default", "weights_bytes": 400, "stored_bytes": 200,
+           "seconds": 1.0, "baseline_bytes": 100, "peak_bytes": 900, "stages": {}}
+    assert "| 2.0 (4.0x as stored) |" in scaling_memory.table([row])

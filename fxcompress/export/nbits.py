@@ -129,7 +129,8 @@ def _pack(graph: onnx.GraphProto, values: dict[str, onnx.TensorProto], key: tupl
     except KeyError as missing:
         raise ValueError(f"block-quantized weight input {missing} is not a constant initializer") from None
     rows, cols = weight.shape
-    codes = block_codes(torch.from_numpy(weight.copy()), torch.from_numpy(scale.copy()), torch.from_numpy(zero.copy()),
+    # one weight at a time in float32 (a bf16 / fp16 model's weight is read as stored)
+    codes = block_codes(torch.from_numpy(weight.astype(np.float32)), torch.from_numpy(scale.copy()), torch.from_numpy(zero.copy()),
                         bits, block_size).to(torch.uint8).numpy()
     n_blocks = codes.shape[1]
     data = pack_codes(codes, bits)  # [N, n_blocks, blob]

@@ -25,6 +25,7 @@ from fxcompress.capture import dynamic_shapes, holding_tracing_lock
 from fxcompress.errors import ExportError, ModelFileError
 from fxcompress.export.atomic import write_atomically
 from fxcompress.export.external import EXTERNAL_BYTES, PROTOBUF_LIMIT, is_external, load_inline
+from fxcompress.export.half import compute_in_float
 from fxcompress.export.int8_weights import store_int8_weights
 from fxcompress.export.nbits import lower_nbits
 from fxcompress.files import check_model_file
@@ -107,6 +108,8 @@ def export_model_proto(
     model, notes["int8_weights"] = store_int8_weights(model, base_dir)
     # Block-quantized weights (quantize-weights) become ORT's MatMulNBits / GatherBlockQuantized, packed.
     model, notes["nbits_weights"] = lower_nbits(model, base_dir)
+    # bfloat16 weights stay bfloat16 in the file; the arithmetic is float32 (no ORT CPU kernel takes bf16)
+    model, notes["bfloat16_weights"] = compute_in_float(model)
     check_model(model)
     notes["nodes_exported"] = len(model.graph.node)
     if simplify:

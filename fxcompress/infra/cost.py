@@ -4,7 +4,8 @@ A compile holds the user's weights once (shared, fxcompress.infra.weights), plus
 makes new: folded or quantized copies of the weights it changes, GPTQ's per-layer Hessians, and
 at export the ONNX model and one ONNX Runtime session for parity. Measured peaks above the
 process's baseline (benchmarks/results/scaling_memory.md) are below :data:`PEAK_FACTOR` times
-the model's fp32 weight bytes; the check asks for that much to be available (``MemAvailable``
+the model's weight bytes as stored (fp32 models measured; a bf16 / fp16 model is held in its own
+dtype, so its bytes as stored are what the passes, export and parity hold); the check asks for that much to be available (``MemAvailable``
 in /proc/meminfo), so that a model too big for the machine fails at once with a clear message
 instead of an allocator crash an hour in.
 """
@@ -18,7 +19,7 @@ from torch import nn
 
 from fxcompress.errors import InputError
 
-#: Peak resident memory a compile + export adds, in multiples of the fp32 weight bytes, by recipe
+#: Peak resident memory a compile + export adds, in multiples of the weight bytes as stored (measured on fp32 models), by recipe
 #: (the weights themselves, already in memory, excluded); recipes not named take ``"*"``.
 PEAK_FACTOR = {"*": 4.0}
 #: Fixed working memory of a compile besides the weights (torch.export, the exporter, ORT).
@@ -39,14 +40,14 @@ def available_memory() -> int | None:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """fp32 bytes of ``model``'s parameters and buffers (each tensor once, whatever its dtype:
-    passes compute in float32)."""
+    """Bytes of ``model``'s float parameters and buffers as stored (each tensor once): a bf16 /
+    fp16 model is compiled and exported in its own dtype (docs/cost.md), so that is what is held."""
     seen: set[int] = set()
     total = 0
     for tensor in [*model.parameters(), *model.buffers()]:
         if id(tensor) not in seen and tensor.is_floating_point():
             seen.add(id(tensor))
-            total += tensor.nelement() * 4
+            total += tensor.nelement() * tensor.element_size()
     return total
 
 
@@ -66,7 +67,7 @@ def check_memory(model: nn.Module, recipe: str) -> None:
     if needed > available:
         gb = 1024**3
         raise InputError(
-            f"Compiling this model ({weight_bytes(model) / gb:.2f} GB of fp32 weights) with recipe '{recipe}' needs about "
+            f"Compiling this model ({weight_bytes(model) / gb:.2f} GB of weights) with recipe '{recipe}' needs about "
             f"{needed / gb:.1f} GB of free memory, and this machine has {available / gb:.1f} GB available.",
             "free memory (close other processes), use a machine with more memory, or compile a smaller model; "
             f"set {SKIP_ENV}=1 to try anyway (the estimate is conservative: docs/cost.md).",

@@ -257,6 +257,11 @@ def affine_params(lo: float, hi: float, dtype: str = "uint8") -> AffineParams:
     return AffineParams(scale, zero_point, qmin, qmax, lo, hi)
 
 
+#: Weight dtypes the weight quantizers take, each weight read as stored (a bf16 / fp16 model is not
+#: upcast whole: scales and codes are computed from one weight at a time in float32).
+FLOAT_WEIGHTS = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def symmetric_weight_scales(weight: torch.Tensor, axis: int, levels: int = 127) -> torch.Tensor:
     """Per-channel symmetric int8 scales (``max|w| / levels`` along every dim but ``axis``), float32.
 

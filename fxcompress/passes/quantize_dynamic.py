@@ -35,7 +35,7 @@ from fxcompress.infra.context import UserMetric
 from fxcompress.infra.pass_base import DataDrivenPass, PassResult, option
 from fxcompress.infra.registry import register
 from fxcompress.errors import RecipeError
-from fxcompress.passes.calibrators import WEIGHT_RANGE_HELP, WEIGHT_RANGES, symmetric_weight_scales, weight_levels
+from fxcompress.passes.calibrators import FLOAT_WEIGHTS, WEIGHT_RANGE_HELP, WEIGHT_RANGES, symmetric_weight_scales, weight_levels
 from fxcompress.graph_meta import QUANT_META, inherit_meta, layer_name, matches_layer
 
 aten = torch.ops.aten
@@ -57,11 +57,16 @@ def dynamic_int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: tor
     """``x @ weight.T + bias`` with ``x`` dynamically quantized to uint8 and ``weight`` to int8 per row."""
     if torch.onnx.is_in_onnx_export():
         return _export_face(x, weight, weight_scale, bias)
+    # ORT's integer kernels take float32 activations: a bf16 / fp16 model's layer computes in float32
+    # (this one weight upcast for the call, never the model) and returns its own dtype
+    dtype = x.dtype
+    x, weight = x.float(), weight.float()
+    bias = None if bias is None else bias.float()
     zero = torch.zeros(weight_scale.shape, dtype=torch.int32, device=weight.device)
     w = torch.fake_quantize_per_channel_affine(weight, weight_scale, zero, 0, -128, 127)
     scale, zero_point = _dynamic_qparams(x)
     xq = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, 255)
-    return torch.nn.functional.linear(xq, w, bias)
+    return torch.nn.functional.linear(xq, w, bias).to(dtype)
 
 
 def _export_face(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -70,6 +75,9 @@ def _export_face(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     zero = torch.zeros(weight_scale.shape, dtype=torch.int8)
     wq = torch.onnx.ops.symbolic("QuantizeLinear", (weight, weight_scale, zero), {"axis": 0},
                                  dtype=torch.int8, shape=weight.shape, version=13).t()
+    dtype = x.dtype
+    x = x.float()  # DynamicQuantizeLinear takes float32 only
+    bias = None if bias is None else bias.float()
     xq, x_scale, x_zero = torch.onnx.ops.symbolic_multi_out(
         "DynamicQuantizeLinear", (x,), {}, dtypes=(torch.uint8, torch.float32, torch.uint8),
         shapes=(x.shape, (), ()), version=11)
@@ -86,7 +94,7 @@ def _export_face(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     y = acc.to(torch.float32) * (x_scale * top)
     if bias is not None:
         y = y + bias / ratio
-    return y * ratio
+    return (y * ratio).to(dtype)
 
 
 register_linear_like(dynamic_int8_linear)
@@ -109,10 +117,11 @@ def int8_embedding(ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         rows = torch.onnx.ops.symbolic("Gather", (table, ids), {"axis": 0}, dtype=torch.int8,
                                        shape=(*ids.shape, weight.shape[1]), version=13)
         return torch.onnx.ops.symbolic("DequantizeLinear", (rows, scale, zero8), {}, dtype=torch.float32,
-                                       shape=(*ids.shape, weight.shape[1]), version=13)
+                                       shape=(*ids.shape, weight.shape[1]), version=13).to(weight.dtype)
     zero = torch.zeros((), dtype=torch.int32, device=weight.device)
-    table = torch.fake_quantize_per_tensor_affine(weight, scale, zero, -128, 127)
-    return torch.nn.functional.embedding(ids, table, padding_idx=None if padding_idx < 0 else padding_idx)
+    table = torch.fake_quantize_per_tensor_affine(weight.float(), scale, zero, -128, 127)
+    rows = torch.nn.functional.embedding(ids, table, padding_idx=None if padding_idx < 0 else padding_idx)
+    return rows.to(weight.dtype)
 
 
 def _linear_weight(node: fx.Node) -> tuple[fx.Node, fx.Node | None, bool] | None:
@@ -212,8 +221,8 @@ class QuantizeInt8DynamicPass(DataDrivenPass):
             in_features = weight.shape[0] if transposed else weight.shape[1]
             x = node.args[0]
             val = x.meta.get("val") if isinstance(x, fx.Node) else None
-            if not (isinstance(val, torch.Tensor) and val.dtype == torch.float32):
-                continue
+            if not (isinstance(val, torch.Tensor) and val.dtype in FLOAT_WEIGHTS and val.dtype == weight.dtype):
+                continue  # a bf16 / fp16 model quantizes from its own dtype; mixed dtypes (fp16 preset) stay
             if node.name in kept_float:
                 layers.append({"name": name, "node": node.name, "kind": "linear", "precision": "float", "reason": "max_metric_drop"})
                 continue
@@ -260,13 +269,13 @@ class QuantizeInt8DynamicPass(DataDrivenPass):
 
 
 def is_float_table(node: fx.Node) -> bool:
-    """Whether ``node`` is an ``aten.embedding`` of a constant 2-D float32 table (what :func:`quantize_embedding` takes)."""
+    """Whether ``node`` is an ``aten.embedding`` of a constant 2-D float table (what :func:`quantize_embedding` takes)."""
     if node.op != "call_function" or node.target is not aten.embedding.default:
         return False
     weight_node = node.args[0]
     val = weight_node.meta.get("val") if isinstance(weight_node, fx.Node) else None
     return (isinstance(weight_node, fx.Node) and weight_node.op == "get_attr" and isinstance(val, torch.Tensor)
-            and val.dtype == torch.float32 and val.dim() == 2)
+            and val.dtype in FLOAT_WEIGHTS and val.dim() == 2)
 
 
 def quantize_embedding(graph_module: fx.GraphModule, node: fx.Node, prefix: str) -> dict:

@@ -65,7 +65,7 @@ from fxcompress.infra.pass_base import DataDrivenPass, PassResult, option
 from fxcompress.infra.registry import register
 from fxcompress.infra.weights import sharing_copy, unguarded
 from fxcompress.passes.block_quant import block_grid, fake_quantize_blocks, gptq, packed_bytes
-from fxcompress.passes.calibrators import watch_values
+from fxcompress.passes.calibrators import FLOAT_WEIGHTS, watch_values
 from fxcompress.rewrite.context import RewriteContext
 from fxcompress.rewrite.matchers import argument, attribute, other_readers, tensor_val
 
@@ -84,10 +84,13 @@ def nbits_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zer
                  bias: torch.Tensor | None, bits: int, block_size: int, accuracy_level: int) -> torch.Tensor:
     """``x @ weight.T + bias`` with ``weight`` block-quantized to ``bits`` (MatMulNBits in ONNX)."""
     if torch.onnx.is_in_onnx_export():
-        return torch.onnx.ops.symbolic(
-            f"{ONNX_DOMAIN}::{LINEAR_OP}", (x, weight, scale, zero_point, bias),
+        # MatMulNBits' CPU kernel computes in float32 (its scales are float32): a bf16 / fp16 model's
+        # activations cast in and out; the weight is packed from its stored dtype (export.nbits)
+        y = torch.onnx.ops.symbolic(
+            f"{ONNX_DOMAIN}::{LINEAR_OP}", (x.float(), weight, scale, zero_point, None if bias is None else bias.float()),
             {"bits": bits, "block_size": block_size, "accuracy_level": accuracy_level},
-            dtype=x.dtype, shape=(*x.shape[:-1], weight.shape[0]), version=1)
+            dtype=torch.float32, shape=(*x.shape[:-1], weight.shape[0]), version=1)
+        return y.to(x.dtype)
     return torch.nn.functional.linear(x, fake_quantize_blocks(weight, scale, zero_point, bits, block_size), bias)
 
 
@@ -102,9 +105,10 @@ def nbits_embedding(ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     ``padding_idx`` keeps that row's gradient at zero, as ``nn.Embedding`` does.
     """
     if torch.onnx.is_in_onnx_export():
-        return torch.onnx.ops.symbolic(
+        rows = torch.onnx.ops.symbolic(  # float32 rows (the scales' dtype), in the table's dtype after
             f"{ONNX_DOMAIN}::{GATHER_OP}", (weight, ids, scale, zero_point), {"bits": bits, "block_size": block_size},
-            dtype=weight.dtype, shape=(*ids.shape, weight.shape[1]), version=1)
+            dtype=torch.float32, shape=(*ids.shape, weight.shape[1]), version=1)
+        return rows.to(weight.dtype)
     table = fake_quantize_blocks(weight, scale, zero_point, bits, block_size)
     return torch.nn.functional.embedding(ids, table, padding_idx=None if padding_idx < 0 else padding_idx)
 
@@ -267,9 +271,9 @@ class QuantizeWeightsPass(DataDrivenPass):
             w_val, x_val = tensor_val(weight), tensor_val(x)
             bias = argument(node, "bias") if kind == "linear" else None
             if not (isinstance(weight, fx.Node) and weight.op == "get_attr" and w_val is not None and w_val.dim() == 2
-                    and w_val.dtype == torch.float32 and x_val is not None and (bias is None or isinstance(bias, fx.Node))):
+                    and w_val.dtype in FLOAT_WEIGHTS and x_val is not None and (bias is None or isinstance(bias, fx.Node))):
                 continue
-            if kind == "linear" and x_val.dtype != torch.float32:
+            if kind == "linear" and x_val.dtype != w_val.dtype:  # a bf16 / fp16 model quantizes from its own dtype
                 continue
             site = _Site(node.name, kind, layer_name(node), weight.name,
                          bits=opts.bits if kind == "linear" else opts.table_bits())

@@ -184,7 +184,7 @@ class _CacheLoop:
             binding.bind_cpu_input(name, np.ascontiguousarray(value.numpy()))
         if self.present is None:
             for name, value in zip(spec.past_names, step_inputs(spec, ids)[3:]):
-                binding.bind_cpu_input(name, value.numpy())
+                binding.bind_cpu_input(name, to_numpy(value))  # a bf16 model's empty cache: float32, as its file takes
         else:
             for name, value in zip(spec.past_names, self.present):
                 binding.bind_ortvalue_input(name, value)

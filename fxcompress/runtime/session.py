@@ -67,6 +67,8 @@ _ORT_TO_NUMPY = {
 
 def to_numpy(value: Any) -> np.ndarray:
     if isinstance(value, torch.Tensor):
+        if value.dtype == torch.bfloat16:  # numpy has no bfloat16; a bf16 model's file takes float32 (export.half)
+            value = value.float()
         return value.detach().cpu().numpy()
     return np.asarray(value)
 

@@ -49,3 +49,9 @@ def test_report_says_where_the_time_went(tmp_path):
     assert result.report.to_dict()["stages"]["export"] == result.report.stages["export"]
     assert "Time: capture" in result.report.to_text() and "parity" in result.report.to_text()
     assert sum(stages.values()) <= result.report.seconds + stages["export"] + stages["parity"] + 1e-6
+
+
+def test_a_half_precision_model_is_estimated_at_its_stored_bytes():
+    # a bf16 model is compiled and exported in bf16 (tests/export/test_half_models.py): half the fp32 bytes
+    model = torch.nn.Linear(1000, 1000)
+    assert cost.weight_bytes(model.to(torch.bfloat16)) == (1000 * 1000 + 1000) * 2
