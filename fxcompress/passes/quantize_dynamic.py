@@ -58,7 +58,10 @@ def dynamic_int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: tor
     if torch.onnx.is_in_onnx_export():
         return _export_face(x, weight, weight_scale, bias)
     zero = torch.zeros(weight_scale.shape, dtype=torch.int32, device=weight.device)
-    w = torch.fake_quantize_per_channel_affine(weight, weight_scale, zero, 0, -128, 127)
+    if weight_scale.dim() == 0:  # one scale for the whole weight (rows of equal range, see equalize-attention)
+        w = torch.fake_quantize_per_tensor_affine(weight, weight_scale, zero, -128, 127)
+    else:
+        w = torch.fake_quantize_per_channel_affine(weight, weight_scale, zero, 0, -128, 127)
     scale, zero_point = _dynamic_qparams(x)
     xq = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, 255)
     return torch.nn.functional.linear(xq, w, bias)
@@ -68,7 +71,8 @@ def _export_face(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     # QuantizeLinear (not round/clip arithmetic) so that export.int8_weights can evaluate it once
     # and store the weight as int8: the file shrinks 4x, as with ORT's quantize_dynamic.
     zero = torch.zeros(weight_scale.shape, dtype=torch.int8)
-    wq = torch.onnx.ops.symbolic("QuantizeLinear", (weight, weight_scale, zero), {"axis": 0},
+    per_tensor = weight_scale.dim() == 0
+    wq = torch.onnx.ops.symbolic("QuantizeLinear", (weight, weight_scale, zero), {} if per_tensor else {"axis": 0},
                                  dtype=torch.int8, shape=weight.shape, version=13).t()
     xq, x_scale, x_zero = torch.onnx.ops.symbolic_multi_out(
         "DynamicQuantizeLinear", (x,), {}, dtypes=(torch.uint8, torch.float32, torch.uint8),
@@ -80,7 +84,10 @@ def _export_face(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     # 32x32 tokens, 1 thread: 681 ms against 439 ms with scalar scales, docs/fidelity.md). So the fused
     # op gets the largest column scale and the columns' ratios to it (<= 1) follow as one Mul; the bias,
     # divided by those ratios, stays inside the fused op. Same products as acc * x_scale * w_scale + bias
-    # up to fp32 rounding.
+    # up to fp32 rounding. A weight with one scale (a 0-d weight_scale) needs no Mul.
+    if per_tensor:
+        y = acc.to(torch.float32) * (x_scale * weight_scale)
+        return y if bias is None else y + bias
     top = weight_scale.max()
     ratio = weight_scale / top
     y = acc.to(torch.float32) * (x_scale * top)
@@ -113,6 +120,16 @@ def int8_embedding(ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     zero = torch.zeros((), dtype=torch.int32, device=weight.device)
     table = torch.fake_quantize_per_tensor_affine(weight, scale, zero, -128, 127)
     return torch.nn.functional.embedding(ids, table, padding_idx=None if padding_idx < 0 else padding_idx)
+
+
+#: Row scales within this relative spread quantize every weight to the same integers with their largest
+#: (equalize-attention leaves the rows it balanced equal up to fp32 rounding).
+_UNIFORM = 1e-6
+
+
+def _uniform(scale: torch.Tensor) -> bool:
+    """Whether per-row weight scales are all equal up to rounding (one scale then gives the same integers)."""
+    return scale.numel() > 1 and float(scale.max() - scale.min()) <= _UNIFORM * float(scale.max())
 
 
 def _linear_weight(node: fx.Node) -> tuple[fx.Node, fx.Node | None, bool] | None:
@@ -228,6 +245,9 @@ class QuantizeInt8DynamicPass(DataDrivenPass):
                     w = graph.call_function(aten.t.default, (weight_node,))
                     w.meta["val"] = weight_node.meta["val"].t()
                 scale = symmetric_weight_scales(weight.t() if transposed else weight, 0, levels)
+                per_tensor = _uniform(scale)
+                if per_tensor:  # same integers with one scale, and the export needs no per-column Mul
+                    scale = scale.max().reshape(())
                 graph_module.register_buffer(f"{prefix}_scale", scale)
                 s = graph.get_attr(f"{prefix}_scale")
                 s.meta["val"] = scale
@@ -236,7 +256,7 @@ class QuantizeInt8DynamicPass(DataDrivenPass):
             inherit_meta(q, node)
             q.meta[QUANT_META] = {"role": "dynamic-linear", "layer": name}
             layers.append({"name": name, "node": node.name, "kind": "linear", "precision": "int8-dynamic",
-                           "weight_levels": levels})
+                           "weight_levels": levels, "weight_scale": "per-tensor" if per_tensor else "per-channel"})
             node.replace_all_uses_with(q)
             graph.erase_node(node)
         if any(layer["precision"] != "float" for layer in layers):
