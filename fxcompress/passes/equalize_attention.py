@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from fxcompress.infra.pass_base import DataDrivenPass, PassResult, Rejection, option
+from fxcompress.infra.pass_base import Pass, PassResult, Rejection, option
 from fxcompress.infra.registry import register
 from fxcompress.graph_meta import layer_name
 from fxcompress.rewrite.context import RewriteContext
@@ -196,7 +196,7 @@ class EqualizeAttentionOptions:
 
 
 @register
-class EqualizeAttentionPass(DataDrivenPass):
+class EqualizeAttentionPass(Pass):
     """Query and value projections rescaled to equal row ranges, compensated in key / output projection.
 
     Exact in float (to fp32 rounding); lets ``quantize-int8-dynamic`` give those layers one weight
