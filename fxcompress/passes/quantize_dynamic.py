@@ -29,13 +29,13 @@ from torch import fx
 from fxcompress.analysis.macs import register_linear_like
 from fxcompress.analysis.graph_keys import node_keys, nodes_by_key
 from fxcompress.analysis.sensitivity import MetricTrial, layer_sensitivities, report_trial, select_float_layers_by_metric
-from fxcompress.rewrite.matchers import attribute
+from fxcompress.rewrite.matchers import attribute, tensor_val
 from fxcompress.capture import register_leaf_function
 from fxcompress.infra.context import UserMetric
 from fxcompress.infra.pass_base import DataDrivenPass, PassResult, option
 from fxcompress.infra.registry import register
 from fxcompress.errors import RecipeError
-from fxcompress.passes.calibrators import WEIGHT_RANGE_HELP, WEIGHT_RANGES, symmetric_weight_scales, weight_levels
+from fxcompress.passes.calibrators import WEIGHT_RANGE_HELP, WEIGHT_RANGES, symmetric_weight_scales, watch_values, weight_levels
 from fxcompress.graph_meta import QUANT_META, inherit_meta, layer_name, matches_layer
 
 aten = torch.ops.aten
@@ -153,8 +153,14 @@ class QuantizeInt8DynamicOptions:
     min_features: int = option(16, "leave linear layers with fewer input features than this in float (too small to gain)")
     embeddings: bool = option(True, "also store embedding tables as int8 (one scale per table; rows dequantized after the lookup)")
     weight_range: str = option("auto", WEIGHT_RANGE_HELP)
+    per_tensor_within: float = option(
+        0.0, "give a layer one weight scale (no per-column Mul after ORT's fused kernel, which is faster) when its "
+             "output error on the example inputs grows by at most this fraction over per-row scales (0: never)")
 
     def __post_init__(self) -> None:
+        if not self.per_tensor_within >= 0:
+            raise RecipeError(f"quantize-int8-dynamic: per_tensor_within must be >= 0, got {self.per_tensor_within}.",
+                              "use 0 (per-row scales everywhere) or e.g. 0.1 (10% more error allowed for one scale).")
         if self.weight_range not in WEIGHT_RANGES:
             raise RecipeError(f"quantize-int8-dynamic: unknown weight_range {self.weight_range!r}.",
                               f"use one of {', '.join(WEIGHT_RANGES)}.")
@@ -214,6 +220,7 @@ class QuantizeInt8DynamicPass(DataDrivenPass):
         graph = graph_module.graph
         layers = []
         levels = weight_levels(self.options.weight_range)
+        error_growth = self._per_tensor_error_growth(graph_module, levels)
         for node in list(graph.nodes):
             if node.op != "call_function":
                 continue
@@ -245,7 +252,8 @@ class QuantizeInt8DynamicPass(DataDrivenPass):
                     w = graph.call_function(aten.t.default, (weight_node,))
                     w.meta["val"] = weight_node.meta["val"].t()
                 scale = symmetric_weight_scales(weight.t() if transposed else weight, 0, levels)
-                per_tensor = _uniform(scale)
+                growth = error_growth.get(node.name)
+                per_tensor = _uniform(scale) or (growth is not None and growth <= 1 + self.options.per_tensor_within)
                 if per_tensor:  # same integers with one scale, and the export needs no per-column Mul
                     scale = scale.max().reshape(())
                 graph_module.register_buffer(f"{prefix}_scale", scale)
@@ -256,12 +264,45 @@ class QuantizeInt8DynamicPass(DataDrivenPass):
             inherit_meta(q, node)
             q.meta[QUANT_META] = {"role": "dynamic-linear", "layer": name}
             layers.append({"name": name, "node": node.name, "kind": "linear", "precision": "int8-dynamic",
-                           "weight_levels": levels, "weight_scale": "per-tensor" if per_tensor else "per-channel"})
+                           "weight_levels": levels, "weight_scale": "per-tensor" if per_tensor else "per-channel",
+                           **({"per_tensor_error_growth": round(growth, 3)} if growth is not None else {})})
             node.replace_all_uses_with(q)
             graph.erase_node(node)
         if any(layer["precision"] != "float" for layer in layers):
             graph_module.recompile()
         return graph_module, layers
+
+    def _per_tensor_error_growth(self, graph_module: fx.GraphModule, levels: int) -> dict[str, float]:
+        """Per linear node: its output error on the example inputs with one weight scale over that with
+        per-row scales (both with the input quantized as at run time); empty when the option is off."""
+        example = tuple(self.context.example_inputs) if self.context is not None else ()
+        if not self.options.per_tensor_within > 0 or not example:
+            return {}
+        growth: dict[str, float] = {}
+
+        def measure(node: fx.Node, x: torch.Tensor) -> None:
+            weight_node, bias, transposed = _linear_weight(node)
+            weight = attribute(graph_module, weight_node.target).detach()
+            weight = weight.t() if transposed else weight
+            b = attribute(graph_module, bias.target).detach() if isinstance(bias, fx.Node) and bias.op == "get_attr" else None
+            x_scale, x_zero = _dynamic_qparams(x)
+            xq = torch.fake_quantize_per_tensor_affine(x, x_scale, x_zero, 0, 255)
+            exact = torch.nn.functional.linear(x, weight, b)
+            scale = symmetric_weight_scales(weight, 0, levels)
+            errors = []
+            for s in (scale, scale.max().expand_as(scale).contiguous()):
+                w = torch.fake_quantize_per_channel_affine(weight, s, torch.zeros(s.shape, dtype=torch.int32), 0, -128, 127)
+                errors.append(float((torch.nn.functional.linear(xq, w, b) - exact).norm()))
+            growth[node.name] = errors[1] / errors[0] if errors[0] > 0 else float("inf")
+
+        watched = {}
+        for node in graph_module.graph.nodes:
+            found = _linear_weight(node) if node.op == "call_function" else None
+            val = tensor_val(node.args[0]) if found is not None else None
+            if found is not None and val is not None and val.dtype == torch.float32:
+                watched[node.args[0]] = (lambda v, n=node, prev=watched.get(node.args[0]): (prev and prev(v), measure(n, v)))
+        watch_values(graph_module, watched, [example])
+        return growth
 
     def _skipped(self, name: str, node: fx.Node) -> bool:
         """Whether option ``skip`` names this layer (by module path or node name)."""
