@@ -20,6 +20,7 @@ from fxcompress.passes import precision  # noqa: F401
 from fxcompress.passes import space_to_depth  # noqa: F401
 from fxcompress.passes import smooth_quant  # noqa: F401
 from fxcompress.passes import equalize  # noqa: F401
+from fxcompress.passes import equalize_attention  # noqa: F401
 from fxcompress.passes import bias_correction  # noqa: F401
 from fxcompress.passes import rms_norm  # noqa: F401
 from fxcompress.passes import grouped_attention  # noqa: F401

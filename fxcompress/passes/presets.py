@@ -92,9 +92,12 @@ def int8() -> Recipe:
 
 def int8_dynamic() -> Recipe:
     """Dynamic int8 for linear layers (transformer encoders); needs no calibration (smooths activations if given some)."""
-    return _after_default("int8-dynamic", "default, activation smoothing when calibration data is given, then dynamic int8 linear layers",
-                          PassStep("smooth-activations", {"without_calibration": "skip"}), PassStep("quantize-int8-dynamic"),
-                          gate=INT8_DYNAMIC_GATE)
+    # equalize-attention after smoothing (which rescales the weights' columns, so the rows' ranges): query and
+    # value rows balanced so those layers take one weight scale and export without a per-column Mul.
+    return _after_default("int8-dynamic", "default, activation smoothing when calibration data is given, query/value "
+                          "rows equalized against key/output projection, then dynamic int8 linear layers",
+                          PassStep("smooth-activations", {"without_calibration": "skip"}), PassStep("equalize-attention"),
+                          PassStep("quantize-int8-dynamic"), gate=INT8_DYNAMIC_GATE)
 
 
 def int4_weights() -> Recipe:

@@ -29,13 +29,14 @@ from torch import fx
 from fxcompress.analysis.macs import register_linear_like
 from fxcompress.analysis.graph_keys import node_keys, nodes_by_key
 from fxcompress.analysis.sensitivity import MetricTrial, layer_sensitivities, report_trial, select_float_layers_by_metric
-from fxcompress.rewrite.matchers import attribute
+from fxcompress.rewrite.matchers import attribute, tensor_val
 from fxcompress.capture import register_leaf_function
 from fxcompress.infra.context import UserMetric
 from fxcompress.infra.pass_base import DataDrivenPass, PassResult, option
 from fxcompress.infra.registry import register
 from fxcompress.errors import RecipeError
-from fxcompress.passes.calibrators import FLOAT_WEIGHTS, WEIGHT_RANGE_HELP, WEIGHT_RANGES, symmetric_weight_scales, weight_levels
+from fxcompress.passes.calibrators import (FLOAT_WEIGHTS, WEIGHT_RANGE_HELP, WEIGHT_RANGES, symmetric_weight_scales, watch_values,
+                                          weight_levels)
 from fxcompress.graph_meta import QUANT_META, inherit_meta, layer_name, matches_layer
 
 aten = torch.ops.aten
@@ -63,7 +64,10 @@ def dynamic_int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: tor
     x, weight = x.float(), weight.float()
     bias = None if bias is None else bias.float()
     zero = torch.zeros(weight_scale.shape, dtype=torch.int32, device=weight.device)
-    w = torch.fake_quantize_per_channel_affine(weight, weight_scale, zero, 0, -128, 127)
+    if weight_scale.dim() == 0:  # one scale for the whole weight (rows of equal range, see equalize-attention)
+        w = torch.fake_quantize_per_tensor_affine(weight, weight_scale, zero, -128, 127)
+    else:
+        w = torch.fake_quantize_per_channel_affine(weight, weight_scale, zero, 0, -128, 127)
     scale, zero_point = _dynamic_qparams(x)
     xq = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, 255)
     return torch.nn.functional.linear(xq, w, bias).to(dtype)
@@ -73,7 +77,8 @@ def _export_face(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     # QuantizeLinear (not round/clip arithmetic) so that export.int8_weights can evaluate it once
     # and store the weight as int8: the file shrinks 4x, as with ORT's quantize_dynamic.
     zero = torch.zeros(weight_scale.shape, dtype=torch.int8)
-    wq = torch.onnx.ops.symbolic("QuantizeLinear", (weight, weight_scale, zero), {"axis": 0},
+    per_tensor = weight_scale.dim() == 0
+    wq = torch.onnx.ops.symbolic("QuantizeLinear", (weight, weight_scale, zero), {} if per_tensor else {"axis": 0},
                                  dtype=torch.int8, shape=weight.shape, version=13).t()
     dtype = x.dtype
     x = x.float()  # DynamicQuantizeLinear takes float32 only
@@ -88,7 +93,10 @@ def _export_face(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     # 32x32 tokens, 1 thread: 681 ms against 439 ms with scalar scales, docs/fidelity.md). So the fused
     # op gets the largest column scale and the columns' ratios to it (<= 1) follow as one Mul; the bias,
     # divided by those ratios, stays inside the fused op. Same products as acc * x_scale * w_scale + bias
-    # up to fp32 rounding.
+    # up to fp32 rounding. A weight with one scale (a 0-d weight_scale) needs no Mul.
+    if per_tensor:
+        y = acc.to(torch.float32) * (x_scale * weight_scale)
+        return y if bias is None else y + bias
     top = weight_scale.max()
     ratio = weight_scale / top
     y = acc.to(torch.float32) * (x_scale * top)
@@ -124,6 +132,16 @@ def int8_embedding(ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     return rows.to(weight.dtype)
 
 
+#: Row scales within this relative spread quantize every weight to the same integers with their largest
+#: (equalize-attention leaves the rows it balanced equal up to fp32 rounding).
+_UNIFORM = 1e-6
+
+
+def _uniform(scale: torch.Tensor) -> bool:
+    """Whether per-row weight scales are all equal up to rounding (one scale then gives the same integers)."""
+    return scale.numel() > 1 and float(scale.max() - scale.min()) <= _UNIFORM * float(scale.max())
+
+
 def _linear_weight(node: fx.Node) -> tuple[fx.Node, fx.Node | None, bool] | None:
     """(weight, bias, transposed) of a linear or matmul-by-constant node, else None."""
     if node.target is aten.linear.default:
@@ -145,8 +163,14 @@ class QuantizeInt8DynamicOptions:
     min_features: int = option(16, "leave linear layers with fewer input features than this in float (too small to gain)")
     embeddings: bool = option(True, "also store embedding tables as int8 (one scale per table; rows dequantized after the lookup)")
     weight_range: str = option("auto", WEIGHT_RANGE_HELP)
+    per_tensor_within: float = option(
+        0.0, "give a layer one weight scale (no per-column Mul after ORT's fused kernel, which is faster) when its "
+             "output error on the example inputs grows by at most this fraction over per-row scales (0: never)")
 
     def __post_init__(self) -> None:
+        if not self.per_tensor_within >= 0:
+            raise RecipeError(f"quantize-int8-dynamic: per_tensor_within must be >= 0, got {self.per_tensor_within}.",
+                              "use 0 (per-row scales everywhere) or e.g. 0.1 (10% more error allowed for one scale).")
         if self.weight_range not in WEIGHT_RANGES:
             raise RecipeError(f"quantize-int8-dynamic: unknown weight_range {self.weight_range!r}.",
                               f"use one of {', '.join(WEIGHT_RANGES)}.")
@@ -206,6 +230,7 @@ class QuantizeInt8DynamicPass(DataDrivenPass):
         graph = graph_module.graph
         layers = []
         levels = weight_levels(self.options.weight_range)
+        error_growth = self._per_tensor_error_growth(graph_module, levels)
         for node in list(graph.nodes):
             if node.op != "call_function":
                 continue
@@ -237,6 +262,10 @@ class QuantizeInt8DynamicPass(DataDrivenPass):
                     w = graph.call_function(aten.t.default, (weight_node,))
                     w.meta["val"] = weight_node.meta["val"].t()
                 scale = symmetric_weight_scales(weight.t() if transposed else weight, 0, levels)
+                growth = error_growth.get(node.name)
+                per_tensor = _uniform(scale) or (growth is not None and growth <= 1 + self.options.per_tensor_within)
+                if per_tensor:  # same integers with one scale, and the export needs no per-column Mul
+                    scale = scale.max().reshape(())
                 graph_module.register_buffer(f"{prefix}_scale", scale)
                 s = graph.get_attr(f"{prefix}_scale")
                 s.meta["val"] = scale
@@ -245,12 +274,45 @@ class QuantizeInt8DynamicPass(DataDrivenPass):
             inherit_meta(q, node)
             q.meta[QUANT_META] = {"role": "dynamic-linear", "layer": name}
             layers.append({"name": name, "node": node.name, "kind": "linear", "precision": "int8-dynamic",
-                           "weight_levels": levels})
+                           "weight_levels": levels, "weight_scale": "per-tensor" if per_tensor else "per-channel",
+                           **({"per_tensor_error_growth": round(growth, 3)} if growth is not None else {})})
             node.replace_all_uses_with(q)
             graph.erase_node(node)
         if any(layer["precision"] != "float" for layer in layers):
             graph_module.recompile()
         return graph_module, layers
+
+    def _per_tensor_error_growth(self, graph_module: fx.GraphModule, levels: int) -> dict[str, float]:
+        """Per linear node: its output error on the example inputs with one weight scale over that with
+        per-row scales (both with the input quantized as at run time); empty when the option is off."""
+        example = tuple(self.context.example_inputs) if self.context is not None else ()
+        if not self.options.per_tensor_within > 0 or not example:
+            return {}
+        growth: dict[str, float] = {}
+
+        def measure(node: fx.Node, x: torch.Tensor) -> None:
+            weight_node, bias, transposed = _linear_weight(node)
+            weight = attribute(graph_module, weight_node.target).detach()
+            weight = weight.t() if transposed else weight
+            b = attribute(graph_module, bias.target).detach() if isinstance(bias, fx.Node) and bias.op == "get_attr" else None
+            x_scale, x_zero = _dynamic_qparams(x)
+            xq = torch.fake_quantize_per_tensor_affine(x, x_scale, x_zero, 0, 255)
+            exact = torch.nn.functional.linear(x, weight, b)
+            scale = symmetric_weight_scales(weight, 0, levels)
+            errors = []
+            for s in (scale, scale.max().expand_as(scale).contiguous()):
+                w = torch.fake_quantize_per_channel_affine(weight, s, torch.zeros(s.shape, dtype=torch.int32), 0, -128, 127)
+                errors.append(float((torch.nn.functional.linear(xq, w, b) - exact).norm()))
+            growth[node.name] = errors[1] / errors[0] if errors[0] > 0 else float("inf")
+
+        watched = {}
+        for node in graph_module.graph.nodes:
+            found = _linear_weight(node) if node.op == "call_function" else None
+            val = tensor_val(node.args[0]) if found is not None else None
+            if found is not None and val is not None and val.dtype == torch.float32:
+                watched[node.args[0]] = (lambda v, n=node, prev=watched.get(node.args[0]): (prev and prev(v), measure(n, v)))
+        watch_values(graph_module, watched, [example])
+        return growth
 
     def _skipped(self, name: str, node: fx.Node) -> bool:
         """Whether option ``skip`` names this layer (by module path or node name)."""

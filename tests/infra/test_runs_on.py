@@ -46,10 +46,11 @@ def graphs():
 def test_the_passes_that_must_not_requantize_declare_it():
     declared = {name: cls.runs_on for name, cls in available_passes().items() if cls.runs_on is not None}
     assert declared == {"quantize-int8": "float", "quantize-int8-dynamic": "float", "quantize-weights": "float",
-                        "smooth-activations": "float", "correct-bias": "quantized"}
+                        "smooth-activations": "float", "equalize-attention": "float", "correct-bias": "quantized"}
 
 
-@pytest.mark.parametrize("name", ["quantize-int8", "quantize-int8-dynamic", "quantize-weights", "smooth-activations"])
+@pytest.mark.parametrize("name", ["quantize-int8", "quantize-int8-dynamic", "quantize-weights", "smooth-activations",
+                                  "equalize-attention"])
 def test_every_float_only_pass_skips_a_quantized_graph_with_the_same_reason(graphs, name):
     _, quantized = graphs
     result = available_passes()[name]()(quantized)

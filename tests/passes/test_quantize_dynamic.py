@@ -156,3 +156,27 @@ def test_int8_embedding_trains_and_keeps_the_padding_row_fixed():
     loss.backward()
     grad = gm.embed.weight.grad
     assert grad is not None and grad[0].abs().sum() == 0 and grad[ids[1, 0]].abs().sum() > 0
+
+
+def test_per_tensor_within_gives_one_scale_only_where_it_costs_little(tmp_path):
+    """A layer with even rows takes one weight scale (no ratio Mul in the file); one with a hot row keeps per-row scales."""
+    torch.manual_seed(0)
+    model = Encoderish().eval()
+    with torch.no_grad():
+        model.down.weight[0].mul_(100.0)  # one row 100x the others: one scale would flatten the rest
+    x = torch.randn(1, 8, 32)
+    layers = {}
+    for within in (0.0, 0.5):
+        result = fxcompress.compile(model, (x,), [QuantizeInt8DynamicPass(per_tensor_within=within)])
+        layers[within] = {entry["name"]: entry for entry in result.report.records[0].stats["layers"]}
+    assert all(entry.get("weight_scale") in (None, "per-channel") for entry in layers[0.0].values())
+    assert layers[0.5]["up"]["weight_scale"] == "per-tensor" and layers[0.5]["up"]["per_tensor_error_growth"] <= 1.5
+    assert layers[0.5]["down"]["weight_scale"] == "per-channel" and layers[0.5]["down"]["per_tensor_error_growth"] > 1.5
+    result.export_onnx(tmp_path / "mixed.onnx")
+    assert result.report.parity.drift < 1e-3
+    assert not QuantizeInt8DynamicPass(per_tensor_within=0.5)(result.module).modified
+
+
+def test_per_tensor_within_must_be_non_negative():
+    with pytest.raises(fxcompress.errors.RecipeError, match="per_tensor_within"):
+        QuantizeInt8DynamicPass(per_tensor_within=-1.0)
