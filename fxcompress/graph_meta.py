@@ -60,6 +60,10 @@ FLOAT_CHANNEL_STATS = KEY_PREFIX + "float_channel_stats"
 #: unused ones included; the runtime matches positional inputs to the file's inputs by these names.
 INPUT_NAMES_PROP = KEY_PREFIX + "input_names"
 
+#: On an exported file whose weights are stored in bfloat16 (each read through a Cast to float32):
+#: ``bfloat16`` (fxcompress.export.half).
+WEIGHTS_DTYPE_PROP = KEY_PREFIX + "weights_dtype"
+
 #: torch.export's per-node record of the modules a node was traced in: ``{key: (path, type)}``, outermost first.
 MODULE_STACK = "nn_module_stack"
 

@@ -21,12 +21,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from fxcompress.graph_meta import WEIGHTS_DTYPE_PROP
+
 #: The element types rewritten to float32.
 HALF_TYPES = (TensorProto.BFLOAT16,)
 #: Suffix of an initializer's name once a Cast reads it (the Cast's output takes the old name).
 STORED_SUFFIX = "_stored"
-#: Metadata key naming the dtype the weights keep in the file.
-WEIGHTS_DTYPE_PROP = "fxcompress_weights_dtype"
 
 
 def _widen_type(type_proto: onnx.TypeProto) -> None:
