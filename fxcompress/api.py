@@ -205,7 +205,6 @@ class CompileResult:
         # A model called with keyword or nested inputs gets a module called the same way, over
         # the compiled graph (shared parameters: fine-tune either, export sees the change).
         self._module = StructuredModule(module, call) if call is not None and call.structured else module
-        self._graph = module
         #: the user's tensors the graph still shares (None once it owns its weights)
         self._shared_weights = shared_weights
         self.report = report
@@ -241,7 +240,7 @@ class CompileResult:
         """The compiled ``torch.fx.GraphModule`` over the flat input tensors (what export reads),
         with its own copy of every weight (made on first access)."""
         self._own_weights()
-        return self._graph
+        return self._compiled_graph()
 
     def _own_weights(self) -> None:
         if self._shared_weights is not None:
@@ -268,7 +267,7 @@ class CompileResult:
     def _compiled_graph(self) -> fx.GraphModule:
         """The compiled graph, weights possibly still shared, for reading only (export and parity,
         which call :meth:`_check_shared_weights` once first)."""
-        return self._graph
+        return self._module.graph_module if isinstance(self._module, StructuredModule) else self._module
 
     def __repr__(self) -> str:
         return (f"CompileResult(recipe={self.recipe.name!r}, nodes {self.report.nodes_before}->{self.report.nodes_after}, "

@@ -25,14 +25,17 @@ LOSSLESS_TOLERANCE = 1e-4
 HALF_PARITY_EPS = 8
 
 
+def float_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    """``module``'s float parameters and buffers, each tensor once."""
+    unique = {id(t): t for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()}
+    return list(unique.values())
+
+
 def model_float_dtype(module: torch.nn.Module) -> torch.dtype:
     """The float dtype holding most of ``module``'s parameter and buffer elements (float32 if none)."""
     counts: dict[torch.dtype, int] = {}
-    seen: set[int] = set()
-    for tensor in [*module.parameters(), *module.buffers()]:
-        if id(tensor) not in seen and tensor.is_floating_point():
-            seen.add(id(tensor))
-            counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.nelement()
+    for tensor in float_tensors(module):
+        counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.nelement()
     return max(counts, key=counts.get) if counts else torch.float32
 
 

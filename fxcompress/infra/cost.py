@@ -18,6 +18,7 @@ from pathlib import Path
 from torch import nn
 
 from fxcompress.errors import InputError
+from fxcompress.numerics import float_tensors
 
 #: Peak resident memory a compile + export adds, in multiples of the weight bytes as stored (measured on fp32 models), by recipe
 #: (the weights themselves, already in memory, excluded); recipes not named take ``"*"``.
@@ -42,13 +43,7 @@ def available_memory() -> int | None:
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of ``model``'s float parameters and buffers as stored (each tensor once): a bf16 /
     fp16 model is compiled and exported in its own dtype (docs/cost.md), so that is what is held."""
-    seen: set[int] = set()
-    total = 0
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if id(tensor) not in seen and tensor.is_floating_point():
-            seen.add(id(tensor))
-            total += tensor.nelement() * tensor.element_size()
-    return total
+    return sum(t.nelement() * t.element_size() for t in float_tensors(model))
 
 
 def required_memory(model: nn.Module, recipe: str) -> int:
